@@ -1,0 +1,192 @@
+// inferops._C: the only pybind11 module.
+//
+// Tensors cross as DLPack capsules (torch.utils.dlpack.to_dlpack), the CUDA
+// stream as an integer handle. Capsules are *borrowed*: this module never
+// renames or frees them, so the producer's capsule destructor still owns the
+// memory and a capsule may be passed to several calls. Keeping libtorch out
+// of the module means one wheel serves every torch version.
+//
+// C++ exceptions become Python exceptions:
+//   inferops::TypeError -> TypeError, inferops::ValueError -> ValueError,
+//   inferops::Error and other std::exception -> RuntimeError.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "attention/merge_states.h"
+#include "common/check.h"
+#include "common/tensor_view.h"
+
+#ifdef INFEROPS_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include "common/launch.h"
+#endif
+
+#ifndef INFEROPS_VERSION
+#define INFEROPS_VERSION "0.0.0"
+#endif
+#ifndef INFEROPS_CUDA_ARCHS
+#define INFEROPS_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+using inferops::TensorView;
+
+namespace {
+
+// Ops with a compiled CUDA kernel in this build. Keep in step with
+// python/inferops/<family>/ (tests check every registered op is listed here
+// in a CUDA build).
+const std::vector<std::string> kCudaOps = {
+#ifdef INFEROPS_WITH_CUDA
+    "merge_states",
+#endif
+};
+
+TensorView view_of(const py::handle& obj, const char* name) {
+  PyObject* o = obj.ptr();
+  INFEROPS_CHECK_TYPE(PyCapsule_CheckExact(o), "expected a DLPack capsule for `", name, "`, got ",
+                      std::string(py::str(py::type::handle_of(obj).attr("__name__"))),
+                      " (export tensors with torch.utils.dlpack.to_dlpack)");
+  const char* cap_name = PyCapsule_GetName(o);
+  std::string s = cap_name ? cap_name : "";
+  INFEROPS_CHECK_ARG(s != inferops::dlpack::kCapsuleNameUsed &&
+                         s != inferops::dlpack::kCapsuleNameUsedVersioned,
+                     "DLPack capsule for `", name,
+                     "` was already consumed by another library; export the tensor again");
+  if (s == inferops::dlpack::kCapsuleName) {
+    auto* m = static_cast<inferops::dlpack::ManagedTensor*>(PyCapsule_GetPointer(o, cap_name));
+    INFEROPS_CHECK_ARG(m != nullptr, "empty DLPack capsule for `", name, "`");
+    return TensorView(&m->dl_tensor, /*read_only=*/false);
+  }
+  if (s == inferops::dlpack::kCapsuleNameVersioned) {
+    auto* m = static_cast<inferops::dlpack::ManagedTensorVersioned*>(
+        PyCapsule_GetPointer(o, cap_name));
+    INFEROPS_CHECK_ARG(m != nullptr, "empty DLPack capsule for `", name, "`");
+    INFEROPS_CHECK_ARG(m->version.major == 1, "DLPack capsule for `", name, "` has ABI version ",
+                       m->version.major, ".", m->version.minor, ", expected 1.x");
+    return TensorView(&m->dl_tensor, (m->flags & inferops::dlpack::kFlagReadOnly) != 0);
+  }
+  INFEROPS_CHECK_TYPE(false, "expected a DLPack capsule named 'dltensor' for `", name,
+                      "`, got a capsule named '", s, "'");
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = INFEROPS_VERSION;
+#ifdef INFEROPS_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                      std::to_string(CUDART_VERSION % 1000 / 10);
+#else
+  d["cuda"] = false;
+  d["cuda_version"] = py::none();
+#endif
+  d["cuda_archs"] = std::string(INFEROPS_CUDA_ARCHS);
+  d["cuda_ops"] = kCudaOps;
+#if defined(__clang__)
+  d["host_compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  d["host_compiler"] = "gcc " __VERSION__;
+#else
+  d["host_compiler"] = "unknown";
+#endif
+#ifdef NDEBUG
+  d["debug"] = false;
+#else
+  d["debug"] = true;
+#endif
+  return d;
+}
+
+// What the CUDA runtime linked into this module sees right now. Never throws:
+// on a machine without a driver it reports the error instead.
+py::dict runtime_info() {
+  py::dict d;
+#ifdef INFEROPS_WITH_CUDA
+  int driver = 0, count = 0;
+  cudaError_t e = cudaDriverGetVersion(&driver);
+  d["driver_version"] = driver;
+  if (e == cudaSuccess) e = cudaGetDeviceCount(&count);
+  d["device_count"] = e == cudaSuccess ? count : 0;
+  d["error"] = e == cudaSuccess ? py::object(py::none())
+                                : py::object(py::str(std::string(cudaGetErrorName(e)) + ": " +
+                                                     cudaGetErrorString(e)));
+  cudaGetLastError();  // do not leave a sticky-looking error for the next caller
+#else
+  d["driver_version"] = 0;
+  d["device_count"] = 0;
+  d["error"] = "inferops was built without CUDA";
+#endif
+  return d;
+}
+
+py::dict device_info(int device) {
+#ifdef INFEROPS_WITH_CUDA
+  const inferops::DeviceInfo& i = inferops::device_info(device);
+  py::dict d;
+  d["device"] = i.device;
+  d["sm_count"] = i.sm_count;
+  d["compute_capability"] = py::make_tuple(i.cc_major, i.cc_minor);
+  d["max_threads_per_sm"] = i.max_threads_per_sm;
+  d["max_smem_per_block_optin"] = i.max_smem_per_block_optin;
+  d["max_smem_per_sm"] = i.max_smem_per_sm;
+  d["l2_bytes"] = i.l2_bytes;
+  return d;
+#else
+  (void)device;
+  INFEROPS_CHECK(false, "inferops was built without CUDA");
+#endif
+}
+
+// Debug view of a capsule, used by the binding-layer tests.
+py::dict tensor_info(const py::handle& capsule) {
+  TensorView t = view_of(capsule, "tensor");
+  py::dict d;
+  d["dtype"] = inferops::dtype_name(t.dtype());
+  d["shape"] = t.sizes();
+  d["strides"] = t.strides();
+  d["device"] = t.device_str();
+  d["read_only"] = t.read_only();
+  d["contiguous"] = t.is_contiguous();
+  d["data_ptr"] = reinterpret_cast<std::uintptr_t>(t.data());
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "inferops compiled kernels (torch-independent; tensors as DLPack capsules)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const inferops::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const inferops::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  m.def("build_info", &build_info, "What this extension was built with.");
+  m.def("runtime_info", &runtime_info, "CUDA driver version and device count as seen now.");
+  m.def("device_info", &device_info, py::arg("device"), "SM count, shared memory and L2 of a device.");
+  m.def("tensor_info", &tensor_info, py::arg("capsule"), "Debug view of a DLPack capsule.");
+
+  m.def(
+      "merge_states",
+      [](py::handle v_a, py::handle lse_a, py::handle v_b, py::handle lse_b, py::handle v_out,
+         py::handle lse_out, std::uintptr_t stream) {
+        inferops::attention::merge_states(
+            view_of(v_a, "v_a"), view_of(lse_a, "lse_a"), view_of(v_b, "v_b"),
+            view_of(lse_b, "lse_b"), view_of(v_out, "v_out"), view_of(lse_out, "lse_out"), stream);
+      },
+      py::arg("v_a"), py::arg("lse_a"), py::arg("v_b"), py::arg("lse_b"), py::arg("v_out"),
+      py::arg("lse_out"), py::arg("stream"),
+      "LSE merge of two partial attention states into v_out/lse_out (which may alias v_a/lse_a).");
+}

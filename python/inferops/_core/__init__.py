@@ -1,0 +1,1 @@
+"""Internal machinery shared by every family: extension loading, op registration."""

@@ -1,0 +1,9 @@
+"""Pure-PyTorch references: the CPU fallback of every op and the oracle of every test.
+
+Written for clarity, computed in float32 by default (``compute_dtype`` lets
+tests run them in float64). One module per family, same names as the ops.
+"""
+
+from . import attention
+
+__all__ = ["attention"]
