@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace inferops {
 
@@ -33,13 +34,44 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
+namespace detail {
+// Unsigned type of exactly `kBytes` bytes: accesses go through it so the
+// compiler emits one LDG/STG of that width (a struct copy of a __half array
+// is otherwise split into 32-bit stores).
+template <int kBytes> struct RawBits;
+template <> struct RawBits<2> { using type = unsigned short; };
+template <> struct RawBits<4> { using type = unsigned int; };
+template <> struct RawBits<8> { using type = uint2; };
+template <> struct RawBits<16> { using type = uint4; };
+}  // namespace detail
+
 // kN elements of T, aligned to their total size, loaded/stored as one access.
+// store() is for global memory only (it emits st.global).
 template <typename T, int kN>
 struct alignas(sizeof(T) * kN) Vec {
+  using Raw = typename detail::RawBits<sizeof(T) * kN>::type;
   T v[kN];
 
-  __device__ __forceinline__ void load(const T* p) { *this = *reinterpret_cast<const Vec*>(p); }
-  __device__ __forceinline__ void store(T* p) const { *reinterpret_cast<Vec*>(p) = *this; }
+  __device__ __forceinline__ void load(const T* p) {
+    const Raw r = *reinterpret_cast<const Raw*>(p);
+    memcpy(v, &r, sizeof(Raw));
+  }
+  __device__ __forceinline__ void store(T* p) const {
+    if constexpr (sizeof(Raw) == 16) {
+      // Explicit st.global.v4: NVVM splits a plain 16-byte store of values
+      // built from fp16/bf16/fp32 conversions into 4-byte stores (seen in the
+      // PTX of merge_states), which costs 4x the store instructions.
+      uint32_t w[4];
+      memcpy(w, v, 16);
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(p)),
+                   "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                   : "memory");
+    } else {
+      Raw r;
+      memcpy(&r, v, sizeof(Raw));
+      *reinterpret_cast<Raw*>(p) = r;
+    }
+  }
 };
 
 // Elements of T per 16-byte access.
