@@ -80,3 +80,16 @@ def test_every_op_is_registered_with_torch_library():
     for name, op in ops.REGISTRY.items():
         assert hasattr(torch.ops.inferops, name), name
         assert op.family
+
+
+def test_every_op_has_a_main_job_demo():
+    from inferops._core.demos import DEMOS
+
+    assert set(ops.REGISTRY) <= {d.op for d in DEMOS}
+
+
+def test_main_job_runs_and_checks():
+    r = subprocess.run([sys.executable, "-m", "inferops", "--iters", "3"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "merge_states" in r.stdout and " ok " in r.stdout and "FAIL" not in r.stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .._core import ops
+from .._core.demos import Demo, register_demo
 from ..reference import attention as ref
 from ..validation import (
     check_dtype,
@@ -146,3 +147,64 @@ def merge_states_(
     """
     _validate(v_a, lse_a, v_b, lse_b)
     torch.ops.inferops.merge_states_(v_a, lse_a, v_b, lse_b)
+
+
+# --- main-job demo ------------------------------------------------------------------
+
+
+def _demo_shape(device: torch.device) -> tuple[int, int, int]:
+    # GPU: 8M elements (the benchmark's target size); CPU: small enough to be quick.
+    return (2048, 32, 128) if device.type == "cuda" else (256, 8, 128)
+
+
+def _demo_inputs(device: torch.device, g: torch.Generator):
+    T, H, D = _demo_shape(device)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    return (rand(T, H, D).bfloat16(), rand(T, H, scale=4.0), rand(T, H, D).bfloat16(),
+            rand(T, H, scale=4.0))
+
+
+def _demo_ref64(v_a, lse_a, v_b, lse_b):
+    return ref.merge_states(v_a.double(), lse_a.double(), v_b.double(), lse_b.double(),
+                            compute_dtype=torch.float64)
+
+
+register_demo(
+    Demo(
+        op="merge_states",
+        sizes=lambda d: "T={} H={} D={}".format(*_demo_shape(d)),
+        make_inputs=_demo_inputs,
+        run=merge_states,
+        baseline=ref.merge_states,
+        reference64=_demo_ref64,
+        dtype=torch.bfloat16,
+    )
+)
+
+
+def _merge_states_inplace_demo(v_a, lse_a, v_b, lse_b):
+    merge_states_(v_a, lse_a, v_b, lse_b)
+    return v_a, lse_a
+
+
+def _merge_states_inplace_baseline(v_a, lse_a, v_b, lse_b):
+    v, lse = ref.merge_states(v_a, lse_a, v_b, lse_b)
+    v_a.copy_(v)
+    lse_a.copy_(lse)
+    return v_a, lse_a
+
+
+register_demo(
+    Demo(
+        op="merge_states_",
+        sizes=lambda d: "T={} H={} D={}".format(*_demo_shape(d)),
+        make_inputs=_demo_inputs,
+        run=_merge_states_inplace_demo,
+        baseline=_merge_states_inplace_baseline,
+        reference64=_demo_ref64,
+        dtype=torch.bfloat16,
+    )
+)
