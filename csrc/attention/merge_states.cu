@@ -61,20 +61,31 @@ __global__ void __launch_bounds__(kThreads) MergeStatesKernel(const __grid_const
     if (active) {
       tok = row / p.num_heads;
       head = row - tok * p.num_heads;
-      merge_weights(p.lse_a[tok * p.lse_a_stride[0] + head * p.lse_a_stride[1]],
-                    p.lse_b[tok * p.lse_b_stride[0] + head * p.lse_b_stride[1]], w_a, w_b, lse);
+      const float la = p.lse_a[tok * p.lse_a_stride[0] + head * p.lse_a_stride[1]];
+      const float lb = p.lse_b[tok * p.lse_b_stride[0] + head * p.lse_b_stride[1]];
       const T* a = static_cast<const T*>(p.v_a) + tok * p.v_a_stride[0] + head * p.v_a_stride[1];
       const T* b = static_cast<const T*>(p.v_b) + tok * p.v_b_stride[0] + head * p.v_b_stride[1];
       T* o = static_cast<T*>(p.v_out) + tok * p.v_out_stride[0] + head * p.v_out_stride[1];
-      for (int64_t c = threadIdx.x; c < vecs_per_row; c += blockDim.x) {
-        Vec<T, kVec> va, vb, vo;
+      // Issue the first v loads before the weights need the LSE loads to land,
+      // so both round trips to memory overlap instead of running back to back.
+      int64_t c = threadIdx.x;
+      Vec<T, kVec> va, vb, vo;
+      if (c < vecs_per_row) {
         va.load(a + c * kVec);
         vb.load(b + c * kVec);
+      }
+      merge_weights(la, lb, w_a, w_b, lse);
+      while (c < vecs_per_row) {
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
           vo.v[i] = from_float<T>(w_a * to_float(va.v[i]) + w_b * to_float(vb.v[i]));
         }
         vo.store(o + c * kVec);
+        c += blockDim.x;
+        if (c < vecs_per_row) {
+          va.load(a + c * kVec);
+          vb.load(b + c * kVec);
+        }
       }
     }
     __syncthreads();  // every thread of these rows has read lse_a before it is overwritten

@@ -19,6 +19,10 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SHAPES = [(1, 1, 1), (1, 1, 8), (19, 3, 64), (7, 5, 7), (33, 8, 128), (5, 4, 96), (3, 2, 512)]
 
 
+def _shape_id(shape):
+    return "x".join(map(str, shape))
+
+
 def _inputs(shape, dtype, device, g, lse_scale=4.0):
     T, H, D = shape
     return (
@@ -82,7 +86,7 @@ def test_nan_propagates_reference():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_public_op_cpu(shape, dtype, gen):
     v_a, lse_a, v_b, lse_b = _inputs(shape, dtype, "cpu", gen)
     v, lse = merge_states(v_a, lse_a, v_b, lse_b)
@@ -170,7 +174,7 @@ def test_torch_compile_fullgraph_cpu(gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES + [(989, 32, 128), (4096, 8, 64)])
+@pytest.mark.parametrize("shape", SHAPES + [(989, 32, 128), (4096, 8, 64)], ids=_shape_id)
 def test_cuda_matches_float64(shape, dtype, gen, cuda_device):
     v_a, lse_a, v_b, lse_b = _inputs(shape, dtype, cuda_device, gen)
     # Some empty partials (one side, and both sides) in every run.

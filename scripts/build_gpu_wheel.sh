@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Build, on this (GPU-less) machine, everything the GPU machine needs so that
+# it builds nothing there:
+#   .gpu/wheels/inferops-*-cp312-*.whl   the package for the GPU machine's Python 3.12
+#   .gpu/bin/bench_merge_states          C++ microbenchmarks
+# .gpu/ is git-ignored; name it in the device tool's `carry`.
+#
+# Environment: INFEROPS_CUDA_ARCHS (default 90a), PYTHON312 (default: pyenv's 3.12.1),
+# CUDACXX (default /usr/local/cuda/bin/nvcc).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON312=${PYTHON312:-$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python}
+export CUDACXX=${CUDACXX:-/usr/local/cuda/bin/nvcc}
+export INFEROPS_CUDA_ARCHS=${INFEROPS_CUDA_ARCHS:-90a}
+export INFEROPS_REQUIRE_CUDA=1   # a host-only wheel would be useless there: fail instead
+[ -x "$PYTHON312" ] || { echo "build_gpu_wheel: no Python 3.12 at $PYTHON312 (set PYTHON312)" >&2; exit 1; }
+[ -x "$CUDACXX" ] || { echo "build_gpu_wheel: no nvcc at $CUDACXX (set CUDACXX)" >&2; exit 1; }
+
+start=$(date +%s)
+rm -rf .gpu/wheels .gpu/bin
+mkdir -p .gpu/wheels .gpu/bin
+"$PYTHON312" -m pip wheel --no-deps -w .gpu/wheels . -q
+wheel=$(ls .gpu/wheels/inferops-*-cp312-*.whl)
+"$PYTHON312" - "$wheel" <<'PY'
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+so = [n for n in names if n.startswith("inferops/_C") and n.endswith(".so")]
+assert so and "cpython-312" in so[0], f"no cp312 extension in {sys.argv[1]}: {names}"
+print("wheel:", sys.argv[1], "->", so[0])
+PY
+
+cmake -S . -B build/gpu-bench -G Ninja -DINFEROPS_BUILD_BENCH=ON -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CUDA_COMPILER="$CUDACXX" -DCMAKE_CUDA_ARCHITECTURES="$INFEROPS_CUDA_ARCHS" > /dev/null
+cmake --build build/gpu-bench --target bench_merge_states > /dev/null
+cp build/gpu-bench/bench_merge_states .gpu/bin/
+echo "built .gpu/ in $(( $(date +%s) - start )) s: $(du -sh .gpu | cut -f1)"

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Run on the offline GPU machine (Python 3.12, torch 2.11+cu130, no network),
+# from the repository root, after scripts/build_gpu_wheel.sh ran on the build
+# machine and .gpu/ travelled with the tree:
+#
+#   bash scripts/gpu_run.sh [RESULTS_DIR]        (or INFEROPS_RESULTS_DIR=...)
+#
+# Installs the wheel without network, then runs: the main job, `pytest -m gpu`,
+# every benchmark (Python and C++), and compute-sanitizer memcheck on a reduced
+# GPU test selection (skip with INFEROPS_SKIP_SANITIZER=1). Everything goes
+# under RESULTS_DIR (at most 8 files, flat, so the device tool brings them all
+# back); a short table is printed last. Exit code: non-zero if a step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DIR=${1:-${INFEROPS_RESULTS_DIR:-bench/results/gpu-$(date -u +%Y%m%d-%H%M%S)}}
+mkdir -p "$DIR"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+status=()
+step() {  # step NAME LOGFILE TIMEOUT_S CMD...: run, log, record pass/fail
+  local name=$1 log=$2 limit=$3; shift 3
+  local t0=$(date +%s)
+  echo "=== $name: $*" | tee -a "$DIR/$log"
+  timeout "$limit" "$@" >> "$DIR/$log" 2>&1
+  local rc=$?
+  status+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$log")")
+  tail -n 5 "$DIR/$log"
+  return $rc
+}
+
+{
+  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+} > "$DIR/env.txt" 2>&1
+cat "$DIR/env.txt"
+
+wheel=$(ls .gpu/wheels/inferops-*-cp312-*.whl 2>/dev/null | head -1)
+if [ -z "$wheel" ]; then
+  echo "gpu_run: no wheel in .gpu/wheels: run scripts/build_gpu_wheel.sh first and carry .gpu" >&2
+  exit 2
+fi
+step install env.txt 300 $PY -m pip install --no-index --no-deps --force-reinstall --no-compile -q "$wheel" || exit 3
+
+step main_job main.log 300 $PY -m inferops
+step pytest_gpu pytest.log 900 $PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider
+step bench bench.log 900 $PY bench/run_all.py --results-dir "$DIR" --compile-baseline
+if [ -x .gpu/bin/bench_merge_states ]; then
+  for dt in bf16 fp16 fp32; do
+    step "cpp_bench_$dt" bench.log 120 .gpu/bin/bench_merge_states 2048 32 128 $dt
+  done
+fi
+if [ -z "${INFEROPS_SKIP_SANITIZER:-}" ] && command -v compute-sanitizer > /dev/null; then
+  step memcheck sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -m gpu tests/attention -q -p no:cacheprovider \
+    -k "writes_every_output or inplace_strided or nan_propagates or (matches_float64 and 19x3x64)"
+fi
+
+echo
+echo "== results in $DIR"
+[ -f "$DIR/summary.md" ] && cat "$DIR/summary.md"
+grep -E "passed|failed" "$DIR/pytest.log" | tail -1
+echo "== steps"
+printf '%s\n' "${status[@]}"
+! printf '%s\n' "${status[@]}" | grep -qv "rc=0 "
