@@ -19,6 +19,7 @@ from inferops.benchmark import load_jsonl, render_markdown  # noqa: E402
 # One entry per family benchmark: (module path under bench/, callable name).
 BENCHMARKS = [
     ("attention/bench_merge_states.py", "main"),
+    ("attention/bench_paged_decode.py", "main"),
 ]
 
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "attention/merge_states.h"
+#include "attention/paged_kv.h"
 #include "common/check.h"
 #include "common/tensor_view.h"
 
@@ -45,6 +46,8 @@ namespace {
 const std::vector<std::string> kCudaOps = {
 #ifdef INFEROPS_WITH_CUDA
     "merge_states",
+    "append_kv",
+    "paged_decode",
 #endif
 };
 
@@ -189,4 +192,35 @@ PYBIND11_MODULE(_C, m) {
       py::arg("v_a"), py::arg("lse_a"), py::arg("v_b"), py::arg("lse_b"), py::arg("v_out"),
       py::arg("lse_out"), py::arg("stream"),
       "LSE merge of two partial attention states into v_out/lse_out (which may alias v_a/lse_a).");
+
+  m.def(
+      "append_kv",
+      [](py::handle k_cache, py::handle v_cache, py::handle k, py::handle v,
+         py::handle block_tables, py::handle seq_ids, py::handle positions, std::uintptr_t stream) {
+        inferops::attention::append_kv(view_of(k_cache, "k_cache"), view_of(v_cache, "v_cache"),
+                                       view_of(k, "k"), view_of(v, "v"),
+                                       view_of(block_tables, "block_tables"),
+                                       view_of(seq_ids, "seq_ids"), view_of(positions, "positions"),
+                                       stream);
+      },
+      py::arg("k_cache"), py::arg("v_cache"), py::arg("k"), py::arg("v"), py::arg("block_tables"),
+      py::arg("seq_ids"), py::arg("positions"), py::arg("stream"),
+      "Write new tokens' K/V into the paged cache slots named by block tables and positions.");
+
+  m.def(
+      "paged_decode",
+      [](py::handle q, py::handle k_cache, py::handle v_cache, py::handle block_tables,
+         py::handle seq_lens, py::handle out, py::handle lse, py::handle partial_out,
+         py::handle partial_lse, int num_splits, float scale, std::uintptr_t stream) {
+        auto po = num_splits > 1 ? view_of(partial_out, "partial_out") : TensorView();
+        auto pl = num_splits > 1 ? view_of(partial_lse, "partial_lse") : TensorView();
+        inferops::attention::paged_decode(
+            view_of(q, "q"), view_of(k_cache, "k_cache"), view_of(v_cache, "v_cache"),
+            view_of(block_tables, "block_tables"), view_of(seq_lens, "seq_lens"),
+            view_of(out, "out"), view_of(lse, "lse"), po, pl, num_splits, scale, stream);
+      },
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+      py::arg("seq_lens"), py::arg("out"), py::arg("lse"), py::arg("partial_out"),
+      py::arg("partial_lse"), py::arg("num_splits"), py::arg("scale"), py::arg("stream"),
+      "Paged decode attention (one query per sequence), split-KV over num_splits.");
 }

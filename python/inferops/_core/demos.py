@@ -25,6 +25,7 @@ class Demo:
     baseline: Callable[..., Any]  # what a user would run instead (same inputs)
     reference64: Callable[..., Any]  # float64 oracle, same inputs
     dtype: torch.dtype  # dtype whose tolerance applies to the main output
+    aux_tolerance: Any = None  # Tolerance for outputs after the first (default: their dtype's)
 
 
 DEMOS: list[Demo] = []

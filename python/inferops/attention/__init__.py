@@ -1,9 +1,18 @@
 """Attention family (BatchLLM prefix-shared paged attention and its building blocks).
 
 Ops so far: :func:`merge_states` and :func:`merge_states_` (LSE merge of two
-partial attention results, natural-log LSE).
+partial attention results, natural-log LSE); :class:`PagedKVCache` with
+:func:`append_kv` and :func:`paged_decode` (per-request paged decode, split-KV).
 """
 
 from .merge_states import merge_states, merge_states_
+from .paged import PagedKVCache, append_kv, check_block_tables, paged_decode
 
-__all__ = ["merge_states", "merge_states_"]
+__all__ = [
+    "merge_states",
+    "merge_states_",
+    "PagedKVCache",
+    "append_kv",
+    "paged_decode",
+    "check_block_tables",
+]

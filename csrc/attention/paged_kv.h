@@ -1,0 +1,89 @@
+// Paged KV cache: parameters of the kernels that read and write it.
+//
+// Cache layout (one tensor for K, one for V, same shape):
+//     [num_pages, page_size, num_kv_heads, head_dim]   fp16 or bf16, contiguous
+// Token `pos` of a sequence lives in page block_table[pos / page_size], slot
+// pos % page_size; one slot holds num_kv_heads * head_dim contiguous elements.
+// Page ids and block tables are int32; every element offset is computed in
+// 64 bits (a cache easily exceeds 2^31 elements).
+//
+// Index safety: the Python layer validates page ids, positions and lengths
+// before launching (unless the caller opts out for CUDA-graph capture). The
+// kernels re-check every page id against num_pages and skip what is out of
+// range, so bad metadata can give wrong numbers but never an out-of-bounds
+// access.
+#pragma once
+
+#include <cstdint>
+
+#include "common/tensor_view.h"
+
+namespace inferops::attention {
+
+struct AppendKvParams {
+  void* k_cache;  // [num_pages, page_size, num_kv_heads, head_dim]
+  void* v_cache;
+  const void* k;  // [num_tokens, num_kv_heads, head_dim], last two dims contiguous
+  const void* v;
+  const int32_t* block_tables;  // [batch, max_pages]
+  const int32_t* seq_ids;       // [num_tokens]: row of block_tables
+  const int32_t* positions;     // [num_tokens]: position within that sequence
+  int64_t k_stride;             // elements between tokens of k
+  int64_t v_stride;
+  int64_t bt_stride;            // elements between rows of block_tables
+  int64_t num_tokens;
+  int32_t batch;
+  int32_t max_pages;
+  int32_t num_pages;
+  int32_t page_size;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+};
+
+struct PagedDecodeParams {
+  const void* q;        // [batch, num_q_heads, head_dim]
+  const void* k_cache;  // [num_pages, page_size, num_kv_heads, head_dim]
+  const void* v_cache;
+  const int32_t* block_tables;  // [batch, max_pages]
+  const int32_t* seq_lens;      // [batch]
+  void* out;                    // [batch, num_q_heads, head_dim], q's dtype
+  float* lse;                   // [batch, num_q_heads], natural log of sum exp(scale * q.k)
+  float* partial_out;           // [num_splits, batch, num_q_heads, head_dim] (num_splits > 1)
+  float* partial_lse;           // [num_splits, batch, num_q_heads]
+  int64_t q_stride[2];          // {batch, head} in elements; last dim contiguous
+  int64_t out_stride[2];
+  int64_t bt_stride;
+  int32_t batch;
+  int32_t num_q_heads;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t page_size;
+  int32_t num_pages;
+  int32_t max_pages;
+  int32_t num_splits;
+  int32_t tokens_per_split;  // multiple of the kernel's tile; split s covers [s*t, (s+1)*t)
+  float scale;               // softmax scale applied to q.k
+};
+
+// Host entries (paged_op.cpp): validate views, pack params, launch.
+void append_kv(const TensorView& k_cache, const TensorView& v_cache, const TensorView& k,
+               const TensorView& v, const TensorView& block_tables, const TensorView& seq_ids,
+               const TensorView& positions, std::uintptr_t stream);
+
+// partial_out/partial_lse may be empty views (0 elements) when num_splits == 1.
+void paged_decode(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
+                  const TensorView& block_tables, const TensorView& seq_lens,
+                  const TensorView& out, const TensorView& lse, const TensorView& partial_out,
+                  const TensorView& partial_lse, int num_splits, float scale,
+                  std::uintptr_t stream);
+
+// Tokens per tile of the decode kernel: split sizes are multiples of it.
+constexpr int kDecodeTileTokens = 16;
+
+#ifdef INFEROPS_WITH_CUDA
+void launch_append_kv(const AppendKvParams& p, DType dtype, int device, std::uintptr_t stream);
+void launch_paged_decode(const PagedDecodeParams& p, DType dtype, int device,
+                         std::uintptr_t stream);
+#endif
+
+}  // namespace inferops::attention

@@ -1,0 +1,23 @@
+// cp.async (sm_80+): asynchronous 16-byte global -> shared copies, grouped
+// and waited on per pipeline stage, so loads of tile i+1.. overlap compute
+// on tile i without holding the data in registers.
+#pragma once
+
+namespace inferops {
+
+// .cg: cache in L2 only. Streamed KV is read once per kernel; keeping it out
+// of L1 leaves L1 to the block tables and q.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Wait until at most kPending of the committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+}  // namespace inferops

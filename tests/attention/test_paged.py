@@ -1,0 +1,372 @@
+"""PagedKVCache, append_kv and paged_decode: reference semantics, validation, CUDA kernels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from inferops.attention import PagedKVCache, append_kv, merge_states, paged_decode
+from inferops.attention.paged import LSE_TOLERANCE, choose_num_splits
+from inferops.reference import attention as ref
+from inferops.testing import Tolerance, assert_close, poison_
+
+NEG_INF = float("-inf")
+
+
+def make_case(g, *, batch, hq, hkv, d, page_size, seq_lens, dtype=torch.bfloat16, device="cpu",
+              extra_pages=3, pad_value=-1):
+    """Random caches with each sequence's pages scattered through the pool.
+
+    Block-table entries past a sequence's last page hold `pad_value` (the ops
+    must ignore them).
+    """
+    seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
+    need = [(-(-int(n) // page_size)) for n in seq_lens]
+    max_pages = max(max(need), 1)
+    num_pages = sum(need) + extra_pages
+    perm = torch.randperm(num_pages, generator=g).tolist()
+    bt = torch.full((batch, max_pages), pad_value, dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(need):
+        bt[i, :n] = torch.tensor(perm[at:at + n], dtype=torch.int32)
+        at += n
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    q = rand(batch, hq, d)
+    k_cache = rand(num_pages, page_size, hkv, d)
+    v_cache = rand(num_pages, page_size, hkv, d)
+    return q, k_cache, v_cache, bt.to(device), seq_lens.to(device)
+
+
+def dense_oracle(q, k_cache, v_cache, block_tables, seq_lens, scale=None):
+    """Independent float64 oracle: walk each sequence's pages token by token."""
+    B, Hq, D = q.shape
+    _, ps, Hkv, _ = k_cache.shape
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    out = torch.zeros(B, Hq, D, dtype=torch.float64)
+    lse = torch.full((B, Hq), NEG_INF, dtype=torch.float64)
+    for b in range(B):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        idx = [(int(block_tables[b, t // ps]), t % ps) for t in range(n)]
+        k = torch.stack([k_cache[p, s] for p, s in idx]).double().cpu()  # [n, Hkv, D]
+        v = torch.stack([v_cache[p, s] for p, s in idx]).double().cpu()
+        for h in range(Hq):
+            s = (k[:, h // G] @ q[b, h].double().cpu()) * scale
+            lse[b, h] = torch.logsumexp(s, 0)
+            out[b, h] = torch.softmax(s, 0) @ v[:, h // G]
+    return out, lse
+
+
+CASES = [
+    # batch, hq, hkv, d, page_size, seq_lens
+    dict(batch=3, hq=4, hkv=4, d=64, page_size=1, seq_lens=[1, 7, 20]),
+    dict(batch=2, hq=8, hkv=2, d=128, page_size=16, seq_lens=[33, 16]),
+    dict(batch=4, hq=16, hkv=2, d=64, page_size=64, seq_lens=[65, 1, 0, 130]),
+    dict(batch=1, hq=32, hkv=8, d=128, page_size=16, seq_lens=[300]),
+    dict(batch=2, hq=6, hkv=3, d=32, page_size=5, seq_lens=[11, 9]),  # CPU-only head_dim
+]
+
+
+def _case_id(c):
+    return f"b{c['batch']}-g{c['hq'] // c['hkv']}-d{c['d']}-p{c['page_size']}"
+
+
+# --- reference (CPU) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_reference_matches_dense_oracle(case, gen):
+    q, kc, vc, bt, sl = make_case(gen, **case, dtype=torch.float64)
+    out, lse = ref.paged_decode(q, kc, vc, bt, sl, compute_dtype=torch.float64)
+    eo, el = dense_oracle(q, kc, vc, bt, sl)
+    assert_close(out, eo, torch.float64)
+    assert_close(lse, el, torch.float64)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_public_op_cpu(case, gen):
+    q, kc, vc, bt, sl = make_case(gen, **case)
+    out, lse = paged_decode(q, kc, vc, bt, sl)
+    eo, el = dense_oracle(q, kc, vc, bt, sl)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_close(out, eo, torch.bfloat16)
+    assert_close(lse, el, LSE_TOLERANCE)
+
+
+def test_split_halves_merge_to_whole(gen):
+    """Decode over two halves of a sequence, merged by LSE, equals decode over all of it."""
+    q, kc, vc, bt, sl = make_case(gen, batch=2, hq=8, hkv=2, d=64, page_size=4,
+                                  seq_lens=[32, 32], dtype=torch.float64)
+    whole = ref.paged_decode(q, kc, vc, bt, sl, compute_dtype=torch.float64)
+    first = ref.paged_decode(q, kc, vc, bt[:, :4].contiguous(), torch.tensor([16, 16]),
+                             compute_dtype=torch.float64)
+    second = ref.paged_decode(q, kc, vc, bt[:, 4:].contiguous(), torch.tensor([16, 16]),
+                              compute_dtype=torch.float64)
+    v, lse = ref.merge_states(first[0], first[1], second[0], second[1], compute_dtype=torch.float64)
+    assert_close(v, whole[0], torch.float64)
+    assert_close(lse, whole[1], torch.float64)
+    # and through the public op, in fp32
+    v2, lse2 = merge_states(first[0].float(), first[1].float(), second[0].float(), second[1].float())
+    assert_close(v2, whole[0], torch.float32)
+
+
+def test_append_kv_reference_and_op(gen):
+    P, ps, H, D = 10, 4, 2, 8
+    kc = poison_(torch.empty(P, ps, H, D, dtype=torch.float16))
+    vc = poison_(torch.empty(P, ps, H, D, dtype=torch.float16))
+    bt = torch.tensor([[3, 7, -1], [1, 0, 9]], dtype=torch.int32)
+    seq_ids = torch.tensor([0, 0, 1, 1, 1], dtype=torch.int32)
+    pos = torch.tensor([0, 5, 2, 4, 11], dtype=torch.int32)
+    k = torch.randn(5, H, D, generator=gen).half()
+    v = torch.randn(5, H, D, generator=gen).half()
+    append_kv(kc, vc, k, v, bt, seq_ids, pos)
+    expect = [(3, 0), (7, 1), (1, 2), (0, 0), (9, 3)]
+    for t, (page, slot) in enumerate(expect):
+        assert torch.equal(kc[page, slot], k[t]) and torch.equal(vc[page, slot], v[t])
+    written = torch.zeros(P, ps, dtype=torch.bool)
+    for page, slot in expect:
+        written[page, slot] = True
+    assert torch.isnan(kc[~written]).all() and torch.isnan(vc[~written]).all()
+
+
+# --- PagedKVCache allocator ---------------------------------------------------------------
+
+
+def test_cache_allocate_retain_release():
+    c = PagedKVCache(8, page_size=16, num_kv_heads=2, head_dim=64, dtype=torch.float16, device="cpu")
+    assert c.k.shape == (8, 16, 2, 64) and c.num_free_pages == 8
+    prefix = c.allocate(3)
+    assert prefix.dtype == torch.int32 and prefix.tolist() == [0, 1, 2]
+    c.retain(prefix)  # a second request shares the prefix
+    assert [c.refcount(p) for p in prefix.tolist()] == [2, 2, 2]
+    c.release(prefix)  # first request done: still held
+    assert c.num_free_pages == 5
+    c.release(prefix)  # second request done: freed
+    assert c.num_free_pages == 8 and c.refcount(0) == 0
+    again = c.allocate(8)
+    assert sorted(again.tolist()) == list(range(8))
+    with pytest.raises(RuntimeError, match="out of pages: asked for 1, 0 of 8 free"):
+        c.allocate(1)
+
+
+def test_cache_allocator_errors():
+    c = PagedKVCache(4, page_size=2, num_kv_heads=1, head_dim=8, dtype=torch.bfloat16, device="cpu")
+    with pytest.raises(ValueError, match="cannot release page 0: reference count 0"):
+        c.release([0])
+    with pytest.raises(ValueError, match="cannot retain page 1"):
+        c.retain([1])
+    p = c.allocate(1)
+    with pytest.raises(ValueError, match="cannot release page 0: reference count 1, release 2"):
+        c.release([0, 0])
+    with pytest.raises(ValueError, match=r"out of range \[0, 4\)"):
+        c.release([4])
+    c.release(p)
+    with pytest.raises(TypeError, match="float16 or bfloat16 for `dtype`"):
+        PagedKVCache(4, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="positive int for `page_size`"):
+        PagedKVCache(4, page_size=0, device="cpu")
+
+
+def test_cache_append_then_decode_cpu(gen):
+    c = PagedKVCache(16, page_size=4, num_kv_heads=2, head_dim=64, dtype=torch.float16, device="cpu")
+    pages = c.allocate(3)
+    bt = torch.full((1, 4), -1, dtype=torch.int32)
+    bt[0, :3] = pages
+    n = 10
+    k = torch.randn(n, 2, 64, generator=gen).half()
+    v = torch.randn(n, 2, 64, generator=gen).half()
+    c.append(k, v, bt, torch.zeros(n, dtype=torch.int32), torch.arange(n, dtype=torch.int32))
+    q = torch.randn(1, 8, 64, generator=gen).half()
+    out, lse = c.decode(q, bt, torch.tensor([n], dtype=torch.int32))
+    k_per_q = k.double().repeat_interleave(4, dim=1)  # GQA: 8 q heads over 2 kv heads
+    v_per_q = v.double().repeat_interleave(4, dim=1)
+    s = torch.einsum("hd,thd->ht", q[0].double(), k_per_q) / math.sqrt(64)
+    assert_close(out[0], torch.einsum("ht,thd->hd", torch.softmax(s, -1), v_per_q), torch.float16)
+    assert_close(lse[0], torch.logsumexp(s, -1), LSE_TOLERANCE)
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def _valid(gen):
+    return make_case(gen, batch=2, hq=8, hkv=2, d=64, page_size=4, seq_lens=[5, 8])
+
+
+def test_decode_bad_page_id(gen):
+    q, kc, vc, bt, sl = _valid(gen)
+    bt[1, 1] = kc.shape[0]
+    with pytest.raises(ValueError, match=r"page id \d+ at block_tables\[1, 1\] is out of range"):
+        paged_decode(q, kc, vc, bt, sl)
+    bt[1, 1] = -1
+    with pytest.raises(ValueError, match=r"page id -1 at block_tables\[1, 1\]"):
+        paged_decode(q, kc, vc, bt, sl)
+
+
+def test_decode_seq_len_exceeds_block_table(gen):
+    q, kc, vc, bt, sl = _valid(gen)
+    sl[0] = bt.shape[1] * 4 + 1
+    with pytest.raises(ValueError, match=r"seq_len 9 of sequence 0 exceeds what its block table row holds"):
+        paged_decode(q, kc, vc, bt, sl)
+    sl[0] = -2
+    with pytest.raises(ValueError, match=r"`seq_lens` >= 0, got -2"):
+        paged_decode(q, kc, vc, bt, sl)
+
+
+def test_decode_padding_beyond_used_pages_is_ignored(gen):
+    q, kc, vc, bt, sl = _valid(gen)
+    bt[0, 1:] = 12345  # sequence 0 (5 tokens, page size 4) uses 2 pages: only bt[0, 2:] is padding
+    with pytest.raises(ValueError):
+        paged_decode(q, kc, vc, bt, sl)
+    q, kc, vc, bt, sl = _valid(gen)
+    bt[0, 2:] = 12345
+    paged_decode(q, kc, vc, bt, sl)  # fine
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,pattern",
+    [
+        (lambda a: (a[0][:, :7], *a[1:]), ValueError, r"num_q_heads \(7\) to be a multiple of num_kv_heads \(2\)"),
+        (lambda a: (a[0].half(), *a[1:]), TypeError, r"bfloat16 for `q`, got float16"),
+        (lambda a: (a[0], a[1].half(), *a[2:]), TypeError, r"float16 for `v_cache`, got bfloat16"),
+        (lambda a: (a[0], a[1], a[2].half(), *a[3:]), TypeError, r"bfloat16 for `v_cache`, got float16"),
+        (lambda a: (a[0].float(), a[1].float(), a[2].float(), *a[3:]), TypeError, r"float16 or bfloat16 for `k_cache`, got float32"),
+        (lambda a: (*a[:3], a[3].long(), a[4]), TypeError, r"int32 for `block_tables`, got int64"),
+        (lambda a: (*a[:4], a[4].long()), TypeError, r"int32 for `seq_lens`, got int64"),
+        (lambda a: (*a[:4], a[4][:1]), ValueError, r"shape \[2\] for `seq_lens`, got \[1\]"),
+        (lambda a: (*a[:3], a[3][:1], a[4]), ValueError, r"shape \[2, \d+\] for `block_tables`"),
+        (lambda a: (a[0][..., :32], *a[1:]), ValueError, r"head_dim 64 \(the cache's\) for `q`, got 32"),
+        (lambda a: (a[0], a[1].to("meta"), a[2].to("meta"), *a[3:]), ValueError, r"`k_cache` on the device of `q`"),
+        (lambda a: (a[0], a[1][:, :, :1], *a[2:]), ValueError, r"shape .* for `v_cache`"),
+    ],
+)
+def test_decode_bad_input(mutate, exc, pattern, gen):
+    args = mutate(_valid(gen))
+    with pytest.raises(exc, match=pattern):
+        paged_decode(*args)
+
+
+def test_append_bad_indices(gen):
+    kc = torch.zeros(4, 2, 1, 8, dtype=torch.float16)
+    vc = torch.zeros_like(kc)
+    bt = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32)
+    k = torch.zeros(1, 1, 8, dtype=torch.float16)
+
+    def call(seq, pos, **kw):
+        append_kv(kc, vc, k, k, bt, torch.tensor([seq], dtype=torch.int32),
+                  torch.tensor([pos], dtype=torch.int32), **kw)
+
+    with pytest.raises(ValueError, match=r"seq_ids\[0\] = 2 is out of range \[0, 2\)"):
+        call(2, 0)
+    with pytest.raises(ValueError, match=r"positions\[0\] = 4 is out of range \[0, 4\)"):
+        call(0, 4)
+    with pytest.raises(ValueError, match=r"maps to page id 9, out of range \[0, 4\)"):
+        call(1, 3)
+    with pytest.raises(TypeError, match=r"float16 for `k`, got float32"):
+        append_kv(kc, vc, k.float(), k, bt, torch.tensor([0], dtype=torch.int32),
+                  torch.tensor([0], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"shape \[1, 1, 8\] for `v`"):
+        append_kv(kc, vc, k, torch.zeros(1, 2, 8, dtype=torch.float16), bt,
+                  torch.tensor([0], dtype=torch.int32), torch.tensor([0], dtype=torch.int32))
+
+
+def test_choose_num_splits_is_shape_only():
+    assert choose_num_splits(64, 8, 4096, 132) == 1  # 512 blocks already fill the GPU
+    assert choose_num_splits(1, 8, 32768, 132) == 33
+    assert choose_num_splits(1, 8, 256, 132) == 1
+    assert 1 <= choose_num_splits(4, 8, 2048, 132) <= 8
+
+
+def test_opcheck_cpu(gen):
+    q, kc, vc, bt, sl = _valid(gen)
+    torch.library.opcheck(torch.ops.inferops.paged_decode.default, (q, kc, vc, bt, sl, 0.125, 0))
+    k = torch.randn(2, 2, 64, generator=gen).bfloat16()
+    torch.library.opcheck(torch.ops.inferops.append_kv.default,
+                          (kc.clone(), vc.clone(), k, k.clone(), bt,
+                           torch.tensor([0, 1], dtype=torch.int32), torch.tensor([4, 0], dtype=torch.int32)))
+
+
+# --- CUDA kernels ----------------------------------------------------------------------------
+
+GPU_CASES = [c for c in CASES if c["d"] in (64, 128)] + [
+    dict(batch=512, hq=32, hkv=8, d=128, page_size=16, seq_lens=[1 + (i * 37) % 300 for i in range(512)]),
+    dict(batch=3, hq=8, hkv=8, d=128, page_size=16, seq_lens=[32768, 0, 4097]),
+    dict(batch=2, hq=56, hkv=8, d=128, page_size=16, seq_lens=[700, 1]),  # G = 7: partial warp
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_cuda_paged_decode(case, dtype, num_splits, gen, cuda_device):
+    q, kc, vc, bt, sl = make_case(gen, **case, dtype=dtype, device=cuda_device)
+    out, lse = paged_decode(q, kc, vc, bt, sl, num_splits=num_splits)
+    eo, el = ref.paged_decode(q.double(), kc.double(), vc.double(), bt, sl,
+                              compute_dtype=torch.float64)
+    assert_close(out, eo, dtype)
+    assert_close(lse, el, LSE_TOLERANCE)
+    empty = sl == 0
+    assert (out[empty] == 0).all() and (lse[empty] == NEG_INF).all()
+
+
+@pytest.mark.gpu
+def test_cuda_paged_decode_graph_and_strided_q(gen, cuda_device):
+    q, kc, vc, bt, sl = make_case(gen, batch=8, hq=32, hkv=8, d=128, page_size=16,
+                                  seq_lens=[100 * (i + 1) for i in range(8)], device=cuda_device)
+    q_store = torch.randn(8, 40, 128, device=cuda_device).bfloat16()
+    q_store[:, 4:36] = q
+    qv = q_store[:, 4:36]  # strided (head stride 128, batch stride 40*128), aligned
+    expect = ref.paged_decode(q.double(), kc.double(), vc.double(), bt, sl, compute_dtype=torch.float64)
+    g = torch.cuda.CUDAGraph()
+    paged_decode(qv, kc, vc, bt, sl, validate=False)  # warm up outside capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(g):
+        out, lse = paged_decode(qv, kc, vc, bt, sl, validate=False)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close(out, expect[0], torch.bfloat16)
+    assert_close(lse, expect[1], LSE_TOLERANCE)
+
+
+@pytest.mark.gpu
+def test_cuda_paged_decode_bad_page_unvalidated_stays_in_bounds(gen, cuda_device):
+    """validate=False with a bad page id: no crash, no out-of-bounds access (run under memcheck)."""
+    q, kc, vc, bt, sl = make_case(gen, batch=2, hq=8, hkv=2, d=128, page_size=16,
+                                  seq_lens=[40, 40], device=cuda_device)
+    bt[0, 1] = 1 << 30
+    out, lse = paged_decode(q, kc, vc, bt, sl, validate=False)
+    torch.cuda.synchronize()
+    ok = ref.paged_decode(q.double(), kc.double(), vc.double(), bt[1:], sl[1:], compute_dtype=torch.float64)
+    assert_close(out[1:], ok[0], torch.bfloat16)  # the other sequence is untouched
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page_size,hkv,d", [(1, 1, 64), (16, 8, 128), (64, 2, 128), (16, 3, 40)])
+def test_cuda_append_kv(dtype, page_size, hkv, d, gen, cuda_device):
+    B, n_per = 4, 9
+    max_pages = math.ceil(40 / page_size)
+    P = B * max_pages + 5  # distinct pages per sequence: no two tokens share a slot
+    kc = poison_(torch.empty(P, page_size, hkv, d, dtype=dtype, device=cuda_device))
+    vc = poison_(torch.empty_like(kc))
+    bt = torch.randperm(P, generator=gen)[: B * max_pages].view(B, max_pages).to(torch.int32)
+    seq_ids = torch.arange(B, dtype=torch.int32).repeat_interleave(n_per)
+    positions = torch.cat([torch.randperm(max_pages * page_size, generator=gen)[:n_per] for _ in range(B)])
+    positions = positions.to(torch.int32)
+    k = torch.randn(B * n_per, hkv, d, generator=gen).to(dtype)
+    v = torch.randn(B * n_per, hkv, d, generator=gen).to(dtype)
+    ek, ev = kc.cpu(), vc.cpu()
+    ref.append_kv(ek, ev, k, v, bt, seq_ids, positions)
+    append_kv(kc, vc, k.to(cuda_device), v.to(cuda_device), bt.to(cuda_device),
+              seq_ids.to(cuda_device), positions.to(cuda_device))
+    exact = Tolerance(0.0, 0.0)
+    assert_close(kc, ek, exact, name="k_cache")  # untouched slots must still be NaN
+    assert_close(vc, ev, exact, name="v_cache")
