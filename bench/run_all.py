@@ -20,6 +20,7 @@ from inferops.benchmark import load_jsonl, render_markdown  # noqa: E402
 BENCHMARKS = [
     ("attention/bench_merge_states.py", "main"),
     ("attention/bench_paged_decode.py", "main"),
+    ("attention/bench_prefix_plan.py", "main"),
 ]
 
 

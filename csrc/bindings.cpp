@@ -11,6 +11,7 @@
 //   inferops::Error and other std::exception -> RuntimeError.
 #include <Python.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
@@ -19,6 +20,7 @@
 
 #include "attention/merge_states.h"
 #include "attention/paged_kv.h"
+#include "attention/prefix_plan.h"
 #include "common/check.h"
 #include "common/tensor_view.h"
 
@@ -161,6 +163,65 @@ py::dict tensor_info(const py::handle& capsule) {
   return d;
 }
 
+template <typename T>
+py::array_t<T> to_numpy(const std::vector<T>& v) {
+  return py::array_t<T>(static_cast<py::ssize_t>(v.size()), v.data());
+}
+
+py::dict build_prefix_plan(py::handle tokens_cap, py::handle offsets_cap, int page_size,
+                           py::handle decode_lens_cap, int min_shared_pages) {
+  using inferops::DType;
+  TensorView tokens = view_of(tokens_cap, "tokens");
+  TensorView offsets = view_of(offsets_cap, "offsets");
+  tokens.expect_dtype("tokens", DType::kInt32);
+  offsets.expect_dtype("offsets", DType::kInt64);
+  tokens.expect_ndim("tokens", 1);
+  offsets.expect_ndim("offsets", 1);
+  for (auto [t, name] : {std::pair{&tokens, "tokens"}, {&offsets, "offsets"}}) {
+    t->expect_contiguous(name);
+    INFEROPS_CHECK_ARG(t->device_kind() == inferops::DeviceKind::kCPU, "expected a CPU tensor for `",
+                       name, "`, got ", t->device_str());
+  }
+  const int64_t n = offsets.size(0) - 1;
+  INFEROPS_CHECK_ARG(n >= 0, "expected `offsets` of length num_requests + 1 >= 1, got length 0");
+  const int64_t* off = offsets.data_as<const int64_t>();
+  INFEROPS_CHECK_ARG(off[0] == 0 && off[n] == tokens.size(0), "expected offsets[0] == 0 and offsets[-1] == ",
+                     tokens.size(0), " (len(tokens)), got ", off[0], " and ", off[n]);
+  for (int64_t i = 0; i < n; ++i) {
+    INFEROPS_CHECK_ARG(off[i + 1] >= off[i], "expected non-decreasing `offsets`, got offsets[", i + 1,
+                       "] = ", off[i + 1], " < offsets[", i, "] = ", off[i]);
+  }
+  const int32_t* decode = nullptr;
+  if (!decode_lens_cap.is_none()) {
+    TensorView d = view_of(decode_lens_cap, "decode_lens");
+    d.expect_dtype("decode_lens", DType::kInt32);
+    d.expect_shape("decode_lens", {n});
+    d.expect_contiguous("decode_lens");
+    INFEROPS_CHECK_ARG(d.device_kind() == inferops::DeviceKind::kCPU,
+                       "expected a CPU tensor for `decode_lens`, got ", d.device_str());
+    decode = d.data_as<const int32_t>();
+  }
+  inferops::attention::PrefixPlanInput in{tokens.data_as<const int32_t>(), off, n, page_size, decode,
+                                          min_shared_pages};
+  inferops::attention::PrefixPlanOutput out;
+  {
+    py::gil_scoped_release release;
+    out = inferops::attention::build_prefix_plan(in);
+  }
+  py::dict d;
+  d["order"] = to_numpy(out.order);
+  d["group_indptr"] = to_numpy(out.group_indptr);
+  d["group_page_indptr"] = to_numpy(out.group_page_indptr);
+  d["group_pages"] = to_numpy(out.group_pages);
+  d["shared_len"] = to_numpy(out.shared_len);
+  d["prompt_len"] = to_numpy(out.prompt_len);
+  d["page_owner"] = to_numpy(out.page_owner);
+  d["page_index"] = to_numpy(out.page_index);
+  d["page_refs"] = to_numpy(out.page_refs);
+  d["num_tree_nodes"] = out.num_tree_nodes;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -223,4 +284,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("seq_lens"), py::arg("out"), py::arg("lse"), py::arg("partial_out"),
       py::arg("partial_lse"), py::arg("num_splits"), py::arg("scale"), py::arg("stream"),
       "Paged decode attention (one query per sequence), split-KV over num_splits.");
+
+  m.def("build_prefix_plan", &build_prefix_plan, py::arg("tokens"), py::arg("offsets"),
+        py::arg("page_size"), py::arg("decode_lens"), py::arg("min_shared_pages"),
+        "Global prefix tree of a batch flattened to one level of sharing (host side).");
 }

@@ -8,6 +8,7 @@ and the device check rejects CPU tensors for a CUDA op.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.dlpack import to_dlpack
@@ -60,6 +61,12 @@ def test_tensor_info_strides_and_offset():
     assert info["strides"] == [20, 10, 1]
     assert info["data_ptr"] == view.data_ptr()
     assert not info["contiguous"]
+
+
+def test_tensor_info_empty_is_contiguous():
+    for t in (torch.empty(0, dtype=torch.int32), torch.from_numpy(np.zeros(0, "int32")),
+              torch.empty(3, 0, 5)):
+        assert _C().tensor_info(to_dlpack(t))["contiguous"]
 
 
 def test_tensor_info_versioned_capsule():

@@ -2,11 +2,13 @@
 
 Ops so far: :func:`merge_states` and :func:`merge_states_` (LSE merge of two
 partial attention results, natural-log LSE); :class:`PagedKVCache` with
-:func:`append_kv` and :func:`paged_decode` (per-request paged decode, split-KV).
+:func:`append_kv` and :func:`paged_decode` (per-request paged decode, split-KV);
+:class:`PrefixPlan` (BatchLLM's global prefix sharing, host side).
 """
 
 from .merge_states import merge_states, merge_states_
 from .paged import PagedKVCache, append_kv, check_block_tables, paged_decode
+from .prefix_plan import PrefixLayout, PrefixPlan
 
 __all__ = [
     "merge_states",
@@ -15,4 +17,6 @@ __all__ = [
     "append_kv",
     "paged_decode",
     "check_block_tables",
+    "PrefixPlan",
+    "PrefixLayout",
 ]
