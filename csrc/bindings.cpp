@@ -50,6 +50,7 @@ const std::vector<std::string> kCudaOps = {
     "merge_states",
     "append_kv",
     "paged_decode",
+    "prefix_shared_decode",
 #endif
 };
 
@@ -288,4 +289,28 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_prefix_plan", &build_prefix_plan, py::arg("tokens"), py::arg("offsets"),
         py::arg("page_size"), py::arg("decode_lens"), py::arg("min_shared_pages"),
         "Global prefix tree of a batch flattened to one level of sharing (host side).");
+
+  m.def(
+      "prefix_shared_decode",
+      [](py::handle q, py::handle k_cache, py::handle v_cache, py::handle block_tables,
+         py::handle seq_lens, py::handle shared_lens, py::handle group_indptr,
+         py::handle group_page_indptr, py::handle group_pages, py::handle work, py::handle out,
+         py::handle lse, py::handle partial_out, py::handle partial_lse, int shared_splits,
+         int suffix_splits, int suffix_tokens_per_split, float scale, std::uintptr_t stream) {
+        inferops::attention::prefix_shared_decode(
+            view_of(q, "q"), view_of(k_cache, "k_cache"), view_of(v_cache, "v_cache"),
+            view_of(block_tables, "block_tables"), view_of(seq_lens, "seq_lens"),
+            view_of(shared_lens, "shared_lens"), view_of(group_indptr, "group_indptr"),
+            view_of(group_page_indptr, "group_page_indptr"), view_of(group_pages, "group_pages"),
+            view_of(work, "work"), view_of(out, "out"), view_of(lse, "lse"),
+            view_of(partial_out, "partial_out"), view_of(partial_lse, "partial_lse"), shared_splits,
+            suffix_splits, suffix_tokens_per_split, scale, stream);
+      },
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+      py::arg("seq_lens"), py::arg("shared_lens"), py::arg("group_indptr"),
+      py::arg("group_page_indptr"), py::arg("group_pages"), py::arg("work"), py::arg("out"),
+      py::arg("lse"), py::arg("partial_out"), py::arg("partial_lse"), py::arg("shared_splits"),
+      py::arg("suffix_splits"), py::arg("suffix_tokens_per_split"), py::arg("scale"),
+      py::arg("stream"),
+      "Decode with each group's shared prefix read once (tensor cores), suffix decode, merge.");
 }

@@ -15,9 +15,11 @@
 // rescales only when the max grows. At the end the bdz partial states of a
 // query head are merged through shared memory.
 //
-// Output: with one split, out (q's dtype) and lse (natural log of
-// sum_j exp(scale * q.k_j)); with several, fp32 partials per split that
-// MergeSplitsKernel combines (the same LSE merge as merge_states).
+// Output: without partial buffers (one split), out (q's dtype) and lse
+// (natural log of sum_j exp(scale * q.k_j)); with them, fp32 partials per
+// split that MergeSplitsKernel combines (the same LSE merge as merge_states).
+// kv_start (prefix-shared decode) makes a sequence attend to tokens
+// [kv_start, seq_len) only: its suffix after the shared prefix.
 // An empty sequence (seq_len 0) gives out = 0, lse = -inf.
 //
 // Bytes: 2 * seq_len * head_dim * sizeof(T) per (sequence, kv head) plus q/out;
@@ -71,7 +73,8 @@ __global__ void __launch_bounds__(1024) PagedDecodeKernel(const __grid_constant_
 
   const int max_len = p.max_pages * p.page_size;
   const int seq_len = min(max(p.seq_lens[b], 0), max_len);
-  const int begin = split * p.tokens_per_split;
+  const int start = p.kv_start ? min(max(p.kv_start[b], 0), seq_len) : 0;
+  const int begin = start + split * p.tokens_per_split;
   const int end = min(seq_len, begin + p.tokens_per_split);
   const int num_tiles = end > begin ? (end - begin + kTile - 1) / kTile : 0;
   const int32_t* bt = p.block_tables + int64_t(b) * p.bt_stride;
@@ -206,7 +209,7 @@ __global__ void __launch_bounds__(1024) PagedDecodeKernel(const __grid_constant_
   const bool empty = l == 0.f;  // no tokens in this split
   const float inv = empty ? 0.f : 1.f / l;
   const float lse = empty ? -INFINITY : (m + log2f(l)) * kLn2;
-  if (p.num_splits == 1) {
+  if (p.partial_out == nullptr) {  // single split: final output directly
     Vec<T, kVec> o;
 #pragma unroll
     for (int i = 0; i < kVec; ++i) o.v[i] = from_float<T>(acc[i] * inv);
@@ -241,7 +244,8 @@ __global__ void __launch_bounds__(128) MergeSplitsKernel(const __grid_constant__
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int s = 0; s < p.num_splits; ++s) {
     const float ls = p.partial_lse[s * rows + row];
-    const float w = ls == -INFINITY ? 0.f : expf(ls - M);
+    if (ls == -INFINITY) continue;  // empty split: its out may be unwritten memory
+    const float w = expf(ls - M);
     const float4 v = *reinterpret_cast<const float4*>(p.partial_out + (s * rows + row) * p.head_dim + lane * 4);
     W += w;
     acc.x += w * v.x;
@@ -273,20 +277,22 @@ void launch_typed(const PagedDecodeParams& p, int device, cudaStream_t stream) {
   const dim3 grid(p.num_splits, p.num_kv_heads, p.batch);
   kernel<<<grid, dim3(kBdx, G, bdz), smem, stream>>>(p);
   INFEROPS_CUDA_CHECK_LAUNCH();
-  if (p.num_splits > 1) {
-    const int lanes = kHeadDim / 4;
-    const int rows_per_block = 128 / lanes;
-    const int64_t rows = int64_t(p.batch) * p.num_q_heads;
-    const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(rows, rows_per_block));
-    MergeSplitsKernel<T><<<blocks, 128, 0, stream>>>(p);
-    INFEROPS_CUDA_CHECK_LAUNCH();
-  }
+}
+
+template <typename T>
+void launch_merge_typed(const PagedDecodeParams& p, cudaStream_t stream) {
+  const int lanes = p.head_dim / 4;
+  const int rows_per_block = 128 / lanes;
+  const int64_t rows = int64_t(p.batch) * p.num_q_heads;
+  const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(rows, rows_per_block));
+  MergeSplitsKernel<T><<<blocks, 128, 0, stream>>>(p);
+  INFEROPS_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 
 void launch_paged_decode(const PagedDecodeParams& p, DType dtype, int device,
-                         std::uintptr_t stream) {
+                         std::uintptr_t stream, bool merge) {
   if (p.batch == 0 || p.num_q_heads == 0) return;
   DeviceGuard guard(device);
   dispatch_half(dtype, "q", [&](auto tag) {
@@ -296,6 +302,17 @@ void launch_paged_decode(const PagedDecodeParams& p, DType dtype, int device,
       case 128: launch_typed<T, 128>(p, device, as_stream(stream)); break;
       default: INFEROPS_CHECK_ARG(false, "expected head_dim 64 or 128 for `q`, got ", p.head_dim);
     }
+    if (merge && p.num_splits > 1) launch_merge_typed<T>(p, as_stream(stream));
+  });
+}
+
+void launch_merge_splits(const PagedDecodeParams& p, DType dtype, int device,
+                         std::uintptr_t stream) {
+  if (p.batch == 0 || p.num_q_heads == 0) return;
+  DeviceGuard guard(device);
+  dispatch_half(dtype, "q", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch_merge_typed<T>(p, as_stream(stream));
   });
 }
 

@@ -90,11 +90,15 @@ void append_kv(const TensorView& k_cache, const TensorView& v_cache, const Tenso
 #endif
 }
 
-void paged_decode(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
-                  const TensorView& block_tables, const TensorView& seq_lens,
-                  const TensorView& out, const TensorView& lse, const TensorView& partial_out,
-                  const TensorView& partial_lse, int num_splits, float scale,
-                  std::uintptr_t stream) {
+namespace {
+
+// Validates what every decode over the paged cache needs (dtypes, shapes,
+// alignment, devices) and fills the parameters shared by paged_decode and
+// prefix_shared_decode; the split fields are left to the caller.
+PagedDecodeParams decode_params(const TensorView& q, const TensorView& k_cache,
+                                const TensorView& v_cache, const TensorView& block_tables,
+                                const TensorView& seq_lens, const TensorView& out,
+                                const TensorView& lse, float scale) {
   k_cache.expect_dtype_in("k_cache", {DType::kFloat16, DType::kBFloat16});
   v_cache.expect_dtype("v_cache", k_cache.dtype());
   k_cache.expect_ndim("k_cache", 4);
@@ -131,16 +135,6 @@ void paged_decode(const TensorView& q, const TensorView& k_cache, const TensorVi
   const int64_t max_len = block_tables.size(1) * k_cache.size(1);
   INFEROPS_CHECK_ARG(max_len <= std::numeric_limits<int32_t>::max(),
                      "block_tables width x page_size exceeds 2^31 - 1 tokens");
-  INFEROPS_CHECK_ARG(num_splits >= 1 && num_splits <= 65535, "expected 1 <= num_splits <= 65535, got ",
-                     num_splits);
-  if (num_splits > 1) {
-    partial_out.expect_dtype("partial_out", DType::kFloat32);
-    partial_lse.expect_dtype("partial_lse", DType::kFloat32);
-    partial_out.expect_shape("partial_out", {num_splits, batch, hq, d});
-    partial_lse.expect_shape("partial_lse", {num_splits, batch, hq});
-    partial_out.expect_contiguous("partial_out");
-    partial_lse.expect_contiguous("partial_lse");
-  }
   INFEROPS_CHECK_ARG(aligned16(k_cache) && aligned16(v_cache),
                      "expected 16-byte aligned `k_cache` and `v_cache`");
   out.expect_writable("out");
@@ -152,10 +146,6 @@ void paged_decode(const TensorView& q, const TensorView& k_cache, const TensorVi
                          {&out, "out"}, {&lse, "lse"}}) {
     t->expect_same_device(name, q, "q");
   }
-  if (num_splits > 1) {
-    partial_out.expect_same_device("partial_out", q, "q");
-    partial_lse.expect_same_device("partial_lse", q, "q");
-  }
 
   PagedDecodeParams p{};
   p.q = q.data();
@@ -165,8 +155,6 @@ void paged_decode(const TensorView& q, const TensorView& k_cache, const TensorVi
   p.seq_lens = seq_lens.data_as<const int32_t>();
   p.out = out.data();
   p.lse = lse.data_as<float>();
-  p.partial_out = num_splits > 1 ? partial_out.data_as<float>() : nullptr;
-  p.partial_lse = num_splits > 1 ? partial_lse.data_as<float>() : nullptr;
   p.q_stride[0] = q.stride(0);
   p.q_stride[1] = q.stride(1);
   p.out_stride[0] = out.stride(0);
@@ -179,16 +167,130 @@ void paged_decode(const TensorView& q, const TensorView& k_cache, const TensorVi
   p.page_size = static_cast<int32_t>(k_cache.size(1));
   p.num_pages = static_cast<int32_t>(k_cache.size(0));
   p.max_pages = static_cast<int32_t>(block_tables.size(1));
+  p.scale = scale;
+  return p;
+}
+
+void check_partials(const TensorView& partial_out, const TensorView& partial_lse, int64_t splits,
+                    const TensorView& q) {
+  const int64_t batch = q.size(0), hq = q.size(1), d = q.size(2);
+  partial_out.expect_dtype("partial_out", DType::kFloat32);
+  partial_lse.expect_dtype("partial_lse", DType::kFloat32);
+  partial_out.expect_shape("partial_out", {splits, batch, hq, d});
+  partial_lse.expect_shape("partial_lse", {splits, batch, hq});
+  partial_out.expect_contiguous("partial_out");
+  partial_lse.expect_contiguous("partial_lse");
+  partial_out.expect_same_device("partial_out", q, "q");
+  partial_lse.expect_same_device("partial_lse", q, "q");
+}
+
+}  // namespace
+
+void paged_decode(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
+                  const TensorView& block_tables, const TensorView& seq_lens,
+                  const TensorView& out, const TensorView& lse, const TensorView& partial_out,
+                  const TensorView& partial_lse, int num_splits, float scale,
+                  std::uintptr_t stream) {
+  INFEROPS_CHECK_ARG(num_splits >= 1 && num_splits <= 65535, "expected 1 <= num_splits <= 65535, got ",
+                     num_splits);
+  PagedDecodeParams p =
+      decode_params(q, k_cache, v_cache, block_tables, seq_lens, out, lse, scale);
+  if (num_splits > 1) {
+    check_partials(partial_out, partial_lse, num_splits, q);
+    p.partial_out = partial_out.data_as<float>();
+    p.partial_lse = partial_lse.data_as<float>();
+  }
   p.num_splits = num_splits;
+  const int64_t max_len = int64_t(p.max_pages) * p.page_size;
   const int64_t tiles = (max_len + kDecodeTileTokens - 1) / kDecodeTileTokens;
   p.tokens_per_split =
       static_cast<int32_t>((tiles + num_splits - 1) / num_splits * kDecodeTileTokens);
-  p.scale = scale;
 #ifdef INFEROPS_WITH_CUDA
   launch_paged_decode(p, q.dtype(), q.device_id(), stream);
 #else
   (void)stream;
   INFEROPS_CHECK(false, "inferops was built without CUDA: paged_decode has no CUDA kernel");
+#endif
+}
+
+void prefix_shared_decode(const TensorView& q, const TensorView& k_cache,
+                          const TensorView& v_cache, const TensorView& block_tables,
+                          const TensorView& seq_lens, const TensorView& shared_lens,
+                          const TensorView& group_indptr, const TensorView& group_page_indptr,
+                          const TensorView& group_pages, const TensorView& work,
+                          const TensorView& out, const TensorView& lse,
+                          const TensorView& partial_out, const TensorView& partial_lse,
+                          int shared_splits, int suffix_splits, int suffix_tokens_per_split,
+                          float scale, std::uintptr_t stream) {
+  INFEROPS_CHECK_ARG(shared_splits >= 1 && suffix_splits >= 1 &&
+                         shared_splits + suffix_splits <= 65535,
+                     "expected shared_splits, suffix_splits >= 1 (sum <= 65535), got ",
+                     shared_splits, ", ", suffix_splits);
+  INFEROPS_CHECK_ARG(
+      suffix_tokens_per_split >= 1 && suffix_tokens_per_split % kDecodeTileTokens == 0,
+      "expected suffix_tokens_per_split a positive multiple of ", kDecodeTileTokens, ", got ",
+      suffix_tokens_per_split);
+  PagedDecodeParams dp =
+      decode_params(q, k_cache, v_cache, block_tables, seq_lens, out, lse, scale);
+  const int total = shared_splits + suffix_splits;
+  check_partials(partial_out, partial_lse, total, q);
+  for (auto [t, name] : {std::pair{&shared_lens, "shared_lens"}, {&group_indptr, "group_indptr"},
+                         {&group_page_indptr, "group_page_indptr"}, {&group_pages, "group_pages"}}) {
+    check_index(*t, name, 1);
+    t->expect_contiguous(name);
+    t->expect_same_device(name, q, "q");
+  }
+  shared_lens.expect_shape("shared_lens", {q.size(0)});
+  group_page_indptr.expect_shape("group_page_indptr", {group_indptr.size(0)});
+  check_index(work, "work", 2);
+  work.expect_shape("work", {work.size(0), 2});
+  work.expect_contiguous("work");
+  work.expect_same_device("work", q, "q");
+  INFEROPS_CHECK_ARG(work.size(0) <= std::numeric_limits<int32_t>::max(), "too many work items");
+
+  SharedPrefixParams sp{};
+  sp.q = dp.q;
+  sp.k_cache = dp.k_cache;
+  sp.v_cache = dp.v_cache;
+  sp.group_indptr = group_indptr.data_as<const int32_t>();
+  sp.group_page_indptr = group_page_indptr.data_as<const int32_t>();
+  sp.group_pages = group_pages.data_as<const int32_t>();
+  sp.work = work.data_as<const int32_t>();
+  sp.partial_out = partial_out.data_as<float>();
+  sp.partial_lse = partial_lse.data_as<float>();
+  sp.q_stride[0] = dp.q_stride[0];
+  sp.q_stride[1] = dp.q_stride[1];
+  sp.num_work = static_cast<int32_t>(work.size(0));
+  sp.batch = dp.batch;
+  sp.num_q_heads = dp.num_q_heads;
+  sp.num_kv_heads = dp.num_kv_heads;
+  sp.head_dim = dp.head_dim;
+  sp.page_size = dp.page_size;
+  sp.num_pages = dp.num_pages;
+  sp.num_splits = shared_splits;
+  sp.scale = scale;
+
+  // Suffix: tokens [shared_len, seq_len) of each request, into the partial
+  // slots after the shared ones.
+  const int64_t slot = int64_t(dp.batch) * dp.num_q_heads;
+  dp.kv_start = shared_lens.data_as<const int32_t>();
+  dp.partial_out = sp.partial_out + int64_t(shared_splits) * slot * dp.head_dim;
+  dp.partial_lse = sp.partial_lse + int64_t(shared_splits) * slot;
+  dp.num_splits = suffix_splits;
+  dp.tokens_per_split = suffix_tokens_per_split;
+
+  PagedDecodeParams merge = dp;  // all partials -> out / lse
+  merge.partial_out = sp.partial_out;
+  merge.partial_lse = sp.partial_lse;
+  merge.num_splits = total;
+#ifdef INFEROPS_WITH_CUDA
+  launch_shared_prefix(sp, q.dtype(), q.device_id(), stream);
+  launch_paged_decode(dp, q.dtype(), q.device_id(), stream, /*merge=*/false);
+  launch_merge_splits(merge, q.dtype(), q.device_id(), stream);
+#else
+  (void)stream;
+  (void)merge;
+  INFEROPS_CHECK(false, "inferops was built without CUDA: prefix_shared_decode has no CUDA kernel");
 #endif
 }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import numpy as np
 import torch
@@ -346,10 +347,16 @@ class PagedKVCache:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cuda",
     ) -> None:
+        sizes = {}
         for name, val in (("num_pages", num_pages), ("page_size", page_size),
                           ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            if not isinstance(val, int) or val < 1:
+            try:
+                sizes[name] = operator.index(val)  # int, numpy and torch integers
+            except TypeError:
+                sizes[name] = -1
+            if isinstance(val, bool) or sizes[name] < 1:
                 raise ValueError(f"expected a positive int for `{name}`, got {val!r}")
+        num_pages, page_size, num_kv_heads, head_dim = sizes.values()
         if num_pages > 2**31 - 1:
             raise ValueError(f"expected num_pages < 2^31 (int32 page ids), got {num_pages}")
         if dtype not in _KV_DTYPES:

@@ -13,6 +13,7 @@ its fallback when the extension is missing.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,6 +25,16 @@ from ..reference import attention as ref
 from .paged import PagedKVCache
 
 __all__ = ["PrefixPlan", "PrefixLayout"]
+
+
+def _positive_int(name: str, val) -> int:
+    try:
+        n = operator.index(val)
+    except TypeError:
+        n = 0
+    if isinstance(val, bool) or n < 1:
+        raise ValueError(f"expected an int >= 1 for `{name}`, got {val!r}")
+    return n
 
 
 def _flatten(prompts) -> tuple[np.ndarray, np.ndarray]:
@@ -98,10 +109,8 @@ class PrefixPlan:
             min_shared_pages: a group must save at least this many page reads per step.
             backend: ``"cpp"``, ``"python"`` or ``"auto"`` (C++ when the extension loads).
         """
-        if not isinstance(page_size, int) or page_size < 1:
-            raise ValueError(f"expected an int >= 1 for `page_size`, got {page_size!r}")
-        if not isinstance(min_shared_pages, int) or min_shared_pages < 1:
-            raise ValueError(f"expected an int >= 1 for `min_shared_pages`, got {min_shared_pages!r}")
+        page_size = _positive_int("page_size", page_size)
+        min_shared_pages = _positive_int("min_shared_pages", min_shared_pages)
         tokens, offsets = _flatten(prompts)
         n = offsets.size - 1
         if decode_lens is None:
@@ -210,6 +219,8 @@ class PrefixPlan:
             group_pages=t(shared[self.group_pages] if self.group_pages.size else self.group_pages),
             shared_pages=shared,
             own_pages=own,
+            max_own_tokens=int(own_pages.max(initial=0)) * ps,
+            _work={},
         )
 
 
@@ -233,6 +244,17 @@ class PrefixLayout:
     group_pages: torch.Tensor
     shared_pages: np.ndarray
     own_pages: np.ndarray
+    max_own_tokens: int  # longest suffix (own pages x page_size): bounds the suffix decode
+    _work: dict  # group size -> work items of the shared-prefix kernel, on the device
+
+    def work_items(self, group_size: int) -> torch.Tensor:
+        """[W, 2] int32 (group, first row) for the shared-prefix kernel, cached per GQA ratio."""
+        if group_size not in self._work:
+            from .prefix_shared import shared_work
+
+            self._work[group_size] = torch.from_numpy(shared_work(self.plan, group_size)).to(
+                self.block_tables.device)
+        return self._work[group_size]
 
     def release(self, cache: PagedKVCache) -> None:
         """Drop every request's references: each page returns to the free list once unused."""

@@ -1,0 +1,162 @@
+"""prefix_shared_decode and PrefixSharedAttention: equal to plain paged decode on the same data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from inferops.attention import (
+    PagedKVCache,
+    PrefixPlan,
+    PrefixSharedAttention,
+    paged_decode,
+    prefix_shared_decode,
+)
+from inferops.attention.paged import LSE_TOLERANCE
+from inferops.attention.prefix_shared import shared_work
+from inferops.reference import attention as ref
+from inferops.testing import assert_close
+
+
+def build_batch(g, *, groups, members, prefix, suffix, page_size, hq, hkv, d, device="cpu",
+                dtype=torch.bfloat16, loners=0, empty_suffix=False):
+    """Random prompts: `groups` shared prefixes x `members` requests, plus `loners`
+    requests sharing nothing; caches filled with random K/V."""
+    prompts = []
+    for _ in range(groups):
+        pre = torch.randint(0, 1000, (prefix,), generator=g).tolist()
+        for i in range(members):
+            n = 0 if (empty_suffix and i == 0) else suffix + i
+            prompts.append(pre + torch.randint(1000, 2000, (n,), generator=g).tolist())
+    for i in range(loners):
+        prompts.append(torch.randint(2000, 3000, (suffix + 3 * i + 1,), generator=g).tolist())
+    plan = PrefixPlan.build(prompts, page_size)
+    need = plan.num_shared_pages + sum(-(-(p - s + 1) // page_size) for p, s in
+                                       zip(plan.prompt_len, plan.shared_len))
+    cache = PagedKVCache(need + 4, page_size, hkv, d, dtype, device)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g).to(dtype))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g).to(dtype))
+    layout = plan.materialize(cache)
+    q = torch.randn(plan.num_requests, hq, d, generator=g).to(device, dtype)
+    return plan, cache, layout, q
+
+
+def test_shared_work_items():
+    plan = PrefixPlan.build([[1] * 40 + [i] for i in range(20)] + [[7, 8, 9]], 16)
+    w = shared_work(plan, 4)  # 20 members x 4 heads = 80 rows -> tiles at 0 and 64
+    assert w.tolist() == [[0, 0], [0, 64]]
+    assert shared_work(plan, 1).tolist() == [[0, 0]]
+
+
+@pytest.mark.parametrize("page_size,hq,hkv,d", [(1, 4, 4, 64), (16, 8, 2, 64), (64, 16, 2, 128)])
+def test_cpu_equals_paged_decode(page_size, hq, hkv, d, gen):
+    plan, cache, lay, q = build_batch(gen, groups=2, members=3, prefix=70, suffix=5, page_size=page_size,
+                                      hq=hq, hkv=hkv, d=d, loners=2, empty_suffix=True)
+    out, lse = prefix_shared_decode(q, cache.k, cache.v, lay)
+    eo, el = ref.paged_decode(q.double(), cache.k.double(), cache.v.double(), lay.block_tables,
+                              lay.seq_lens, compute_dtype=torch.float64)
+    assert_close(out, eo, torch.bfloat16)
+    assert_close(lse, el, LSE_TOLERANCE)
+
+
+def test_validation(gen):
+    plan, cache, lay, q = build_batch(gen, groups=1, members=2, prefix=32, suffix=3, page_size=16,
+                                      hq=4, hkv=2, d=64)
+    with pytest.raises(ValueError, match=r"expected 2 rows in `q`"):
+        prefix_shared_decode(q[:1], cache.k, cache.v, lay)
+    short = lay.seq_lens.clone()
+    short[0] = 5
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = 5 is shorter than its shared prefix \(32 tokens\)"):
+        prefix_shared_decode(q, cache.k, cache.v, lay, seq_lens=short)
+    with pytest.raises(TypeError, match="PrefixLayout for `layout`"):
+        prefix_shared_decode(q, cache.k, cache.v, lay.block_tables)
+    with pytest.raises(TypeError, match=r"int32 for `seq_lens`"):
+        prefix_shared_decode(q, cache.k, cache.v, lay, seq_lens=lay.seq_lens.long())
+    too_long = lay.seq_lens.clone()
+    too_long[1] = 10_000
+    with pytest.raises(ValueError, match="exceeds what its block table row holds"):
+        prefix_shared_decode(q, cache.k, cache.v, lay, seq_lens=too_long)
+
+
+def test_helper_end_to_end_cpu(gen):
+    hq, hkv, d, ps = 8, 2, 64, 4
+    attn = PrefixSharedAttention(64, ps, hkv, d, torch.bfloat16, device="cpu")
+    system = torch.randint(0, 50, (11,), generator=gen).tolist()
+    prompts = [system + [60 + i] * (i + 1) for i in range(3)] + [[90, 91]]
+    plan = attn.start(prompts, decode_lens=[3, 3, 3, 3])
+    emb_k = torch.randn(100, hkv, d, generator=gen).bfloat16()
+    emb_v = torch.randn(100, hkv, d, generator=gen).bfloat16()
+    ordered = [prompts[i] for i in plan.order]
+    toks = torch.tensor([t for p in ordered for t in p])
+    attn.write_prompts(emb_k[toks], emb_v[toks])
+    history = [list(p) for p in ordered]
+    for step in range(3):
+        new = torch.randint(0, 100, (plan.num_requests,), generator=gen)
+        attn.append(emb_k[new], emb_v[new])
+        for i in range(plan.num_requests):
+            history[i].append(int(new[i]))
+        q = torch.randn(plan.num_requests, hq, d, generator=gen).bfloat16()
+        out, lse = attn.decode(q)
+        for i, h in enumerate(history):
+            k = emb_k[h].double().repeat_interleave(hq // hkv, 1)
+            v = emb_v[h].double().repeat_interleave(hq // hkv, 1)
+            s = torch.einsum("hd,thd->ht", q[i].double(), k) / d**0.5
+            assert_close(out[i], torch.einsum("ht,thd->hd", torch.softmax(s, -1), v), torch.bfloat16)
+            assert_close(lse[i], torch.logsumexp(s, -1), LSE_TOLERANCE)
+    attn.finish()
+    assert attn.cache.num_free_pages == 64
+    with pytest.raises(RuntimeError, match="call start"):
+        attn.decode(q)
+
+
+# --- CUDA -------------------------------------------------------------------------------------
+
+GPU_CASES = [
+    dict(groups=2, members=3, prefix=70, suffix=5, page_size=1, hq=4, hkv=4, d=64, loners=2),
+    dict(groups=3, members=1, prefix=40, suffix=9, page_size=16, hq=8, hkv=2, d=128, loners=1),
+    dict(groups=2, members=5, prefix=200, suffix=30, page_size=64, hq=32, hkv=4, d=128, loners=0),
+    dict(groups=8, members=64, prefix=300, suffix=20, page_size=16, hq=32, hkv=8, d=128, loners=0),
+    dict(groups=1, members=4, prefix=32768, suffix=100, page_size=16, hq=32, hkv=8, d=128, loners=1),
+    dict(groups=2, members=7, prefix=129, suffix=0, page_size=16, hq=56, hkv=8, d=64, loners=3),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "g{groups}m{members}-pre{prefix}-p{page_size}-G{hq}_{hkv}-d{d}".format(**c))
+def test_cuda_equals_reference_and_paged_decode(case, dtype, gen, cuda_device):
+    plan, cache, lay, q = build_batch(gen, **case, device=cuda_device, dtype=dtype, empty_suffix=True)
+    out, lse = prefix_shared_decode(q, cache.k, cache.v, lay)
+    eo, el = ref.paged_decode(q.double(), cache.k.double(), cache.v.double(), lay.block_tables,
+                              lay.seq_lens, compute_dtype=torch.float64)
+    assert_close(out, eo, dtype)
+    assert_close(lse, el, LSE_TOLERANCE)
+    po, pl = paged_decode(q, cache.k, cache.v, lay.block_tables, lay.seq_lens)
+    assert_close(out, po.double(), Tolerance2(dtype))
+    assert_close(lse, pl.double(), LSE_TOLERANCE)
+
+
+def Tolerance2(dtype):
+    """Two kernels' outputs each within one tolerance of the reference: allow twice."""
+    from inferops.testing import TOLERANCES, Tolerance
+
+    t = TOLERANCES[dtype]
+    return Tolerance(2 * t.atol, 2 * t.rtol)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture(gen, cuda_device):
+    plan, cache, lay, q = build_batch(gen, groups=2, members=8, prefix=500, suffix=40, page_size=16,
+                                      hq=32, hkv=8, d=128, device=cuda_device)
+    prefix_shared_decode(q, cache.k, cache.v, lay, validate=False)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, lse = prefix_shared_decode(q, cache.k, cache.v, lay, validate=False)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    eo, _ = ref.paged_decode(q.double(), cache.k.double(), cache.v.double(), lay.block_tables,
+                             lay.seq_lens, compute_dtype=torch.float64)
+    assert_close(out, eo, torch.bfloat16)
