@@ -21,6 +21,7 @@ BENCHMARKS = [
     ("attention/bench_merge_states.py", "main"),
     ("attention/bench_paged_decode.py", "main"),
     ("attention/bench_prefix_plan.py", "main"),
+    ("attention/bench_prefix_shared.py", "main"),
 ]
 
 
