@@ -244,11 +244,9 @@ void launch_shared_prefix(const SharedPrefixParams& p, DType dtype, int device,
   DeviceGuard guard(device);
   dispatch_half(dtype, "q", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    switch (p.head_dim) {
-      case 64: launch_typed<T, 64>(p, device, as_stream(stream)); break;
-      case 128: launch_typed<T, 128>(p, device, as_stream(stream)); break;
-      default: INFEROPS_CHECK_ARG(false, "expected head_dim 64 or 128 for `q`, got ", p.head_dim);
-    }
+    dispatch_head_dim(p.head_dim, "q", [&](auto hd) {
+      launch_typed<T, decltype(hd)::value>(p, device, as_stream(stream));
+    });
   });
 }
 

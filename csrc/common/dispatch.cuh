@@ -12,6 +12,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "tensor_view.h"
 
 namespace inferops {
@@ -43,6 +45,18 @@ decltype(auto) dispatch_half(DType dtype, const char* name, F&& f) {
     default:
       INFEROPS_CHECK_TYPE(false, "expected dtype float16 or bfloat16 for `", name, "`, got ",
                           dtype_name(dtype));
+  }
+}
+
+// Head dims with compiled attention kernels (the ones real models use):
+//   dispatch_head_dim(d, "q", [&](auto hd) { launch<T, decltype(hd)::value>(...); });
+template <typename F>
+decltype(auto) dispatch_head_dim(int64_t head_dim, const char* name, F&& f) {
+  switch (head_dim) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default:
+      INFEROPS_CHECK_ARG(false, "expected head_dim 64 or 128 for `", name, "`, got ", head_dim);
   }
 }
 
