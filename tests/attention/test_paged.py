@@ -370,3 +370,66 @@ def test_cuda_append_kv(dtype, page_size, hkv, d, gen, cuda_device):
     exact = Tolerance(0.0, 0.0)
     assert_close(kc, ek, exact, name="k_cache")  # untouched slots must still be NaN
     assert_close(vc, ev, exact, name="v_cache")
+
+
+# --- multi-token queries (causal among the new tokens) ------------------------------------
+
+
+def causal_oracle(q, k_cache, v_cache, block_tables, seq_lens, qo_indptr):
+    """float64: query j of n new tokens of sequence b attends to tokens [0, L - n + j]."""
+    outs, lses = [], []
+    for b in range(block_tables.shape[0]):
+        lo, hi = int(qo_indptr[b]), int(qo_indptr[b + 1])
+        n, L = hi - lo, int(seq_lens[b])
+        for j in range(n):
+            o, l = dense_oracle(q[lo + j:lo + j + 1], k_cache, v_cache, block_tables[b:b + 1],
+                                torch.tensor([L - n + j + 1]))
+            outs.append(o)
+            lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _multi_case(gen, device="cpu", dtype=torch.bfloat16, d=64, page_size=4, counts=(1, 4, 0, 3)):
+    seq_lens = [9, 17, 5, 3]
+    _, kc, vc, bt, sl = make_case(gen, batch=4, hq=8, hkv=2, d=d, page_size=page_size,
+                                  seq_lens=seq_lens, dtype=dtype, device=device)
+    qo = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(qo[-1]), 8, d, generator=gen).to(device, dtype)
+    return q, kc, vc, bt, sl, qo.to(device)
+
+
+def test_multi_token_queries_cpu(gen):
+    q, kc, vc, bt, sl, qo = _multi_case(gen)
+    out, lse = paged_decode(q, kc, vc, bt, sl, qo_indptr=qo)
+    eo, el = causal_oracle(q, kc, vc, bt, sl, qo)
+    assert out.shape == q.shape and lse.shape == q.shape[:2]
+    assert_close(out, eo, torch.bfloat16)
+    assert_close(lse, el, LSE_TOLERANCE)
+
+
+def test_multi_token_queries_validation(gen):
+    q, kc, vc, bt, sl, qo = _multi_case(gen)
+    bad = qo.clone()
+    bad[-1] += 1
+    with pytest.raises(ValueError, match=r"qo_indptr\[-1\] == 8 \(rows of `q`\)"):
+        paged_decode(q, kc, vc, bt, sl, qo_indptr=bad)
+    bad = qo.clone()
+    bad[2] = 0
+    with pytest.raises(ValueError, match="non-decreasing `qo_indptr`"):
+        paged_decode(q, kc, vc, bt, sl, qo_indptr=bad)
+    short = sl.clone()
+    short[3] = 2
+    with pytest.raises(ValueError, match="sequence 3 has 3 query tokens but seq_len 2"):
+        paged_decode(q, kc, vc, bt, short, qo_indptr=qo)
+    with pytest.raises(ValueError, match=r"shape \[5\] for `qo_indptr`"):
+        paged_decode(q, kc, vc, bt, sl, qo_indptr=qo[:-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size,d", [(1, 64), (16, 128)])
+def test_cuda_multi_token_queries(page_size, d, gen, cuda_device):
+    q, kc, vc, bt, sl, qo = _multi_case(gen, device=cuda_device, d=d, page_size=page_size)
+    out, lse = paged_decode(q, kc, vc, bt, sl, qo_indptr=qo)
+    eo, el = causal_oracle(q.cpu(), kc.cpu(), vc.cpu(), bt.cpu(), sl.cpu(), qo.cpu())
+    assert_close(out, eo, torch.bfloat16)
+    assert_close(lse, el, LSE_TOLERANCE)

@@ -44,9 +44,9 @@ def build_batch(g, *, groups, members, prefix, suffix, page_size, hq, hkv, d, de
 
 def test_shared_work_items():
     plan = PrefixPlan.build([[1] * 40 + [i] for i in range(20)] + [[7, 8, 9]], 16)
-    w = shared_work(plan, 4)  # 20 members x 4 heads = 80 rows -> tiles at 0 and 64
+    w = shared_work(plan.group_indptr, plan.group_page_indptr, 4)  # 20 x 4 = 80 rows: 2 tiles
     assert w.tolist() == [[0, 0], [0, 64]]
-    assert shared_work(plan, 1).tolist() == [[0, 0]]
+    assert shared_work(plan.group_indptr, plan.group_page_indptr, 1).tolist() == [[0, 0]]
 
 
 @pytest.mark.parametrize("page_size,hq,hkv,d", [(1, 4, 4, 64), (16, 8, 2, 64), (64, 16, 2, 128)])
@@ -160,3 +160,44 @@ def test_cuda_graph_capture(gen, cuda_device):
     eo, _ = ref.paged_decode(q.double(), cache.k.double(), cache.v.double(), lay.block_tables,
                              lay.seq_lens, compute_dtype=torch.float64)
     assert_close(out, eo, torch.bfloat16)
+
+
+def _multi_token_case(gen, device="cpu", dtype=torch.bfloat16, d=64):
+    """Requests whose last qo_lens[i] tokens are new queries (already in the cache)."""
+    plan, cache, lay, _ = build_batch(gen, groups=2, members=3, prefix=40, suffix=6, page_size=16,
+                                      hq=8, hkv=2, d=d, device=device, dtype=dtype, loners=1)
+    qo = np.array([1, 3, 0, 2, 4, 1, 2][: plan.num_requests])
+    q = torch.randn(int(qo.sum()), 8, d, generator=gen).to(device, dtype)
+    return plan, cache, lay, q, qo
+
+
+def _multi_token_expected(q, cache, lay, qo):
+    qo_indptr = torch.tensor(np.concatenate([[0], np.cumsum(qo)]), dtype=torch.int32)
+    return ref.paged_decode(
+        q.double().cpu(), cache.k.double().cpu(), cache.v.double().cpu(),
+        lay.block_tables.cpu().index_select(0, torch.repeat_interleave(torch.arange(len(qo)), torch.tensor(qo))),
+        torch.cat([torch.arange(int(L) - n + 1, int(L) + 1, dtype=torch.int32)
+                   for L, n in zip(lay.seq_lens.cpu(), qo)]) if qo.sum() else torch.zeros(0, dtype=torch.int32),
+        compute_dtype=torch.float64), qo_indptr
+
+
+def test_multi_token_cpu(gen):
+    plan, cache, lay, q, qo = _multi_token_case(gen)
+    out, lse = prefix_shared_decode(q, cache.k, cache.v, lay, qo_lens=qo)
+    (eo, el), qo_indptr = _multi_token_expected(q, cache, lay, qo)
+    assert_close(out, eo, torch.bfloat16)
+    assert_close(lse, el, LSE_TOLERANCE)
+    po, pl = paged_decode(q, cache.k, cache.v, lay.block_tables, lay.seq_lens, qo_indptr=qo_indptr)
+    assert_close(out, po.double(), Tolerance2(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"sum\(qo_lens\) = "):
+        prefix_shared_decode(q[:-1], cache.k, cache.v, lay, qo_lens=qo)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_multi_token(d, gen, cuda_device):
+    plan, cache, lay, q, qo = _multi_token_case(gen, device=cuda_device, d=d)
+    out, lse = prefix_shared_decode(q, cache.k, cache.v, lay, qo_lens=qo)
+    (eo, el), _ = _multi_token_expected(q, cache, lay, qo)
+    assert_close(out, eo, torch.bfloat16)
+    assert_close(lse, el, LSE_TOLERANCE)

@@ -272,9 +272,11 @@ def paged_decode(
     *,
     scale: float | None = None,
     num_splits: int | None = None,
+    qo_indptr: torch.Tensor | None = None,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode attention, one query token per sequence, over a paged KV cache.
+    """Decode attention over a paged KV cache: one query token per sequence, or
+    several with a causal mask among them (``qo_indptr``).
 
     Args:
         q: ``[batch, num_q_heads, head_dim]``, fp16 or bf16 (the caches' dtype),
@@ -288,11 +290,20 @@ def paged_decode(
         scale: softmax scale, default ``head_dim ** -0.5``.
         num_splits: split-KV factor; default chosen from the shapes (never from data,
             so the call is CUDA-graph capturable with ``validate=False``).
-        validate: check ``seq_lens`` and the page ids they need (one device sync).
+        qo_indptr: multi-token queries (speculative-draft verification, chunked
+            prefill against the cache): ``[batch + 1]`` int32 on q's device; ``q`` is
+            then ``[total_query_tokens, num_q_heads, head_dim]`` with sequence ``i``'s
+            queries at rows ``qo_indptr[i]:qo_indptr[i+1]``. Their K/V must already be
+            in the cache as the sequence's last tokens (``seq_lens`` includes them);
+            query ``j`` of ``n`` attends to tokens ``[0, seq_len - n + j]`` (causal
+            among the new tokens). Each query token currently reads its KV on its own
+            (no reuse across a sequence's new tokens).
+        validate: check ``seq_lens``, ``qo_indptr`` and the page ids they need (one
+            device sync).
 
     Returns:
-        ``(out, lse)``: ``out`` ``[batch, num_q_heads, head_dim]`` in q's dtype;
-        ``lse`` ``[batch, num_q_heads]`` float32, natural log of
+        ``(out, lse)``: ``out`` ``[batch or total_query_tokens, num_q_heads, head_dim]``
+        in q's dtype; ``lse`` ``[..., num_q_heads]`` float32, natural log of
         ``sum_j exp(scale * q . k_j)`` (feed it to :func:`merge_states`).
     """
     _check_cache(k_cache, v_cache)
@@ -308,21 +319,63 @@ def paged_decode(
         raise ValueError(f"expected num_q_heads ({Hq}) to be a multiple of num_kv_heads ({Hkv})")
     _check_index("block_tables", block_tables, 2)
     _check_index("seq_lens", seq_lens, 1)
-    check_shape("block_tables", block_tables, (B, block_tables.shape[1]))
-    check_shape("seq_lens", seq_lens, (B,))
+    batch = B if qo_indptr is None else block_tables.shape[0]
+    check_shape("block_tables", block_tables, (batch, block_tables.shape[1]))
+    check_shape("seq_lens", seq_lens, (batch,))
     check_same_device({"q": q, "k_cache": k_cache, "v_cache": v_cache,
                        "block_tables": block_tables, "seq_lens": seq_lens})
     if q.is_cuda and ops.kernel_backend("paged_decode", q.device) == "cuda" and D not in (64, 128):
         raise ValueError(f"expected head_dim 64 or 128 for `q` on the GPU, got {D}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"expected num_splits >= 1, got {num_splits}")
-    if validate and B > 0:
+    if validate and batch > 0:
         check_block_tables(block_tables, seq_lens, num_pages, page_size)
+    if qo_indptr is not None:
+        _check_index("qo_indptr", qo_indptr, 1)
+        check_shape("qo_indptr", qo_indptr, (batch + 1,))
+        check_same_device({"q": q, "qo_indptr": qo_indptr})
+        if validate:
+            check_qo_indptr(qo_indptr, seq_lens, B)
+        rows, seq_lens = expand_queries(qo_indptr, seq_lens, B)
+        block_tables = block_tables.index_select(0, rows)
     if q.stride(-1) != 1 or q.data_ptr() % 16 or any(s % 8 for s in q.stride()[:2]):
         q = q.contiguous()
     scale = D**-0.5 if scale is None else float(scale)
     return torch.ops.inferops.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                            0 if num_splits is None else int(num_splits))
+
+
+def check_qo_indptr(qo_indptr: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> None:
+    """Raise ValueError unless ``qo_indptr`` is a valid CSR over ``num_tokens`` query
+    rows whose tokens fit in their sequences (one device sync)."""
+    counts = (qo_indptr[1:] - qo_indptr[:-1]).long()
+    flags = torch.stack([qo_indptr[0] != 0, qo_indptr[-1] != num_tokens, (counts < 0).any(),
+                         (counts > seq_lens.long()).any()]).tolist()
+    if flags[0] or flags[1]:
+        raise ValueError(f"expected qo_indptr[0] == 0 and qo_indptr[-1] == {num_tokens} (rows of `q`), "
+                         f"got {int(qo_indptr[0])} and {int(qo_indptr[-1])}")
+    if flags[2]:
+        i = int((counts < 0).nonzero()[0])
+        raise ValueError(f"expected non-decreasing `qo_indptr`, got qo_indptr[{i + 1}] < qo_indptr[{i}]")
+    if flags[3]:
+        i = int((counts > seq_lens.long()).nonzero()[0])
+        raise ValueError(f"sequence {i} has {int(counts[i])} query tokens but seq_len {int(seq_lens[i])}: "
+                         "the new tokens' K/V must be in the cache (append them first)")
+
+
+def expand_queries(qo_indptr: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int):
+    """Per query row: its sequence and causal KV length (no host sync).
+
+    Query ``j`` of the ``n`` new tokens of a sequence of length ``L`` sees ``L - n + j + 1``
+    tokens; as its own row it runs the single-token kernel over that prefix.
+    """
+    batch = qo_indptr.shape[0] - 1
+    counts = qo_indptr[1:] - qo_indptr[:-1]
+    rows = torch.repeat_interleave(torch.arange(batch, device=qo_indptr.device), counts.long(),
+                                   output_size=num_tokens)
+    local = torch.arange(num_tokens, device=qo_indptr.device) - qo_indptr.long()[rows]
+    lens = seq_lens.long()[rows] - counts.long()[rows] + 1 + local
+    return rows, lens.to(torch.int32)
 
 
 # --- cache object -----------------------------------------------------------------------

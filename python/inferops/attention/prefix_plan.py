@@ -247,14 +247,33 @@ class PrefixLayout:
     max_own_tokens: int  # longest suffix (own pages x page_size): bounds the suffix decode
     _work: dict  # group size -> work items of the shared-prefix kernel, on the device
 
+    def _device(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.block_tables.device)
+
     def work_items(self, group_size: int) -> torch.Tensor:
-        """[W, 2] int32 (group, first row) for the shared-prefix kernel, cached per GQA ratio."""
+        """[W, 2] int32 (group, first row) for the shared-prefix kernel, cached per GQA
+        ratio (host-built once, so later calls can be captured in a CUDA graph)."""
         if group_size not in self._work:
             from .prefix_shared import shared_work
 
-            self._work[group_size] = torch.from_numpy(shared_work(self.plan, group_size)).to(
-                self.block_tables.device)
+            self._work[group_size] = self._device(
+                shared_work(self.plan.group_indptr, self.plan.group_page_indptr, group_size))
         return self._work[group_size]
+
+    def query_items(self, qo_lens: np.ndarray, group_size: int):
+        """Multi-token queries: (qo_indptr [N+1] int32, query row -> request [T] int64,
+        group_indptr over query rows, work items), cached per (qo_lens, GQA ratio)."""
+        key = ("qo", group_size, qo_lens.tobytes())
+        if key not in self._work:
+            from .prefix_shared import shared_work
+
+            qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+            rows = np.repeat(np.arange(qo_lens.size, dtype=np.int64), qo_lens)
+            group_indptr = qo_indptr[self.plan.group_indptr]
+            work = shared_work(group_indptr, self.plan.group_page_indptr, group_size)
+            self._work[key] = (self._device(qo_indptr), self._device(rows),
+                               self._device(group_indptr.astype(np.int32)), self._device(work))
+        return self._work[key]
 
     def release(self, cache: PagedKVCache) -> None:
         """Drop every request's references: each page returns to the free list once unused."""

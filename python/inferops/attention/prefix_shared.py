@@ -25,7 +25,9 @@ from .paged import (
     _sm_count,
     append_kv,
     check_block_tables,
+    check_qo_indptr,
     choose_num_splits,
+    expand_queries,
 )
 from .prefix_plan import PrefixLayout, PrefixPlan
 
@@ -36,14 +38,16 @@ SHARED_KEYS = 64  # keys per shared-prefix tile
 DECODE_TILE = 16  # csrc: kDecodeTileTokens
 
 
-def shared_work(plan: PrefixPlan, group_size: int) -> np.ndarray:
+def shared_work(group_indptr: np.ndarray, group_page_indptr: np.ndarray, group_size: int) -> np.ndarray:
     """[W, 2] int32 work items (group, first query row) of the shared-prefix kernel.
 
-    A group of m requests has m * group_size query rows (row = member * G +
-    head-in-group), cut into tiles of 64; groups without shared pages get none.
+    ``group_indptr`` counts query rows per group before the GQA expansion (one per
+    request, or per query token with multi-token queries): a group of m of them
+    has m * group_size kernel rows (row = member * G + head-in-group), cut into
+    tiles of 64; groups without shared pages get none.
     """
-    sizes = np.diff(plan.group_indptr)
-    pages = np.diff(plan.group_page_indptr)
+    sizes = np.diff(group_indptr)
+    pages = np.diff(group_page_indptr)
     items = [(g, r0) for g in np.nonzero(pages > 0)[0]
              for r0 in range(0, int(sizes[g]) * group_size, SHARED_ROWS)]
     return np.asarray(items, dtype=np.int32).reshape(-1, 2)
@@ -105,6 +109,7 @@ def prefix_shared_decode(
     layout: PrefixLayout,
     *,
     seq_lens: torch.Tensor | None = None,
+    qo_lens=None,
     scale: float | None = None,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +123,12 @@ def prefix_shared_decode(
         layout: from ``PrefixPlan.materialize``.
         seq_lens: ``[num_requests]`` int32 current KV lengths (plan order); default
             ``layout.seq_lens``. Each must be >= its shared length.
+        qo_lens: multi-token queries: a host sequence of ``num_requests`` ints (plan
+            order), the new tokens per request; ``q`` is then
+            ``[sum(qo_lens), num_q_heads, head_dim]``, request by request. The new
+            tokens' K/V must be in the cache already (``seq_lens`` counts them) and
+            they attend causally among themselves; all of them share the group's
+            prefix read (each suffix is read per query token).
         scale: softmax scale, default ``head_dim ** -0.5``.
         validate: check lengths and page ids (one device sync); pass False in
             CUDA-graph capture (the split factors depend only on the layout).
@@ -135,8 +146,16 @@ def prefix_shared_decode(
         raise ValueError(f"expected `q` of shape [num_requests, num_q_heads, head_dim], got {list(q.shape)}")
     B, Hq, D = q.shape
     num_pages, page_size, Hkv, Dc = k_cache.shape
-    if B != layout.plan.num_requests:
-        raise ValueError(f"expected {layout.plan.num_requests} rows in `q` (the plan's requests), got {B}")
+    N = layout.plan.num_requests
+    if qo_lens is None:
+        if B != N:
+            raise ValueError(f"expected {N} rows in `q` (the plan's requests), got {B}")
+    else:
+        qo = np.asarray(torch.as_tensor(qo_lens).cpu(), dtype=np.int64).reshape(-1)
+        if qo.shape != (N,) or (qo < 0).any():
+            raise ValueError(f"expected `qo_lens` of {N} non-negative ints, got {qo_lens!r}")
+        if int(qo.sum()) != B:
+            raise ValueError(f"expected sum(qo_lens) = {int(qo.sum())} rows in `q`, got {B}")
     if D != Dc:
         raise ValueError(f"expected head_dim {Dc} (the cache's) for `q`, got {D}")
     if Hq % Hkv != 0:
@@ -149,7 +168,7 @@ def prefix_shared_decode(
     seq_lens = layout.seq_lens if seq_lens is None else seq_lens
     check_tensor("seq_lens", seq_lens)
     check_dtype("seq_lens", seq_lens, (torch.int32,))
-    check_shape("seq_lens", seq_lens, (B,))
+    check_shape("seq_lens", seq_lens, (N,))
     if seq_lens.device != q.device:
         raise ValueError(f"expected `seq_lens` on the device of `q` ({q.device}), got {seq_lens.device}")
     if q.is_cuda and ops.kernel_backend("prefix_shared_decode", q.device) == "cuda" and D not in (64, 128):
@@ -164,7 +183,16 @@ def prefix_shared_decode(
     if q.stride(-1) != 1 or q.data_ptr() % 16 or any(s % 8 for s in q.stride()[:2]):
         q = q.contiguous()
     G = Hq // Hkv
-    work = layout.work_items(G)
+    block_tables, shared_lens, group_indptr = layout.block_tables, layout.shared_lens, layout.group_indptr
+    if qo_lens is None:
+        work = layout.work_items(G)
+    else:  # one kernel row per query token: expand the per-request metadata
+        qo_indptr, rows, group_indptr, work = layout.query_items(qo, G)
+        if validate:
+            check_qo_indptr(qo_indptr, seq_lens, B)
+        _, seq_lens = expand_queries(qo_indptr, seq_lens, B)
+        block_tables = block_tables.index_select(0, rows)
+        shared_lens = shared_lens.index_select(0, rows)
     sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
         if q.is_cuda else 132
     shared_tiles = int(np.diff(layout.plan.group_page_indptr).max(initial=0)) * page_size // SHARED_KEYS
@@ -175,7 +203,7 @@ def prefix_shared_decode(
     tokens_per_split = -(-tiles // suffix_splits) * DECODE_TILE
     scale = D**-0.5 if scale is None else float(scale)
     return torch.ops.inferops.prefix_shared_decode(
-        q, k_cache, v_cache, layout.block_tables, seq_lens, layout.shared_lens, layout.group_indptr,
+        q, k_cache, v_cache, block_tables, seq_lens, shared_lens, group_indptr,
         layout.group_page_indptr, layout.group_pages, work, scale, shared_splits, suffix_splits,
         tokens_per_split,
     )
