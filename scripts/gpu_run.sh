@@ -7,7 +7,8 @@
 #
 # Installs the wheel without network, then runs: the main job, `pytest -m gpu`,
 # every benchmark (Python and C++), and compute-sanitizer memcheck on a reduced
-# GPU test selection (skip with INFEROPS_SKIP_SANITIZER=1). Everything goes
+# GPU test selection (skip with INFEROPS_SKIP_SANITIZER=1: with every family
+# built, a first run without it fits a 15-minute lease better; run it second). Everything goes
 # under RESULTS_DIR (at most 8 files, flat, so the device tool brings them all
 # back); a short table is printed last. Exit code: non-zero if a step failed.
 set -uo pipefail
@@ -42,7 +43,10 @@ fi
 step install env.txt 300 $PY -m pip install --no-index --no-deps --force-reinstall --no-compile -q "$wheel" || exit 3
 
 step main_job main.log 300 $PY -m inferops
-step pytest_gpu pytest.log 900 $PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider
+# A hung kernel must not eat the lease: per-test limit when pytest-timeout is there.
+per_test=()
+$PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 240)
+step pytest_gpu pytest.log 900 $PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider "${per_test[@]}"
 step bench bench.log 900 $PY bench/run_all.py --results-dir "$DIR" --compile-baseline
 if [ -x .gpu/bin/bench_merge_states ]; then
   for dt in bf16 fp16 fp32; do
