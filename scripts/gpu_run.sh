@@ -35,9 +35,10 @@ step() {  # step NAME LOGFILE TIMEOUT_S CMD...: run, log, record pass/fail
 } > "$DIR/env.txt" 2>&1
 cat "$DIR/env.txt"
 
-wheel=$(ls .gpu/wheels/inferops-*-cp312-*.whl 2>/dev/null | head -1)
+tag=cp$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+wheel=$(ls .gpu/wheels/inferops-*-"$tag"-*.whl 2>/dev/null | head -1)
 if [ -z "$wheel" ]; then
-  echo "gpu_run: no wheel in .gpu/wheels: run scripts/build_gpu_wheel.sh first and carry .gpu" >&2
+  echo "gpu_run: no $tag wheel in .gpu/wheels: run scripts/build_gpu_wheel.sh first and carry .gpu" >&2
   exit 2
 fi
 step install env.txt 300 $PY -m pip install --no-index --no-deps --force-reinstall --no-compile -q "$wheel" || exit 3
