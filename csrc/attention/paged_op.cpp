@@ -12,7 +12,8 @@ namespace inferops::attention {
 
 namespace {
 
-void check_cache(const TensorView& k_cache, const TensorView& v_cache) {
+// Layout and dtype of the K/V page pools; writable only where the op writes them.
+void check_cache(const TensorView& k_cache, const TensorView& v_cache, bool writable) {
   k_cache.expect_dtype_in("k_cache", {DType::kFloat16, DType::kBFloat16});
   v_cache.expect_dtype("v_cache", k_cache.dtype());
   k_cache.expect_ndim("k_cache", 4);
@@ -21,8 +22,10 @@ void check_cache(const TensorView& k_cache, const TensorView& v_cache) {
   v_cache.expect_contiguous("v_cache");
   INFEROPS_CHECK_ARG(k_cache.size(0) <= std::numeric_limits<int32_t>::max(),
                      "expected at most 2^31 - 1 pages in `k_cache`, got ", k_cache.size(0));
-  v_cache.expect_writable("v_cache");
-  k_cache.expect_writable("k_cache");
+  if (writable) {
+    k_cache.expect_writable("k_cache");
+    v_cache.expect_writable("v_cache");
+  }
 }
 
 void check_index(const TensorView& t, const char* name, int ndim) {
@@ -38,7 +41,7 @@ bool aligned16(const TensorView& t) { return reinterpret_cast<std::uintptr_t>(t.
 void append_kv(const TensorView& k_cache, const TensorView& v_cache, const TensorView& k,
                const TensorView& v, const TensorView& block_tables, const TensorView& seq_ids,
                const TensorView& positions, std::uintptr_t stream) {
-  check_cache(k_cache, v_cache);
+  check_cache(k_cache, v_cache, /*writable=*/true);
   k.expect_dtype("k", k_cache.dtype());
   v.expect_dtype("v", k_cache.dtype());
   k.expect_ndim("k", 3);
@@ -99,12 +102,7 @@ PagedDecodeParams decode_params(const TensorView& q, const TensorView& k_cache,
                                 const TensorView& v_cache, const TensorView& block_tables,
                                 const TensorView& seq_lens, const TensorView& out,
                                 const TensorView& lse, float scale) {
-  k_cache.expect_dtype_in("k_cache", {DType::kFloat16, DType::kBFloat16});
-  v_cache.expect_dtype("v_cache", k_cache.dtype());
-  k_cache.expect_ndim("k_cache", 4);
-  v_cache.expect_shape("v_cache", k_cache.sizes());
-  k_cache.expect_contiguous("k_cache");
-  v_cache.expect_contiguous("v_cache");
+  check_cache(k_cache, v_cache, /*writable=*/false);
   q.expect_dtype("q", k_cache.dtype());
   out.expect_dtype("out", q.dtype());
   lse.expect_dtype("lse", DType::kFloat32);

@@ -242,13 +242,14 @@ def _paged_decode_cuda(q, k_cache, v_cache, block_tables, seq_lens, scale, num_s
     return out, lse
 
 
-def _paged_decode_fake(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits):
+def decode_outputs_like(q: torch.Tensor, *_):
+    """(out, lse) as every decode op returns them: fake implementation of the decode ops."""
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         q.shape[:2], dtype=torch.float32
     )
 
 
-@ops.register_op("paged_decode", family="attention", fake=_paged_decode_fake,
+@ops.register_op("paged_decode", family="attention", fake=decode_outputs_like,
                  cuda_impl=_paged_decode_cuda)
 def _paged_decode_op(
     q: torch.Tensor,

@@ -27,6 +27,7 @@ from .paged import (
     check_block_tables,
     check_qo_indptr,
     choose_num_splits,
+    decode_outputs_like,
     expand_queries,
 )
 from .prefix_plan import PrefixLayout, PrefixPlan
@@ -74,13 +75,7 @@ def _prefix_shared_cuda(q, k_cache, v_cache, block_tables, seq_lens, shared_lens
     return out, lse
 
 
-def _prefix_shared_fake(q, *args):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        q.shape[:2], dtype=torch.float32
-    )
-
-
-@ops.register_op("prefix_shared_decode", family="attention", fake=_prefix_shared_fake,
+@ops.register_op("prefix_shared_decode", family="attention", fake=decode_outputs_like,
                  cuda_impl=_prefix_shared_cuda)
 def _prefix_shared_op(
     q: torch.Tensor,
