@@ -201,3 +201,11 @@ def test_cuda_multi_token(d, gen, cuda_device):
     (eo, el), _ = _multi_token_expected(q, cache, lay, qo)
     assert_close(out, eo, torch.bfloat16)
     assert_close(lse, el, LSE_TOLERANCE)
+
+
+def test_opcheck_cpu(gen):
+    plan, cache, lay, q = build_batch(gen, groups=1, members=2, prefix=32, suffix=3, page_size=16,
+                                      hq=4, hkv=2, d=64, loners=1)
+    args = (q, cache.k, cache.v, lay.block_tables, lay.seq_lens, lay.shared_lens, lay.group_indptr,
+            lay.group_page_indptr, lay.group_pages, lay.work_items(2), 0.125, 1, 1, 16)
+    torch.library.opcheck(torch.ops.inferops.prefix_shared_decode.default, args)
