@@ -18,12 +18,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import copy_ceiling, open_results, parser  # noqa: E402
 
 from inferops._core.ops import kernel_backend  # noqa: E402
 from inferops.attention import PagedKVCache, PrefixPlan, paged_decode, prefix_shared_decode  # noqa: E402
 from inferops.benchmark import time_fn  # noqa: E402
 from inferops.reference import attention as ref  # noqa: E402
+from _flex import flex_paged_decode  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 # (requests per group, groups, prefix, suffix)
@@ -89,6 +91,15 @@ def main(argv=None) -> int:
         if t_ref:
             results.add(**common, baseline="torch_reference", baseline_time_us=t_ref.median_us,
                         speedup_vs_baseline=t_ref.median_us / t_shared.median_us)
+        if target is not None or args.quick:  # FlexAttention paged decode: same data, compiled per shape
+            try:
+                flex = flex_paged_decode(q, cache.k, cache.v, lay.block_tables, lay.seq_lens)
+                tf = time_fn(flex, None, device=dev, iters=iters)
+                results.add(**common, baseline="flex_attention paged (compiled)", baseline_time_us=tf.median_us,
+                            speedup_vs_baseline=tf.median_us / t_shared.median_us)
+                print(f"  flex_attention paged {tf.median_us:9.1f} us -> x{tf.median_us / t_shared.median_us:.2f}")
+            except Exception as e:  # a peer failing must not hide our numbers
+                print(f"  flex_attention baseline failed: {type(e).__name__}: {e}")
         print(f"  {sizes}: shared {t_shared.median_us:9.1f} us ({gbps:7.1f} GB/s unique"
               + (f", {pct:5.1f}% of copy, floor {floor_us:.1f} us" if pct else "")
               + f") | paged_decode {t_paged.median_us:9.1f} us -> x{speedup:.2f}"
