@@ -58,7 +58,7 @@ if [ -z "${INFEROPS_SKIP_SANITIZER:-}" ] && command -v compute-sanitizer > /dev/
   step memcheck sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
     $PY -m pytest -m gpu tests/attention -q -p no:cacheprovider \
     -k "writes_every_output or inplace_strided or nan_propagates or (matches_float64 and 19x3x64) \
-        or (cuda_paged_decode and 3- and b4-g8) or unvalidated_stays_in_bounds or cuda_append_kv \
+        or (cuda_paged_decode and 3- and b4-g8) or unvalidated_stays_in_bounds or cuda_append_kv or poisoned \
         or (equals_reference_and_paged_decode and g2m3 and dtype0) or (equals_reference_and_paged_decode and G56 and dtype0)"
 fi
 

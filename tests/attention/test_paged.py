@@ -433,3 +433,27 @@ def test_cuda_multi_token_queries(page_size, d, gen, cuda_device):
     eo, el = causal_oracle(q.cpu(), kc.cpu(), vc.cpu(), bt.cpu(), sl.cpu(), qo.cpu())
     assert_close(out, eo, torch.bfloat16)
     assert_close(lse, el, LSE_TOLERANCE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_cuda_paged_decode_poisoned_outputs(num_splits, gen, cuda_device):
+    """Raw binding, every output buffer poisoned: each element must be written (or, for the
+    split partials, never read where unwritten)."""
+    from torch.utils.dlpack import to_dlpack as dl
+
+    from inferops._core.extension import extension
+
+    q, kc, vc, bt, sl = make_case(gen, batch=5, hq=16, hkv=4, d=128, page_size=16,
+                                  seq_lens=[0, 1, 200, 700, 33], device=cuda_device)
+    out = poison_(torch.empty_like(q))
+    lse = poison_(torch.empty(q.shape[:2], device=cuda_device))
+    po = poison_(torch.empty(num_splits, *q.shape, device=cuda_device))
+    pl = poison_(torch.empty(num_splits, *q.shape[:2], device=cuda_device))
+    extension().paged_decode(dl(q), dl(kc), dl(vc), dl(bt), dl(sl), dl(out), dl(lse),
+                             dl(po) if num_splits > 1 else None, dl(pl) if num_splits > 1 else None,
+                             num_splits, 128**-0.5, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    eo, el = ref.paged_decode(q.double(), kc.double(), vc.double(), bt, sl, compute_dtype=torch.float64)
+    assert_close(out, eo, torch.bfloat16)
+    assert_close(lse, el, LSE_TOLERANCE)

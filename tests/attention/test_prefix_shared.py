@@ -209,3 +209,33 @@ def test_opcheck_cpu(gen):
     args = (q, cache.k, cache.v, lay.block_tables, lay.seq_lens, lay.shared_lens, lay.group_indptr,
             lay.group_page_indptr, lay.group_pages, lay.work_items(2), 0.125, 1, 1, 16)
     torch.library.opcheck(torch.ops.inferops.prefix_shared_decode.default, args)
+
+
+@pytest.mark.gpu
+def test_cuda_poisoned_outputs_and_partials(gen, cuda_device):
+    """Raw binding: out/lse poisoned, partial_out all NaN (slots the shared kernel never
+    writes must be skipped by the merge, not multiplied by zero)."""
+    from torch.utils.dlpack import to_dlpack as dl
+
+    from inferops._core.extension import extension
+    from inferops.testing import poison_
+
+    plan, cache, lay, q = build_batch(gen, groups=2, members=5, prefix=300, suffix=20, page_size=16,
+                                      hq=32, hkv=8, d=128, device=cuda_device, loners=3, empty_suffix=True)
+    shared, suffix, tps = 3, 2, 16 * 2
+    B, Hq, D = q.shape
+    out = poison_(torch.empty_like(q))
+    lse = poison_(torch.empty(B, Hq, device=cuda_device))
+    po = poison_(torch.empty(shared + suffix, B, Hq, D, device=cuda_device))
+    pl = poison_(torch.empty(shared + suffix, B, Hq, device=cuda_device))
+    pl[:shared].fill_(float("-inf"))
+    extension().prefix_shared_decode(
+        dl(q), dl(cache.k), dl(cache.v), dl(lay.block_tables), dl(lay.seq_lens), dl(lay.shared_lens),
+        dl(lay.group_indptr), dl(lay.group_page_indptr), dl(lay.group_pages), dl(lay.work_items(4)),
+        dl(out), dl(lse), dl(po), dl(pl), shared, suffix, tps, D**-0.5,
+        torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    eo, el = ref.paged_decode(q.double(), cache.k.double(), cache.v.double(), lay.block_tables,
+                              lay.seq_lens, compute_dtype=torch.float64)
+    assert_close(out, eo, torch.bfloat16)
+    assert_close(lse, el, LSE_TOLERANCE)
