@@ -21,6 +21,7 @@
 #include "attention/merge_states.h"
 #include "attention/paged_kv.h"
 #include "attention/prefix_plan.h"
+#include "linear_attention/linear_attention.h"
 #include "common/check.h"
 #include "common/tensor_view.h"
 
@@ -51,6 +52,9 @@ const std::vector<std::string> kCudaOps = {
     "append_kv",
     "paged_decode",
     "prefix_shared_decode",
+    "simplified_linear_attention",
+    "causal_linear_attention",
+    "linear_attention_step",
 #endif
 };
 
@@ -163,6 +167,19 @@ py::dict tensor_info(const py::handle& capsule) {
   d["data_ptr"] = reinterpret_cast<std::uintptr_t>(t.data());
   return d;
 }
+
+// An optional tensor argument: None or a capsule.
+struct OptionalView {
+  TensorView view;
+  bool present = false;
+  OptionalView(py::handle obj, const char* name) {
+    if (!obj.is_none()) {
+      view = view_of(obj, name);
+      present = true;
+    }
+  }
+  const TensorView* get() const { return present ? &view : nullptr; }
+};
 
 template <typename T>
 py::array_t<T> to_numpy(const std::vector<T>& v) {
@@ -313,4 +330,43 @@ PYBIND11_MODULE(_C, m) {
       py::arg("suffix_splits"), py::arg("suffix_tokens_per_split"), py::arg("scale"),
       py::arg("stream"),
       "Decode with each group's shared prefix read once (tensor cores), suffix decode, merge.");
+
+  namespace la = inferops::linear_attention;
+  m.def(
+      "simplified_linear_attention",
+      [](py::handle q, py::handle k, py::handle v, py::handle dwc_weight, py::handle dwc_bias,
+         py::handle out, py::handle kv_ws, py::handle ksum_ws, int h, int w, std::uintptr_t stream) {
+        OptionalView bias(dwc_bias, "dwc_bias");
+        la::simplified_linear_attention(view_of(q, "q"), view_of(k, "k"), view_of(v, "v"),
+                                        view_of(dwc_weight, "dwc_weight"), bias.get(),
+                                        view_of(out, "out"), view_of(kv_ws, "kv_workspace"),
+                                        view_of(ksum_ws, "ksum_workspace"), h, w, stream);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dwc_weight"), py::arg("dwc_bias"),
+      py::arg("out"), py::arg("kv_workspace"), py::arg("ksum_workspace"), py::arg("h"), py::arg("w"),
+      py::arg("stream"), "SLAB simplified linear attention with the 5x5 depthwise conv of v.");
+  m.def(
+      "causal_linear_attention",
+      [](py::handle q, py::handle k, py::handle v, py::handle o, py::handle initial_state,
+         py::handle final_state, py::handle cu_seqlens, float scale, bool normalize, bool use_relu,
+         std::uintptr_t stream) {
+        OptionalView s0(initial_state, "initial_state"), s1(final_state, "final_state"),
+            cu(cu_seqlens, "cu_seqlens");
+        la::causal_linear_attention(view_of(q, "q"), view_of(k, "k"), view_of(v, "v"), view_of(o, "o"),
+                                    s0.get(), s1.get(), cu.get(), scale, normalize, use_relu, stream);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("initial_state"),
+      py::arg("final_state"), py::arg("cu_seqlens"), py::arg("scale"), py::arg("normalize"),
+      py::arg("use_relu"), py::arg("stream"), "Chunkwise causal linear attention (tensor cores).");
+  m.def(
+      "linear_attention_step",
+      [](py::handle q, py::handle k, py::handle v, py::handle state, py::handle o, float scale,
+         bool normalize, bool use_relu, std::uintptr_t stream) {
+        la::linear_attention_step(view_of(q, "q"), view_of(k, "k"), view_of(v, "v"),
+                                  view_of(state, "state"), view_of(o, "o"), scale, normalize, use_relu,
+                                  stream);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("state"), py::arg("o"), py::arg("scale"),
+      py::arg("normalize"), py::arg("use_relu"), py::arg("stream"),
+      "One recurrent linear-attention step; updates `state` in place.");
 }

@@ -9,12 +9,13 @@ kernels are not available (:func:`cuda_available` says why).
 """
 
 from ._core.extension import build_info, cuda_available, cuda_unavailable_reason
-from . import attention, reference  # noqa: E402  (registers the ops)
+from . import attention, linear_attention, reference  # noqa: E402  (registers the ops)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "linear_attention",
     "reference",
     "build_info",
     "cuda_available",

@@ -1,0 +1,180 @@
+"""causal_linear_attention and linear_attention_step against the quadratic float64 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inferops.linear_attention import causal_linear_attention, linear_attention_step
+from inferops.reference import linear_attention as ref
+from inferops.testing import Tolerance, assert_close, randn
+
+STATE_TOL = Tolerance(atol=2e-3, rtol=2e-3)
+
+
+def _qkv(g, B, T, H, K, V, dtype=torch.bfloat16, device="cpu", scale=0.5):
+    return (randn((B, T, H, K), dtype, device, g, scale), randn((B, T, H, K), dtype, device, g, scale),
+            randn((B, T, H, V), dtype, device, g, scale))
+
+
+def _oracle(q, k, v, **kw):
+    return ref.causal_linear_attention_quadratic(q, k, v, compute_dtype=torch.float64, **kw)
+
+
+def _out_tol(dtype, T):
+    # The state enters the MMA in q's dtype (as fla does): error grows with its size.
+    base = {torch.bfloat16: Tolerance(2e-2, 2e-2), torch.float16: Tolerance(4e-3, 4e-3)}[dtype]
+    return base if T <= 512 else Tolerance(base.atol * 4, base.rtol * 4)
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 300])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_cpu_matches_quadratic_oracle(T, normalize, gen):
+    q, k, v = _qkv(gen, 2, T, 3, 32, 16)
+    s0 = torch.rand(2, 3, 32, 17 if normalize else 16, generator=gen)
+    o, s = causal_linear_attention(q, k, v, initial_state=s0, output_final_state=True, normalize=normalize,
+                                   use_relu=normalize)
+    eo, es = _oracle(q, k, v, initial_state=s0, normalize=normalize, use_relu=normalize)
+    assert_close(o, eo, _out_tol(torch.bfloat16, T))
+    assert_close(s, es, STATE_TOL)
+
+
+def test_cpu_long_sequence(gen):
+    q, k, v = _qkv(gen, 1, 4096, 2, 64, 64, scale=0.3)
+    o, s = causal_linear_attention(q, k, v, output_final_state=True)
+    eo, es = _oracle(q, k, v)
+    assert_close(o, eo, _out_tol(torch.bfloat16, 4096))
+    assert_close(s, es, Tolerance(1e-2, 1e-3))
+
+
+def test_state_carried_equals_concatenation(gen):
+    q, k, v = _qkv(gen, 2, 150, 2, 32, 32)
+    whole, s_whole = causal_linear_attention(q, k, v, output_final_state=True, normalize=True, use_relu=True)
+    a, s_a = causal_linear_attention(q[:, :70], k[:, :70], v[:, :70], output_final_state=True,
+                                     normalize=True, use_relu=True)
+    b, s_b = causal_linear_attention(q[:, 70:], k[:, 70:], v[:, 70:], initial_state=s_a,
+                                     output_final_state=True, normalize=True, use_relu=True)
+    assert_close(torch.cat([a, b], 1), whole.double(), Tolerance(1e-2, 1e-2))
+    assert_close(s_b, s_whole.double(), STATE_TOL)
+
+
+def test_varlen_with_empty_sequence(gen):
+    lens = [5, 0, 70, 1]
+    T = sum(lens)
+    q, k, v = _qkv(gen, 1, T, 2, 32, 8)
+    cu = torch.tensor([0, 5, 5, 75, 76], dtype=torch.int32)
+    s0 = torch.rand(4, 2, 32, 8, generator=gen)
+    o, s = causal_linear_attention(q, k, v, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+    for i, (t0, t1) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        eo, es = _oracle(q[:, t0:t1], k[:, t0:t1], v[:, t0:t1], initial_state=s0[i:i + 1])
+        assert_close(o[:, t0:t1], eo, _out_tol(torch.bfloat16, t1 - t0))
+        assert_close(s[i:i + 1], es, STATE_TOL)
+    assert torch.equal(s[1], s0[1])  # empty sequence: state unchanged
+
+
+def test_decode_steps_equal_chunked(gen):
+    B, T, H, K, V = 2, 20, 2, 32, 16
+    q, k, v = _qkv(gen, B, T, H, K, V)
+    full, _ = causal_linear_attention(q, k, v, normalize=True, use_relu=True)
+    prefix = 12
+    _, state = causal_linear_attention(q[:, :prefix], k[:, :prefix], v[:, :prefix], output_final_state=True,
+                                       normalize=True, use_relu=True)
+    for t in range(prefix, T):
+        o, state2 = linear_attention_step(q[:, t], k[:, t], v[:, t], state, normalize=True, use_relu=True)
+        assert state2 is state  # in place
+        assert_close(o, full[:, t].double(), Tolerance(1e-2, 1e-2))
+
+
+def test_step_matches_recurrence(gen):
+    q, k, v = (randn((3, 2, 16), torch.float32, "cpu", gen) for _ in range(3))
+    s = randn((3, 2, 16, 16), torch.float32, "cpu", gen)
+    expect_s = s.double() + k.double()[..., None] * v.double()[..., None, :]
+    expect_o = torch.einsum("bhk,bhkv->bhv", q.double() * 16**-0.5, expect_s)
+    o, _ = linear_attention_step(q, k, v, s)
+    assert_close(o, expect_o, torch.float32)
+    assert_close(s, expect_s, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "call,exc,pattern",
+    [
+        (lambda q, k, v: causal_linear_attention(q.float(), k, v), TypeError, r"`q`, got float32"),
+        (lambda q, k, v: causal_linear_attention(q, k.half(), v), TypeError, r"bfloat16 for `k`, got float16"),
+        (lambda q, k, v: causal_linear_attention(q, k[:, :5], v), ValueError, r"shape .* for `k`"),
+        (lambda q, k, v: causal_linear_attention(q, k, v, cu_seqlens=torch.tensor([0, 3, 9], dtype=torch.int32)),
+         ValueError, r"batch 1 for `q` with cu_seqlens"),
+        (lambda q, k, v: causal_linear_attention(q[:1], k[:1], v[:1], cu_seqlens=torch.tensor([0, 3, 9], dtype=torch.int32)),
+         ValueError, r"non-decreasing `cu_seqlens` from 0 to T = 10"),
+        (lambda q, k, v: causal_linear_attention(q[:1], k[:1], v[:1], cu_seqlens=torch.tensor([0, 3, 10])),
+         TypeError, r"int32 for `cu_seqlens`, got int64"),
+        (lambda q, k, v: causal_linear_attention(q, k, v, initial_state=torch.zeros(2, 2, 32, 9)),
+         ValueError, r"shape \[2, 2, 32, 8\] for `initial_state`"),
+        (lambda q, k, v: causal_linear_attention(q, k, v, initial_state=torch.zeros(2, 2, 32, 8), normalize=True),
+         ValueError, r"shape \[2, 2, 32, 9\] for `initial_state`"),
+        (lambda q, k, v: linear_attention_step(q[:, 0], k[:, 0], v[:, 0], torch.zeros(2, 2, 32, 9)),
+         ValueError, r"shape \[2, 2, 32, 8\] for `state`"),
+        (lambda q, k, v: linear_attention_step(q[:, 0], k[:, 0], v[:, 0], torch.zeros(2, 2, 32, 8).double()),
+         TypeError, r"float32 for `state`, got float64"),
+    ],
+)
+def test_bad_input(call, exc, pattern, gen):
+    q, k, v = _qkv(gen, 2, 10, 2, 32, 8)
+    with pytest.raises(exc, match=pattern):
+        call(q, k, v)
+
+
+def test_opcheck_cpu(gen):
+    q, k, v = _qkv(gen, 1, 70, 2, 32, 8)
+    torch.library.opcheck(torch.ops.inferops.causal_linear_attention.default,
+                          (q, k, v, None, None, 0.2, False, False))
+    s = torch.zeros(1, 2, 32, 8)
+    torch.library.opcheck(torch.ops.inferops.linear_attention_step.default,
+                          (q[:, 0], k[:, 0], v[:, 0], s, 0.2, False, False))
+
+
+# --- CUDA -----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 4096])
+@pytest.mark.parametrize("K,V", [(32, 32), (64, 100), (128, 128)])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_cuda_matches_oracle(T, K, V, normalize, dtype, gen, cuda_device):
+    B, H = (1, 2) if T == 4096 else (2, 3)
+    q, k, v = _qkv(gen, B, T, H, K, V, dtype, cuda_device, scale=0.5 if T < 4096 else 0.25)
+    s0 = torch.rand(B, H, K, V + normalize, generator=gen).to(cuda_device)
+    o, s = causal_linear_attention(q, k, v, initial_state=s0, output_final_state=True, normalize=normalize,
+                                   use_relu=normalize)
+    eo, es = _oracle(q, k, v, initial_state=s0, normalize=normalize, use_relu=normalize)
+    assert_close(o, eo, _out_tol(dtype, T))
+    assert_close(s, es, Tolerance(1e-2, 1e-3) if T == 4096 else STATE_TOL)
+
+
+@pytest.mark.gpu
+def test_cuda_varlen_and_steps(gen, cuda_device):
+    lens = [5, 0, 200, 1, 64]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=cuda_device)
+    q, k, v = _qkv(gen, 1, sum(lens), 4, 64, 64, device=cuda_device)
+    o, s = causal_linear_attention(q, k, v, output_final_state=True, cu_seqlens=cu, normalize=True, use_relu=True)
+    for i in range(len(lens)):
+        t0, t1 = int(cu[i]), int(cu[i + 1])
+        eo, es = _oracle(q[:, t0:t1], k[:, t0:t1], v[:, t0:t1], normalize=True, use_relu=True)
+        assert_close(o[:, t0:t1], eo, _out_tol(torch.bfloat16, t1 - t0))
+        assert_close(s[i:i + 1], es, STATE_TOL)
+    # decode steps continue the chunked state exactly, inside a CUDA graph
+    qq, kk, vv = _qkv(gen, 5, 1, 4, 64, 64, device=cuda_device)
+    qq, kk, vv = qq[:, 0], kk[:, 0], vv[:, 0]
+    state = s.clone()
+    expect_o, expect_s = ref.linear_attention_step(qq, kk, vv, state.double(), normalize=True, use_relu=True)
+    g = torch.cuda.CUDAGraph()
+    warm = state.clone()
+    linear_attention_step(qq, kk, vv, warm, normalize=True, use_relu=True)
+    torch.cuda.synchronize()
+    with torch.cuda.graph(g):
+        out, _ = linear_attention_step(qq, kk, vv, state, normalize=True, use_relu=True)
+    state.copy_(s)
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close(out, expect_o.double(), Tolerance(1e-2, 1e-2))
+    assert_close(state, expect_s, Tolerance(1e-4, 1e-5))
