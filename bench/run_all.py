@@ -22,6 +22,8 @@ BENCHMARKS = [
     ("attention/bench_paged_decode.py", "main"),
     ("attention/bench_prefix_plan.py", "main"),
     ("attention/bench_prefix_shared.py", "main"),
+    ("linear_attention/bench_sla.py", "main"),
+    ("linear_attention/bench_causal.py", "main"),
 ]
 
 

@@ -3,6 +3,7 @@
 # it builds nothing there:
 #   .gpu/wheels/inferops-*-cp312-*.whl   the package for the GPU machine's Python 3.12
 #   .gpu/bin/bench_merge_states          C++ microbenchmarks
+#   .gpu/peers/*.whl                     peers to benchmark against (fla-core, pure Python)
 # .gpu/ is git-ignored; name it in the device tool's `carry`.
 #
 # Environment: INFEROPS_CUDA_ARCHS (default 90a), PYTHON312 (default: pyenv's 3.12.1),
@@ -18,8 +19,8 @@ export INFEROPS_REQUIRE_CUDA=1   # a host-only wheel would be useless there: fai
 [ -x "$CUDACXX" ] || { echo "build_gpu_wheel: no nvcc at $CUDACXX (set CUDACXX)" >&2; exit 1; }
 
 start=$(date +%s)
-rm -rf .gpu/wheels .gpu/bin
-mkdir -p .gpu/wheels .gpu/bin
+rm -rf .gpu/wheels .gpu/bin .gpu/peers
+mkdir -p .gpu/wheels .gpu/bin .gpu/peers
 "$PYTHON312" -m pip wheel --no-deps -w .gpu/wheels . -q
 wheel=$(ls .gpu/wheels/inferops-*-cp312-*.whl)
 "$PYTHON312" - "$wheel" <<'PY'
@@ -34,4 +35,8 @@ cmake -S . -B build/gpu-bench -G Ninja -DINFEROPS_BUILD_BENCH=ON -DCMAKE_BUILD_T
   -DCMAKE_CUDA_COMPILER="$CUDACXX" -DCMAKE_CUDA_ARCHITECTURES="$INFEROPS_CUDA_ARCHS" > /dev/null
 cmake --build build/gpu-bench --target bench_merge_states > /dev/null
 cp build/gpu-bench/bench_merge_states .gpu/bin/
+# fla (flash-linear-attention) for the causal linear-attention benchmark: 1 MB,
+# needs only einops/torch/triton, which the GPU machine has. Best effort.
+"$PYTHON312" -m pip download -q --no-deps -d .gpu/peers fla-core==0.6.0 \
+  || echo "build_gpu_wheel: could not download fla-core; the fla baseline will be skipped" >&2
 echo "built .gpu/ in $(( $(date +%s) - start )) s: $(du -sh .gpu | cut -f1)"

@@ -42,6 +42,9 @@ if [ -z "$wheel" ]; then
   exit 2
 fi
 step install env.txt 300 $PY -m pip install --no-index --no-deps --force-reinstall --no-compile -q "$wheel" || exit 3
+if ls .gpu/peers/*.whl > /dev/null 2>&1; then  # peers for the benchmarks (fla-core)
+  step install_peers env.txt 300 $PY -m pip install --no-index --no-deps --no-compile -q .gpu/peers/*.whl
+fi
 
 step main_job main.log 300 $PY -m inferops
 # A hung kernel must not eat the lease: per-test limit when pytest-timeout is there.
