@@ -63,6 +63,10 @@ if [ -z "${INFEROPS_SKIP_SANITIZER:-}" ] && command -v compute-sanitizer > /dev/
     -k "writes_every_output or inplace_strided or nan_propagates or (matches_float64 and 19x3x64) \
         or (cuda_paged_decode and 3- and b4-g8) or unvalidated_stays_in_bounds or cuda_append_kv or poisoned \
         or (equals_reference_and_paged_decode and g2m3 and dtype0) or (equals_reference_and_paged_decode and G56 and dtype0)"
+  step memcheck_linear sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -m gpu tests/linear_attention -q -p no:cacheprovider \
+    -k "poisoned_output_and_module or varlen_and_steps or (cuda_matches_oracle and 65 and dtype0 and 64-100) \
+        or (cuda_matches_float64 and 7x7 and 32 and dtype0)"
 fi
 
 echo
