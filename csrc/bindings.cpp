@@ -22,6 +22,7 @@
 #include "attention/paged_kv.h"
 #include "attention/prefix_plan.h"
 #include "linear_attention/linear_attention.h"
+#include "moe/moe.h"
 #include "common/check.h"
 #include "common/tensor_view.h"
 
@@ -55,6 +56,9 @@ const std::vector<std::string> kCudaOps = {
     "simplified_linear_attention",
     "causal_linear_attention",
     "linear_attention_step",
+    "routing_layout",
+    "permute",
+    "unpermute",
 #endif
 };
 
@@ -369,4 +373,37 @@ PYBIND11_MODULE(_C, m) {
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("state"), py::arg("o"), py::arg("scale"),
       py::arg("normalize"), py::arg("use_relu"), py::arg("stream"),
       "One recurrent linear-attention step; updates `state` in place.");
+
+  m.def(
+      "routing_layout",
+      [](py::handle topk_ids, py::handle placement, py::handle tokens_per_expert,
+         py::handle expert_offsets, py::handle dst_index, py::handle src_index,
+         py::handle tokens_per_rank, py::handle send_index, py::handle send_offsets, py::handle errors,
+         int align, std::uintptr_t stream) {
+        inferops::moe::routing_layout(
+            view_of(topk_ids, "topk_ids"), view_of(placement, "placement"),
+            view_of(tokens_per_expert, "tokens_per_expert"), view_of(expert_offsets, "expert_offsets"),
+            view_of(dst_index, "dst_index"), view_of(src_index, "src_index"),
+            view_of(tokens_per_rank, "tokens_per_rank"), view_of(send_index, "send_index"),
+            view_of(send_offsets, "send_offsets"), view_of(errors, "errors"), align, stream);
+      },
+      py::arg("topk_ids"), py::arg("placement"), py::arg("tokens_per_expert"), py::arg("expert_offsets"),
+      py::arg("dst_index"), py::arg("src_index"), py::arg("tokens_per_rank"), py::arg("send_index"),
+      py::arg("send_offsets"), py::arg("errors"), py::arg("align"), py::arg("stream"),
+      "MoE routing layout on the device (deterministic, no host sync).");
+  m.def(
+      "permute",
+      [](py::handle x, py::handle src_index, py::handle out, std::uintptr_t stream) {
+        inferops::moe::permute(view_of(x, "x"), view_of(src_index, "src_index"), view_of(out, "out"), stream);
+      },
+      py::arg("x"), py::arg("src_index"), py::arg("out"), py::arg("stream"),
+      "Gather tokens into the expert-major buffer (padding rows zeroed).");
+  m.def(
+      "unpermute",
+      [](py::handle y, py::handle dst_index, py::handle weights, py::handle out, std::uintptr_t stream) {
+        inferops::moe::unpermute(view_of(y, "y"), view_of(dst_index, "dst_index"),
+                                 view_of(weights, "topk_weights"), view_of(out, "out"), stream);
+      },
+      py::arg("y"), py::arg("dst_index"), py::arg("topk_weights"), py::arg("out"), py::arg("stream"),
+      "Scatter expert outputs back to tokens, top-k weighted sum in fp32.");
 }

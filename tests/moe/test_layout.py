@@ -1,0 +1,201 @@
+"""routing_layout / permute / unpermute: exact semantics (brute force), kernels equal to the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inferops.moe import default_placement, permute, routing_layout, unpermute
+from inferops.reference import moe as ref
+from inferops.testing import assert_close
+
+FIELDS = ["tokens_per_expert", "expert_offsets", "dst_index", "src_index", "tokens_per_rank",
+          "send_index", "send_offsets", "errors"]
+
+
+def brute_force(ids, E, placement, R, align, capacity):
+    """Loop-by-loop definition of the layout."""
+    T, k = ids.shape
+    counts = [0] * E
+    bad = 0
+    for t in range(T):
+        for j in range(k):
+            e = int(ids[t, j])
+            if 0 <= e < E and 0 <= int(placement[e]) < R:
+                counts[e] += 1
+            else:
+                bad += 1
+    offs = [0]
+    for e in range(E):
+        offs.append(offs[-1] + -(-counts[e] // align) * align)
+    seen = [0] * E
+    dst = [[-1] * k for _ in range(T)]
+    src = [-1] * capacity
+    over = 0
+    for t in range(T):
+        for j in range(k):
+            e = int(ids[t, j])
+            if not (0 <= e < E and 0 <= int(placement[e]) < R):
+                continue
+            pos = offs[e] + seen[e]
+            seen[e] += 1
+            if pos < capacity:
+                dst[t][j], src[pos] = pos, t
+            else:
+                over += 1
+    per_rank = [0] * R
+    send = [[-1] * R for _ in range(T)]
+    for t in range(T):
+        ranks = {int(placement[int(ids[t, j])]) for j in range(k)
+                 if 0 <= int(ids[t, j]) < E and 0 <= int(placement[int(ids[t, j])]) < R}
+        for r in sorted(ranks):
+            send[t][r] = per_rank[r]
+            per_rank[r] += 1
+    send_offsets = [0]
+    for r in range(R):
+        send_offsets.append(send_offsets[-1] + per_rank[r])
+    i = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    return dict(tokens_per_expert=i(counts), expert_offsets=i(offs), dst_index=i(dst).view(T, k),
+                src_index=i(src), tokens_per_rank=i(per_rank), send_index=i(send).view(T, R),
+                send_offsets=i(send_offsets), errors=i([bad, over]))
+
+
+def _ids(g, T, k, E, device="cpu", dtype=torch.int32):
+    return torch.rand(T, E, generator=g).topk(k, dim=1).indices.to(device, dtype) if T else \
+        torch.zeros(0, k, dtype=dtype, device=device)
+
+
+def _assert_layout_equal(lay, expect):
+    for f in FIELDS:
+        got = getattr(lay, f).cpu() if hasattr(lay, f) else lay[f]
+        assert torch.equal(got, expect[f].cpu()), (f, got, expect[f])
+
+
+CASES = [
+    dict(T=1, k=1, E=4, R=1, align=1),
+    dict(T=17, k=2, E=8, R=2, align=8),
+    dict(T=33, k=8, E=16, R=4, align=16),
+    dict(T=100, k=4, E=64, R=8, align=1),
+    dict(T=0, k=2, E=4, R=2, align=4),
+]
+
+
+@pytest.mark.parametrize("c", CASES, ids=lambda c: "T{T}k{k}E{E}R{R}a{align}".format(**c))
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_reference_equals_brute_force(c, ids_dtype, gen):
+    ids = _ids(gen, c["T"], c["k"], c["E"], dtype=ids_dtype)
+    placement = torch.randint(0, c["R"], (c["E"],), generator=gen, dtype=torch.int32)
+    cap = c["T"] * c["k"] + c["E"] * (c["align"] - 1)
+    lay = routing_layout(ids, c["E"], placement=placement, world_size=c["R"], align=c["align"])
+    _assert_layout_equal(lay, brute_force(ids, c["E"], placement, c["R"], c["align"], cap))
+
+
+def test_hostile_all_to_one_expert_and_empty_rank(gen):
+    ids = torch.zeros(50, 2, dtype=torch.int32)
+    ids[:, 1] = 3  # every token: experts 0 and 3, both on rank 0; rank 1 receives nothing
+    placement = torch.tensor([0, 1, 1, 0], dtype=torch.int32)
+    lay = routing_layout(ids, 4, placement=placement, world_size=2, align=16)
+    assert lay.tokens_per_expert.tolist() == [50, 0, 0, 50]
+    assert lay.tokens_per_rank.tolist() == [50, 0]  # deduplicated: each token sent once
+    assert lay.expert_offsets.tolist() == [0, 64, 64, 64, 128]
+    _assert_layout_equal(lay, brute_force(ids, 4, placement, 2, 16, lay.capacity))
+
+
+def test_out_of_range_ids_reported_not_written(gen):
+    ids = torch.tensor([[0, 5], [-1, 1], [2, 2]], dtype=torch.int64)
+    with pytest.raises(ValueError, match="2 top-k assignment.*expert id out of range"):
+        routing_layout(ids, 4)
+    lay = routing_layout(ids, 4, validate=False)
+    assert lay.dst_index.tolist() == [[0, -1], [-1, 1], [2, 3]]
+    assert lay.errors.tolist() == [2, 0]
+
+
+def test_capacity_overflow_drops_and_reports(gen):
+    ids = torch.zeros(10, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="3 assignment.*exceed the capacity of 7 rows"):
+        routing_layout(ids, 2, capacity=7)
+    lay = routing_layout(ids, 2, capacity=7, validate=False)
+    assert lay.dst_index[:, 0].tolist() == list(range(7)) + [-1] * 3
+    x = torch.randn(10, 16).bfloat16()
+    y = permute(x, lay)
+    assert y.shape == (7, 16) and torch.equal(y, x[:7])
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_permute_unpermute_roundtrip(k, gen):
+    T, E, hidden = 37, 16, 64
+    ids = _ids(gen, T, k, E)
+    lay = routing_layout(ids, E, align=8)
+    x = torch.randn(T, hidden, generator=gen).bfloat16()
+    xp = permute(x, lay)
+    assert xp.shape == (lay.capacity, hidden)
+    rows = lay.src_index >= 0
+    assert torch.equal(xp[rows], x[lay.src_index[rows].long()]) and (xp[~rows] == 0).all()
+    w = torch.rand(T, k, generator=gen)
+    out = unpermute(xp, lay, w)  # identity experts: out = x * sum_j w_j
+    assert_close(out, x.double() * w.double().sum(1, keepdim=True), torch.bfloat16)
+
+
+def test_bad_input():
+    ids = torch.zeros(4, 2, dtype=torch.int32)
+    with pytest.raises(TypeError, match="int32 or int64 for `topk_ids`, got float32"):
+        routing_layout(ids.float(), 4)
+    with pytest.raises(ValueError, match=r"shape \[T, k\]"):
+        routing_layout(ids[0], 4)
+    with pytest.raises(ValueError, match=r"shape \[4\] for `placement`"):
+        routing_layout(ids, 4, placement=torch.zeros(3, dtype=torch.int32))
+    lay = routing_layout(ids, 4)
+    with pytest.raises(ValueError, match="expected 4 rows in `x`"):
+        permute(torch.zeros(3, 8).half(), lay)
+    with pytest.raises(ValueError, match=r"expected 8 rows in `y`"):
+        unpermute(torch.zeros(9, 8).half(), lay, torch.ones(4, 2))
+    with pytest.raises(TypeError, match="float16 or bfloat16 for `x`"):
+        permute(torch.zeros(4, 8), lay)
+
+
+def test_default_placement_balanced():
+    p = default_placement(16, 4)
+    assert p.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+
+
+# --- CUDA ------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", CASES + [dict(T=4096, k=8, E=256, R=8, align=128), dict(T=3000, k=2, E=1024, R=64, align=1)],
+                         ids=lambda c: "T{T}k{k}E{E}R{R}a{align}".format(**c))
+def test_cuda_layout_equals_reference(c, gen, cuda_device):
+    ids = _ids(gen, c["T"], c["k"], c["E"])
+    ids[::7] = ids[0]  # many tokens on the same experts
+    placement = torch.randint(0, c["R"], (c["E"],), generator=gen, dtype=torch.int32)
+    cap = c["T"] * c["k"] + c["E"] * (c["align"] - 1)
+    lay = routing_layout(ids.to(cuda_device), c["E"], placement=placement.to(cuda_device), world_size=c["R"],
+                         align=c["align"])
+    expect = ref.routing_layout(ids, placement, c["R"], c["align"], cap)
+    _assert_layout_equal(lay, dict(zip(FIELDS, expect)))
+
+
+@pytest.mark.gpu
+def test_cuda_layout_errors_and_capacity(cuda_device):
+    ids = torch.tensor([[0, 9], [-3, 1], [2, 2]] + [[0, 0]] * 20, dtype=torch.int64, device=cuda_device)
+    lay = routing_layout(ids, 4, capacity=10, validate=False)
+    expect = ref.routing_layout(ids.cpu(), default_placement(4, 1), 1, 1, 10)
+    _assert_layout_equal(lay, dict(zip(FIELDS, expect)))
+    assert lay.errors.tolist()[0] == 2 and lay.errors.tolist()[1] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [2048, 7168, 100])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_permute_unpermute(hidden, dtype, gen, cuda_device):
+    T, k, E = 333, 8, 64
+    ids = _ids(gen, T, k, E).to(cuda_device)
+    lay = routing_layout(ids, E, align=16)
+    x = torch.randn(T, hidden, generator=gen).to(cuda_device, dtype)
+    xp = permute(x, lay)
+    assert torch.equal(xp, ref.permute(x, lay.src_index))  # data movement: exact
+    y = torch.randn(xp.shape, generator=gen).to(cuda_device, dtype)
+    y[lay.src_index < 0] = float("nan")  # padding rows: unpermute must never read them
+    w = torch.rand(T, k, generator=gen).to(cuda_device)
+    out = unpermute(y, lay, w)
+    assert_close(out, ref.unpermute(y.double(), lay.dst_index, w.double(), torch.float64), dtype)
