@@ -4,5 +4,29 @@ Kernels: csrc/moe/. References: inferops.reference.moe.
 """
 
 from .layout import RoutingLayout, default_placement, permute, routing_layout, unpermute
+from .placement import (
+    Placement,
+    RoutingRecorder,
+    affinity_report,
+    cross_gpu_routes,
+    place_experts,
+    round_robin_placement,
+    synthetic_trace,
+    transition_counts,
+)
 
-__all__ = ["RoutingLayout", "routing_layout", "permute", "unpermute", "default_placement"]
+__all__ = [
+    "RoutingLayout",
+    "routing_layout",
+    "permute",
+    "unpermute",
+    "default_placement",
+    "Placement",
+    "place_experts",
+    "round_robin_placement",
+    "cross_gpu_routes",
+    "transition_counts",
+    "synthetic_trace",
+    "RoutingRecorder",
+    "affinity_report",
+]
