@@ -3,6 +3,7 @@
 Kernels: csrc/moe/. References: inferops.reference.moe.
 """
 
+from .dispatcher import DispatchHandle, DispatchResult, MoEDispatcher, RouteState
 from .layout import RoutingLayout, default_placement, permute, routing_layout, unpermute
 from .placement import (
     Placement,
@@ -16,6 +17,10 @@ from .placement import (
 )
 
 __all__ = [
+    "MoEDispatcher",
+    "DispatchResult",
+    "DispatchHandle",
+    "RouteState",
     "RoutingLayout",
     "routing_layout",
     "permute",

@@ -166,7 +166,8 @@ def _unpermute_op(y: torch.Tensor, dst_index: torch.Tensor, topk_weights: torch.
 
 def _check_rows(name, t):
     check_tensor(name, t)
-    check_dtype(name, t, (torch.float16, torch.bfloat16))
+    # fp32 runs the reference (CPU, e.g. gloo tests); the CUDA kernels take fp16/bf16
+    check_dtype(name, t, (torch.float16, torch.bfloat16) if t.is_cuda else (torch.float16, torch.bfloat16, torch.float32))
     if t.dim() != 2:
         raise ValueError(f"expected `{name}` of shape [rows, hidden], got {list(t.shape)}")
     if t.stride(-1) != 1:

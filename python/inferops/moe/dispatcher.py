@@ -1,0 +1,239 @@
+"""MoEDispatcher: expert-parallel dispatch/combine over torch.distributed, and
+ExFlow's single-all-to-all routing (top-1).
+
+Two-all-to-all mode (the baseline, any top-k):
+    res = disp.dispatch(x, topk_ids, topk_weights)   # tokens -> ranks of their experts
+    y = experts(res.expert_x, res.tokens_per_expert) # expert-major rows of this rank's experts
+    out = disp.combine(y, res.handle)                # weighted sum back at each token's home
+Host syncs: dispatch 1 (the send counts, which all_to_all_single needs as host
+lists), combine 0 (it reuses the dispatch's splits).
+
+Single-all-to-all mode (ExFlow; top-1): a token's hidden state stays on the
+rank whose expert processed it and the next layer runs there (attention on a
+context kept coherent by :meth:`all_gather_kv`), so each layer needs only one
+exchange, from the previous layer's expert rank to this layer's:
+    state = disp.start(x)                            # tokens at home
+    state = disp.route(state, topk_ids, topk_weights)  # one all-to-all per layer
+    ... expert compute on state.x (expert-major), state = disp.finish_layer(state, y)
+    out = disp.return_home(state)                    # once, after the last layer
+Host syncs: 1 per route (split counts). Top-k > 1 needs the k partial outputs
+combined before the next gate, i.e. a second exchange; ``route`` raises for it
+(use the two-all-to-all mode).
+
+Layout and data movement use the library's kernels (routing_layout, permute,
+unpermute) on CUDA tensors and their references on CPU tensors (gloo tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .layout import RoutingLayout, permute, routing_layout, unpermute
+
+__all__ = ["MoEDispatcher", "DispatchResult", "DispatchHandle", "RouteState"]
+
+
+@dataclass(frozen=True)
+class DispatchHandle:
+    layout: RoutingLayout  # of this rank's tokens over ranks
+    send_splits: list[int]
+    recv_splits: list[int]
+    local_layout: RoutingLayout  # of the received tokens over this rank's experts
+    recv_weights: torch.Tensor  # [recv, k] fp32, 0 for slots whose expert is elsewhere
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    expert_x: torch.Tensor  # [capacity, hidden], expert-major rows of this rank's experts
+    tokens_per_expert: torch.Tensor  # [local experts] int32
+    expert_offsets: torch.Tensor  # [local experts + 1] int32
+    handle: DispatchHandle
+
+
+@dataclass(frozen=True)
+class RouteState:
+    """Tokens held by this rank in the single-all-to-all mode."""
+
+    x: torch.Tensor  # [n, hidden] hidden states of the tokens here
+    token_ids: torch.Tensor  # [n] int64 global ids (home rank * max_tokens_per_rank + index)
+    layout: RoutingLayout | None = None  # of these tokens over this rank's experts (after route)
+    weights: torch.Tensor | None = None  # [n] fp32 top-1 weights (after route)
+
+
+class MoEDispatcher:
+    """Expert-parallel token exchange for one process group.
+
+    Args:
+        group: a ``torch.distributed`` process group (NCCL on GPUs, gloo on CPU).
+        num_experts: experts per layer (all ranks).
+        placement: ``[layers, experts]`` expert -> rank (e.g. ``place_experts(...).gpu_of``),
+            or None for contiguous blocks; each rank must hold the same number of experts.
+        max_tokens_per_rank: the most tokens a rank starts with (bounds global token ids).
+        hidden, dtype: token shape and dtype (fp16/bf16 on GPU; any float on CPU).
+        align: pad each local expert's rows to this multiple (grouped GEMM).
+    """
+
+    def __init__(self, group, num_experts: int, placement=None, *, max_tokens_per_rank: int, hidden: int,
+                 dtype: torch.dtype, align: int = 1, num_layers: int = 1) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.num_experts = num_experts
+        if num_experts % self.world:
+            raise ValueError(f"expected num_experts ({num_experts}) to be a multiple of the world size ({self.world})")
+        if placement is None:
+            placement = (torch.arange(num_experts) * self.world // num_experts).repeat(num_layers, 1)
+        placement = torch.as_tensor(placement, dtype=torch.int64)
+        if placement.dim() == 1:
+            placement = placement[None]
+        if placement.shape[1] != num_experts or placement.min() < 0 or placement.max() >= self.world:
+            raise ValueError(f"expected placement [layers, {num_experts}] with ranks in [0, {self.world})")
+        per = num_experts // self.world
+        for layer, row in enumerate(placement):
+            if not (torch.bincount(row, minlength=self.world) == per).all():
+                raise ValueError(f"placement of layer {layer} is unbalanced: each rank must hold {per} experts")
+        self.placement = placement
+        self.max_tokens = max_tokens_per_rank
+        self.hidden = hidden
+        self.dtype = dtype
+        self.align = align
+        # local expert index of each global expert on its rank, per layer
+        self.local_index = torch.zeros_like(placement)
+        for layer, row in enumerate(placement):
+            for r in range(self.world):
+                mine = (row == r).nonzero().flatten()
+                self.local_index[layer, mine] = torch.arange(mine.numel())
+
+    def local_experts(self, layer: int = 0) -> list[int]:
+        """Global ids of this rank's experts in ``layer``, in local (expert-major) order."""
+        return (self.placement[layer] == self.rank).nonzero().flatten().tolist()
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _exchange(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+        recv = send.new_empty((sum(recv_splits), *send.shape[1:]))
+        dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits, group=self.group)
+        return recv
+
+    def _counts(self, per_rank: torch.Tensor) -> tuple[list[int], list[int]]:
+        send = per_rank.to(torch.int64)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        return send.tolist(), recv.tolist()  # the one host sync of a dispatch
+
+    def _placement(self, layer: int, device) -> torch.Tensor:
+        return self.placement[layer].to(device=device, dtype=torch.int32)
+
+    # --- two-all-to-all mode ------------------------------------------------------------------
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 layer: int = 0) -> DispatchResult:
+        """Send each token once to every rank holding one of its experts; return this rank's
+        expert-major input rows."""
+        T, k = topk_ids.shape
+        if x.shape != (T, self.hidden):
+            raise ValueError(f"expected `x` of shape [{T}, {self.hidden}], got {list(x.shape)}")
+        if T > self.max_tokens:
+            raise ValueError(f"expected at most max_tokens_per_rank = {self.max_tokens} tokens, got {T}")
+        dev = x.device
+        lay = routing_layout(topk_ids, self.num_experts, placement=self._placement(layer, dev),
+                             world_size=self.world)
+        send_splits, recv_splits = self._counts(lay.tokens_per_rank)
+        # rank-major send rows: (token, rank) pairs in send order
+        t_idx, r_idx = (lay.send_index >= 0).nonzero(as_tuple=True)
+        rows = lay.send_offsets.long()[r_idx] + lay.send_index[t_idx, r_idx].long()
+        order = torch.empty_like(rows)
+        order[rows] = torch.arange(rows.numel(), device=dev)
+        t_send, r_send = t_idx[order], r_idx[order]
+        ids = topk_ids.long()[t_send]  # [S, k]
+        on_dest = self.placement[layer].to(dev)[ids] == r_send[:, None]
+        local_ids = torch.where(on_dest, self.local_index[layer].to(dev)[ids], -1)
+        weights = torch.where(on_dest, topk_weights.float()[t_send], 0.0)
+        recv_x = self._exchange(x[t_send], send_splits, recv_splits)
+        recv_ids = self._exchange(local_ids, send_splits, recv_splits)
+        recv_w = self._exchange(weights, send_splits, recv_splits)
+        per = self.num_experts // self.world
+        # slots whose expert lives elsewhere carry -1: routing_layout drops and counts them
+        local = routing_layout(recv_ids, per, align=self.align, validate=False)
+        expert_x = permute(recv_x, local) if recv_x.shape[0] else recv_x.new_zeros((local.capacity, self.hidden))
+        handle = DispatchHandle(lay, send_splits, recv_splits, local, recv_w, T)
+        return DispatchResult(expert_x, local.tokens_per_expert, local.expert_offsets, handle)
+
+    def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Expert outputs (rows of ``dispatch``'s ``expert_x``) -> ``[T, hidden]``: the top-k
+        weighted sum of each token's expert outputs, at the token's home rank."""
+        partial = unpermute(y, handle.local_layout, handle.recv_weights) if y.shape[0] else \
+            y.new_zeros((sum(handle.recv_splits), self.hidden))
+        back = self._exchange(partial, handle.recv_splits, handle.send_splits)
+        lay = handle.layout
+        out = torch.zeros(handle.num_tokens, self.hidden, dtype=torch.float32, device=y.device)
+        t_idx, r_idx = (lay.send_index >= 0).nonzero(as_tuple=True)
+        rows = lay.send_offsets.long()[r_idx] + lay.send_index[t_idx, r_idx].long()
+        out.index_add_(0, t_idx, back[rows].float())
+        return out.to(y.dtype)
+
+    # --- single-all-to-all mode (ExFlow, top-1) -------------------------------------------------
+
+    def start(self, x: torch.Tensor) -> RouteState:
+        """This rank's tokens at home, with global ids."""
+        n = x.shape[0]
+        if n > self.max_tokens:
+            raise ValueError(f"expected at most max_tokens_per_rank = {self.max_tokens} tokens, got {n}")
+        ids = self.rank * self.max_tokens + torch.arange(n, device=x.device)
+        return RouteState(x, ids)
+
+    def route(self, state: RouteState, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+              layer: int) -> RouteState:
+        """One all-to-all: every token moves from the rank it is on to the rank of its
+        layer-``layer`` expert (top-1), arriving expert-major for that rank's experts."""
+        if topk_ids.shape[1] != 1:
+            raise NotImplementedError(
+                "the single-all-to-all mode is top-1 (ExFlow); with top-k > 1 the k partial outputs must be "
+                "combined before the next gate, a second exchange: use dispatch/combine")
+        dev = state.x.device
+        lay = routing_layout(topk_ids, self.num_experts, placement=self._placement(layer, dev),
+                             world_size=self.world)
+        send_splits, recv_splits = self._counts(lay.tokens_per_rank)
+        dest = self.placement[layer].to(dev)[topk_ids[:, 0].long()]
+        order = torch.argsort(dest, stable=True)  # rank-major, token order within a rank
+        recv_x = self._exchange(state.x[order], send_splits, recv_splits)
+        recv_ids = self._exchange(state.token_ids[order], send_splits, recv_splits)
+        recv_e = self._exchange(self.local_index[layer].to(dev)[topk_ids[order, 0].long()], send_splits, recv_splits)
+        recv_w = self._exchange(topk_weights[order, 0].float(), send_splits, recv_splits)
+        per = self.num_experts // self.world
+        local = routing_layout(recv_e[:, None], per, align=self.align)
+        return RouteState(recv_x, recv_ids, local, recv_w)
+
+    def expert_input(self, state: RouteState) -> torch.Tensor:
+        """Expert-major rows of the tokens on this rank (after :meth:`route`)."""
+        return permute(state.x, state.layout) if state.x.shape[0] else \
+            state.x.new_zeros((state.layout.capacity, self.hidden))
+
+    def finish_layer(self, state: RouteState, y: torch.Tensor, residual: bool = True) -> RouteState:
+        """Apply the layer: ``x <- x + w * expert(x)`` (or ``w * expert(x)``) where the token is."""
+        upd = unpermute(y, state.layout, state.weights[:, None]) if state.x.shape[0] else state.x
+        x = state.x + upd if residual else upd
+        return RouteState(x, state.token_ids)
+
+    def return_home(self, state: RouteState) -> torch.Tensor:
+        """After the last layer: every token back to its home rank, in its original order."""
+        home = torch.div(state.token_ids, self.max_tokens, rounding_mode="floor")
+        order = torch.argsort(home * self.max_tokens + state.token_ids % self.max_tokens)
+        counts = torch.bincount(home, minlength=self.world)
+        send_splits, recv_splits = self._counts(counts)
+        x = self._exchange(state.x[order], send_splits, recv_splits)
+        ids = self._exchange(state.token_ids[order], send_splits, recv_splits)
+        out = torch.empty_like(x)
+        out[ids - self.rank * self.max_tokens] = x
+        return out
+
+    def all_gather_kv(self, kv: torch.Tensor) -> torch.Tensor:
+        """Context coherence: every rank gets the new tokens' K/V of all ranks
+        (``[n, ...]`` per rank, equal n) concatenated in rank order."""
+        out = kv.new_empty((self.world * kv.shape[0], *kv.shape[1:]))
+        dist.all_gather_into_tensor(out, kv.contiguous(), group=self.group)
+        return out
