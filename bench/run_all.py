@@ -24,6 +24,7 @@ BENCHMARKS = [
     ("attention/bench_prefix_shared.py", "main"),
     ("linear_attention/bench_sla.py", "main"),
     ("linear_attention/bench_causal.py", "main"),
+    ("moe/bench_moe_kernels.py", "main"),
 ]
 
 

@@ -231,6 +231,7 @@ _COLUMNS = [
     ("time_us", "time (us)"), ("gbps", "GB/s"), ("tflops", "TFLOP/s"),
     ("pct_of_ceiling", "% of ceiling"), ("baseline", "baseline"),
     ("baseline_time_us", "baseline (us)"), ("speedup_vs_baseline", "speedup"),
+    ("reduction", "reduction vs baseline"),
     ("target", "target"), ("met", "met"),
 ]
 
