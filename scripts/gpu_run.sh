@@ -67,6 +67,9 @@ if [ -z "${INFEROPS_SKIP_SANITIZER:-}" ] && command -v compute-sanitizer > /dev/
     $PY -m pytest -m gpu tests/linear_attention -q -p no:cacheprovider \
     -k "poisoned_output_and_module or varlen_and_steps or (cuda_matches_oracle and 65 and dtype0 and 64-100) \
         or (cuda_matches_float64 and 7x7 and 32 and dtype0)"
+  step memcheck_moe sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -m gpu tests/moe -q -p no:cacheprovider \
+    -k "cuda_layout_errors_and_capacity or (cuda_permute_unpermute and 100 and dtype0) or (cuda_layout_equals_reference and T17)"
 fi
 
 echo
