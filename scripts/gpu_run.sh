@@ -8,7 +8,9 @@
 # Installs the wheel without network, then runs: the main job, `pytest -m gpu`,
 # every benchmark (Python and C++), and compute-sanitizer memcheck on a reduced
 # GPU test selection (skip with INFEROPS_SKIP_SANITIZER=1: with every family
-# built, a first run without it fits a 15-minute lease better; run it second). Everything goes
+# built, a first run without it fits a 15-minute lease better; run it second).
+# INFEROPS_GPU_STEPS picks steps (comma list of main,tests,bench,cpp,sanitizer;
+# default all), e.g. tests in a first call and bench in a second. Everything goes
 # under RESULTS_DIR (at most 8 files, flat, so the device tool brings them all
 # back); a short table is printed last. Exit code: non-zero if a step failed.
 set -uo pipefail
@@ -18,6 +20,8 @@ mkdir -p "$DIR"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 status=()
+STEPS=",${INFEROPS_GPU_STEPS:-main,tests,bench,cpp,sanitizer},"
+want() { [[ "$STEPS" == *",$1,"* ]]; }
 step() {  # step NAME LOGFILE TIMEOUT_S CMD...: run, log, record pass/fail
   local name=$1 log=$2 limit=$3; shift 3
   local t0=$(date +%s)
@@ -46,18 +50,18 @@ if ls .gpu/peers/*.whl > /dev/null 2>&1; then  # peers for the benchmarks (fla-c
   step install_peers env.txt 300 $PY -m pip install --no-index --no-deps --no-compile -q .gpu/peers/*.whl
 fi
 
-step main_job main.log 300 $PY -m inferops
+want main && step main_job main.log 300 $PY -m inferops
 # A hung kernel must not eat the lease: per-test limit when pytest-timeout is there.
 per_test=()
 $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 240)
-step pytest_gpu pytest.log 900 $PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider "${per_test[@]}"
-step bench bench.log 900 $PY bench/run_all.py --results-dir "$DIR" --compile-baseline
-if [ -x .gpu/bin/bench_merge_states ]; then
+want tests && step pytest_gpu pytest.log 900 $PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider "${per_test[@]}"
+want bench && step bench bench.log 900 $PY bench/run_all.py --results-dir "$DIR" --compile-baseline
+if want cpp && [ -x .gpu/bin/bench_merge_states ]; then
   for dt in bf16 fp16 fp32; do
     step "cpp_bench_$dt" bench.log 120 .gpu/bin/bench_merge_states 2048 32 128 $dt
   done
 fi
-if [ -z "${INFEROPS_SKIP_SANITIZER:-}" ] && command -v compute-sanitizer > /dev/null; then
+if want sanitizer && [ -z "${INFEROPS_SKIP_SANITIZER:-}" ] && command -v compute-sanitizer > /dev/null; then
   step memcheck sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
     $PY -m pytest -m gpu tests/attention -q -p no:cacheprovider \
     -k "writes_every_output or inplace_strided or nan_propagates or (matches_float64 and 19x3x64) \
@@ -75,7 +79,7 @@ fi
 echo
 echo "== results in $DIR"
 [ -f "$DIR/summary.md" ] && cat "$DIR/summary.md"
-grep -E "passed|failed" "$DIR/pytest.log" | tail -1
+[ -f "$DIR/pytest.log" ] && grep -E "passed|failed" "$DIR/pytest.log" | tail -1
 echo "== steps"
 printf '%s\n' "${status[@]}"
 ! printf '%s\n' "${status[@]}" | grep -qv "rc=0 "
