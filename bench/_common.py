@@ -43,3 +43,15 @@ def copy_ceiling(args, results: Results) -> float | None:
                          gemm_size=1024 if args.quick else 8192)
     results.add(**ceilings_record(c))
     return c.copy_gbps
+
+
+class Run:
+    """What every benchmark starts with: parsed flags, device, results file, the copy
+    ceiling measured in this run (None on the CPU) and a freshly seeded generator."""
+
+    def __init__(self, doc: str, argv=None) -> None:
+        self.args = parser(doc).parse_args(argv)
+        self.device = torch.device(self.args.device)
+        self.results = open_results(self.args)
+        self.copy_gbps = copy_ceiling(self.args, self.results)
+        self.gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))

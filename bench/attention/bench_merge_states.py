@@ -17,7 +17,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import copy_ceiling, open_results, parser  # noqa: E402
 
-import inferops  # noqa: E402
 from inferops._core.ops import kernel_backend  # noqa: E402
 from inferops.attention import merge_states  # noqa: E402
 from inferops.benchmark import inputs_to_exceed_l2, time_fn  # noqa: E402

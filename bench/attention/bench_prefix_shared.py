@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import copy_ceiling, open_results, parser  # noqa: E402
+from _common import Run  # noqa: E402
 
 from inferops._core.ops import kernel_backend  # noqa: E402
 from inferops.attention import PagedKVCache, PrefixPlan, paged_decode, prefix_shared_decode  # noqa: E402
@@ -51,11 +51,8 @@ def _batch(m, groups, prefix, suffix, dev, g):
 
 
 def main(argv=None) -> int:
-    args = parser(__doc__).parse_args(argv)
-    dev = torch.device(args.device)
-    results = open_results(args)
-    copy_gbps = copy_ceiling(args, results)
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    run = Run(__doc__, argv)
+    args, dev, results, copy_gbps, g = run.args, run.device, run.results, run.copy_gbps, run.gen
     iters = 10 if args.quick else 50
     print(f"prefix_shared_decode on {results.device}: backend {kernel_backend('prefix_shared_decode', dev)}")
     for m, groups, prefix, suffix in (QUICK_CASES if args.quick else CASES):

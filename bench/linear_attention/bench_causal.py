@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import copy_ceiling, open_results, parser  # noqa: E402
+from _common import Run  # noqa: E402
 
 from inferops._core.ops import kernel_backend  # noqa: E402
 from inferops.benchmark import inputs_to_exceed_l2, time_fn  # noqa: E402
@@ -35,11 +35,8 @@ def _fla():
 
 
 def main(argv=None) -> int:
-    args = parser(__doc__).parse_args(argv)
-    dev = torch.device(args.device)
-    results = open_results(args)
-    copy_gbps = copy_ceiling(args, results)
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    run = Run(__doc__, argv)
+    args, dev, results, copy_gbps, g = run.args, run.device, run.results, run.copy_gbps, run.gen
     iters = 5 if args.quick else 30
     B, H, K = (1, 2, 64) if args.quick else (8, 32, 128)
     fla = _fla() if dev.type == "cuda" else None

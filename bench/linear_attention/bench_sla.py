@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import copy_ceiling, open_results, parser  # noqa: E402
+from _common import Run  # noqa: E402
 
 from inferops._core.ops import kernel_backend  # noqa: E402
 from inferops.benchmark import inputs_to_exceed_l2, time_fn  # noqa: E402
@@ -28,11 +28,8 @@ QUICK = [("tiny", 2, 2, 7, 7, 32)]
 
 
 def main(argv=None) -> int:
-    args = parser(__doc__).parse_args(argv)
-    dev = torch.device(args.device)
-    results = open_results(args)
-    copy_gbps = copy_ceiling(args, results)
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    run = Run(__doc__, argv)
+    args, dev, results, copy_gbps, g = run.args, run.device, run.results, run.copy_gbps, run.gen
     iters = 10 if args.quick else 100
     compiled = torch.compile(ref.simplified_linear_attention) if args.compile_baseline else None
     print(f"simplified_linear_attention on {results.device}: backend "

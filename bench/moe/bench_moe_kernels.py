@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import copy_ceiling, open_results, parser  # noqa: E402
+from _common import Run  # noqa: E402
 
 from inferops._core.ops import kernel_backend  # noqa: E402
 from inferops.benchmark import inputs_to_exceed_l2, time_fn  # noqa: E402
@@ -39,11 +39,8 @@ def _torch_unpermute(y, ids, w):
 
 
 def main(argv=None) -> int:
-    args = parser(__doc__).parse_args(argv)
-    dev = torch.device(args.device)
-    results = open_results(args)
-    copy_gbps = copy_ceiling(args, results)
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    run = Run(__doc__, argv)
+    args, dev, results, copy_gbps, g = run.args, run.device, run.results, run.copy_gbps, run.gen
     iters = 10 if args.quick else 200
     T, k, E, R = (64, 2, 8, 2) if args.quick else (4096, 8, 256, 8)
     ids = torch.rand(T, E, generator=g).topk(k, dim=1).indices.to(dev, torch.int32)
