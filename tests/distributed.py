@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 __all__ = ["run_distributed"]
 
@@ -41,6 +42,14 @@ def _worker(rank, world_size, port, fn, args, out_dir):
         try:
             result = fn(rank, world_size, *args)
             torch.save({"ok": True, "result": result}, path)
+            # Without this, a rank that finishes first tears down its gloo pairs
+            # while a peer may still be draining the last exchange; gloo then
+            # aborts that peer (SIGABRT, seen once in CI). If a peer failed, the
+            # barrier fails too: that peer's own file reports why.
+            try:
+                dist.barrier()
+            except Exception:
+                pass
         finally:
             dist.destroy_process_group()
     except BaseException:  # report every failure to the parent, with its traceback
@@ -68,8 +77,10 @@ def run_distributed(
             while not ctx.join(timeout=1.0):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"distributed run did not finish within {timeout_s} s")
-        except mp.ProcessRaisedException:
-            pass  # the per-rank files below carry the tracebacks
+        except ProcessException as e:  # raised or died (signal): the files below say which rank
+            died = str(e)
+        else:
+            died = None
         finally:
             for p in ctx.processes:
                 if p.is_alive():
@@ -78,7 +89,7 @@ def run_distributed(
         for rank in range(world_size):
             path = os.path.join(out_dir, f"rank{rank}.pt")
             if not os.path.exists(path):
-                raise RuntimeError(f"rank {rank} exited without a result")
+                raise RuntimeError(f"rank {rank} exited without a result ({died or 'no error reported'})")
             rec = torch.load(path, weights_only=False)
             if not rec["ok"]:
                 raise RuntimeError(f"rank {rank} failed:\n{rec['error']}")
