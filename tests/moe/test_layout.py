@@ -199,3 +199,27 @@ def test_cuda_permute_unpermute(hidden, dtype, gen, cuda_device):
     w = torch.rand(T, k, generator=gen).to(cuda_device)
     out = unpermute(y, lay, w)
     assert_close(out, ref.unpermute(y.double(), lay.dst_index, w.double(), torch.float64), dtype)
+
+
+def test_opcheck_cpu(gen):
+    ids = _ids(gen, 9, 2, 8)
+    placement = default_placement(8, 2)
+    torch.library.opcheck(torch.ops.inferops.routing_layout.default, (ids, placement, 2, 4, 9 * 2 + 8 * 3))
+    lay = routing_layout(ids, 8, align=4)
+    x = torch.randn(9, 16, generator=gen).bfloat16()
+    torch.library.opcheck(torch.ops.inferops.permute.default, (x, lay.src_index))
+    y = permute(x, lay)
+    torch.library.opcheck(torch.ops.inferops.unpermute.default, (y, lay.dst_index, torch.rand(9, 2, generator=gen)))
+
+
+def test_torch_compile_fullgraph(gen):
+    ids = _ids(gen, 9, 2, 8)
+    x = torch.randn(9, 16, generator=gen).bfloat16()
+    w = torch.rand(9, 2, generator=gen)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def moe_identity(x, ids, w):
+        lay = routing_layout(ids, 8, align=4, validate=False)
+        return unpermute(permute(x, lay), lay, w)
+
+    assert_close(moe_identity(x, ids, w), x.double() * w.double().sum(1, keepdim=True), torch.bfloat16)

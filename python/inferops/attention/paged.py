@@ -339,11 +339,22 @@ def paged_decode(
             check_qo_indptr(qo_indptr, seq_lens, B)
         rows, seq_lens = expand_queries(qo_indptr, seq_lens, B)
         block_tables = block_tables.index_select(0, rows)
-    if q.stride(-1) != 1 or q.data_ptr() % 16 or any(s % 8 for s in q.stride()[:2]):
+    if _misaligned(q):
         q = q.contiguous()
     scale = D**-0.5 if scale is None else float(scale)
     return torch.ops.inferops.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                            0 if num_splits is None else int(num_splits))
+
+
+def _misaligned(q: torch.Tensor) -> bool:
+    """True when q's rows are not 16-byte aligned (the kernels load 16-byte vectors).
+
+    Under torch.compile the data pointer is unknown at trace time: skip the fix-up
+    there (the C++ layer still rejects misaligned rows with a clear error).
+    """
+    if torch.compiler.is_compiling():
+        return q.stride(-1) != 1
+    return q.stride(-1) != 1 or q.data_ptr() % 16 != 0 or any(s % 8 for s in q.stride()[:2])
 
 
 def check_qo_indptr(qo_indptr: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> None:

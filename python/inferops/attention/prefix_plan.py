@@ -220,6 +220,7 @@ class PrefixPlan:
             shared_pages=shared,
             own_pages=own,
             max_own_tokens=int(own_pages.max(initial=0)) * ps,
+            max_shared_pages=int(np.diff(self.group_page_indptr).max(initial=0)),
             _work={},
         )
 
@@ -245,6 +246,7 @@ class PrefixLayout:
     shared_pages: np.ndarray
     own_pages: np.ndarray
     max_own_tokens: int  # longest suffix (own pages x page_size): bounds the suffix decode
+    max_shared_pages: int  # longest shared prefix in pages: sizes the shared-prefix split
     _work: dict  # group size -> work items of the shared-prefix kernel, on the device
 
     def _device(self, a: np.ndarray) -> torch.Tensor:

@@ -20,6 +20,7 @@ from ..reference import attention as ref
 from ..validation import check_dtype, check_shape, check_tensor
 from .paged import (
     LSE_TOLERANCE,
+    _misaligned,
     PagedKVCache,
     _check_cache,
     _sm_count,
@@ -175,7 +176,7 @@ def prefix_shared_decode(
             i = int(short.nonzero()[0])
             raise ValueError(f"seq_lens[{i}] = {int(seq_lens[i])} is shorter than its shared "
                              f"prefix ({int(layout.shared_lens[i])} tokens)")
-    if q.stride(-1) != 1 or q.data_ptr() % 16 or any(s % 8 for s in q.stride()[:2]):
+    if _misaligned(q):
         q = q.contiguous()
     G = Hq // Hkv
     block_tables, shared_lens, group_indptr = layout.block_tables, layout.shared_lens, layout.group_indptr
@@ -190,7 +191,7 @@ def prefix_shared_decode(
         shared_lens = shared_lens.index_select(0, rows)
     sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
         if q.is_cuda else 132
-    shared_tiles = int(np.diff(layout.plan.group_page_indptr).max(initial=0)) * page_size // SHARED_KEYS
+    shared_tiles = layout.max_shared_pages * page_size // SHARED_KEYS
     shared_splits = max(1, min(math.ceil(sms / max(1, work.shape[0] * Hkv)), max(1, shared_tiles // 2), 64))
     suffix_len = layout.max_own_tokens
     suffix_splits = choose_num_splits(B, Hkv, suffix_len, sms)
