@@ -59,12 +59,9 @@ void merge_states(const TensorView& v_a, const TensorView& lse_a, const TensorVi
   strides2(lse_b, p.lse_b_stride);
   strides2(lse_out, p.lse_out_stride);
 
-#ifdef INFEROPS_WITH_CUDA
-  launch_merge_states(p, v_a.dtype(), v_a.device_id(), stream);
-#else
-  (void)stream;
-  INFEROPS_CHECK(false, "inferops was built without CUDA: merge_states has no CUDA kernel");
-#endif
+  INFEROPS_LAUNCH_CUDA("merge_states", stream, {
+    launch_merge_states(p, v_a.dtype(), v_a.device_id(), stream);
+  });
 }
 
 }  // namespace inferops::attention

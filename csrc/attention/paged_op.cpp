@@ -85,12 +85,9 @@ void append_kv(const TensorView& k_cache, const TensorView& v_cache, const Tenso
   p.page_size = static_cast<int32_t>(k_cache.size(1));
   p.num_kv_heads = static_cast<int32_t>(hkv);
   p.head_dim = static_cast<int32_t>(d);
-#ifdef INFEROPS_WITH_CUDA
-  launch_append_kv(p, k_cache.dtype(), k_cache.device_id(), stream);
-#else
-  (void)stream;
-  INFEROPS_CHECK(false, "inferops was built without CUDA: append_kv has no CUDA kernel");
-#endif
+  INFEROPS_LAUNCH_CUDA("append_kv", stream, {
+    launch_append_kv(p, k_cache.dtype(), k_cache.device_id(), stream);
+  });
 }
 
 namespace {
@@ -203,12 +200,9 @@ void paged_decode(const TensorView& q, const TensorView& k_cache, const TensorVi
   const int64_t tiles = (max_len + kDecodeTileTokens - 1) / kDecodeTileTokens;
   p.tokens_per_split =
       static_cast<int32_t>((tiles + num_splits - 1) / num_splits * kDecodeTileTokens);
-#ifdef INFEROPS_WITH_CUDA
-  launch_paged_decode(p, q.dtype(), q.device_id(), stream);
-#else
-  (void)stream;
-  INFEROPS_CHECK(false, "inferops was built without CUDA: paged_decode has no CUDA kernel");
-#endif
+  INFEROPS_LAUNCH_CUDA("paged_decode", stream, {
+    launch_paged_decode(p, q.dtype(), q.device_id(), stream);
+  });
 }
 
 void prefix_shared_decode(const TensorView& q, const TensorView& k_cache,
@@ -281,15 +275,11 @@ void prefix_shared_decode(const TensorView& q, const TensorView& k_cache,
   merge.partial_out = sp.partial_out;
   merge.partial_lse = sp.partial_lse;
   merge.num_splits = total;
-#ifdef INFEROPS_WITH_CUDA
-  launch_shared_prefix(sp, q.dtype(), q.device_id(), stream);
-  launch_paged_decode(dp, q.dtype(), q.device_id(), stream, /*merge=*/false);
-  launch_merge_splits(merge, q.dtype(), q.device_id(), stream);
-#else
-  (void)stream;
-  (void)merge;
-  INFEROPS_CHECK(false, "inferops was built without CUDA: prefix_shared_decode has no CUDA kernel");
-#endif
+  INFEROPS_LAUNCH_CUDA("prefix_shared_decode", stream, {
+    launch_shared_prefix(sp, q.dtype(), q.device_id(), stream);
+    launch_paged_decode(dp, q.dtype(), q.device_id(), stream, /*merge=*/false);
+    launch_merge_splits(merge, q.dtype(), q.device_id(), stream);
+  });
 }
 
 }  // namespace inferops::attention

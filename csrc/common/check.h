@@ -71,3 +71,21 @@ template <typename Exc, typename... Args>
       ::inferops::detail::fail<::inferops::Error>(__FILE__, __LINE__, #cond, ##__VA_ARGS__);  \
     }                                                                                         \
   } while (0)
+
+// Every op's host entry ends with this: in a CUDA build it runs `launch`
+// (a statement, or several separated by semicolons, in braces); in a host-only
+// build, after the same argument checks, it raises naming the op.
+//   INFEROPS_LAUNCH_CUDA("merge_states", stream, { launch_merge_states(p, ...); });
+#ifdef INFEROPS_WITH_CUDA
+#define INFEROPS_LAUNCH_CUDA(op, stream, ...) \
+  do {                                        \
+    (void)(stream);                           \
+    __VA_ARGS__                               \
+  } while (0)
+#else
+#define INFEROPS_LAUNCH_CUDA(op, stream, ...)                                              \
+  do {                                                                                     \
+    (void)(stream);                                                                        \
+    INFEROPS_CHECK(false, "inferops was built without CUDA: " op " has no CUDA kernel");   \
+  } while (0)
+#endif

@@ -82,12 +82,9 @@ void simplified_linear_attention(const TensorView& q, const TensorView& k, const
   p.d = static_cast<int32_t>(d);
   p.h = h;
   p.w = w;
-#ifdef INFEROPS_WITH_CUDA
-  launch_sla(p, q.dtype(), q.device_id(), stream);
-#else
-  (void)stream;
-  INFEROPS_CHECK(false, "inferops was built without CUDA: simplified_linear_attention has no CUDA kernel");
-#endif
+  INFEROPS_LAUNCH_CUDA("simplified_linear_attention", stream, {
+    launch_sla(p, q.dtype(), q.device_id(), stream);
+  });
 }
 
 void causal_linear_attention(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -148,12 +145,9 @@ void causal_linear_attention(const TensorView& q, const TensorView& k, const Ten
   p.scale = scale;
   p.normalize = normalize;
   p.use_relu = use_relu;
-#ifdef INFEROPS_WITH_CUDA
-  launch_causal(p, q.dtype(), q.device_id(), stream);
-#else
-  (void)stream;
-  INFEROPS_CHECK(false, "inferops was built without CUDA: causal_linear_attention has no CUDA kernel");
-#endif
+  INFEROPS_LAUNCH_CUDA("causal_linear_attention", stream, {
+    launch_causal(p, q.dtype(), q.device_id(), stream);
+  });
 }
 
 void linear_attention_step(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -199,12 +193,9 @@ void linear_attention_step(const TensorView& q, const TensorView& k, const Tenso
   p.scale = scale;
   p.normalize = normalize;
   p.use_relu = use_relu;
-#ifdef INFEROPS_WITH_CUDA
-  launch_step(p, q.dtype(), q.device_id(), stream);
-#else
-  (void)stream;
-  INFEROPS_CHECK(false, "inferops was built without CUDA: linear_attention_step has no CUDA kernel");
-#endif
+  INFEROPS_LAUNCH_CUDA("linear_attention_step", stream, {
+    launch_step(p, q.dtype(), q.device_id(), stream);
+  });
 }
 
 }  // namespace inferops::linear_attention

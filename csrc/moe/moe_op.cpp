@@ -68,12 +68,9 @@ void routing_layout(const TensorView& topk_ids, const TensorView& placement,
   p.world_size = static_cast<int32_t>(R);
   p.align = align;
   p.capacity = static_cast<int32_t>(capacity);
-#ifdef INFEROPS_WITH_CUDA
-  launch_routing_layout(p, topk_ids.device_id(), stream);
-#else
-  (void)stream;
-  INFEROPS_CHECK(false, "inferops was built without CUDA: routing_layout has no CUDA kernel");
-#endif
+  INFEROPS_LAUNCH_CUDA("routing_layout", stream, {
+    launch_routing_layout(p, topk_ids.device_id(), stream);
+  });
 }
 
 namespace {
@@ -113,12 +110,9 @@ void permute(const TensorView& x, const TensorView& src_index, const TensorView&
   src_index.expect_same_device("src_index", x, "x");
   p.src_index = src_index.data_as<const int32_t>();
   p.capacity = static_cast<int32_t>(out.size(0));
-#ifdef INFEROPS_WITH_CUDA
-  launch_permute(p, x.dtype(), x.device_id(), stream);
-#else
-  (void)stream;
-  INFEROPS_CHECK(false, "inferops was built without CUDA: permute has no CUDA kernel");
-#endif
+  INFEROPS_LAUNCH_CUDA("permute", stream, {
+    launch_permute(p, x.dtype(), x.device_id(), stream);
+  });
 }
 
 void unpermute(const TensorView& y, const TensorView& dst_index, const TensorView& weights,
@@ -140,12 +134,9 @@ void unpermute(const TensorView& y, const TensorView& dst_index, const TensorVie
   p.weights_dtype = weights.dtype();
   p.topk = static_cast<int32_t>(dst_index.size(1));
   p.capacity = static_cast<int32_t>(y.size(0));
-#ifdef INFEROPS_WITH_CUDA
-  launch_unpermute(p, y.dtype(), y.device_id(), stream);
-#else
-  (void)stream;
-  INFEROPS_CHECK(false, "inferops was built without CUDA: unpermute has no CUDA kernel");
-#endif
+  INFEROPS_LAUNCH_CUDA("unpermute", stream, {
+    launch_unpermute(p, y.dtype(), y.device_id(), stream);
+  });
 }
 
 }  // namespace inferops::moe
