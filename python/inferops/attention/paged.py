@@ -307,17 +307,8 @@ def paged_decode(
         in q's dtype; ``lse`` ``[..., num_q_heads]`` float32, natural log of
         ``sum_j exp(scale * q . k_j)`` (feed it to :func:`merge_states`).
     """
-    _check_cache(k_cache, v_cache)
-    check_tensor("q", q)
-    check_dtype("q", q, (k_cache.dtype,))
-    if q.dim() != 3:
-        raise ValueError(f"expected `q` of shape [batch, num_q_heads, head_dim], got {list(q.shape)}")
-    B, Hq, D = q.shape
-    num_pages, page_size, Hkv, Dc = k_cache.shape
-    if D != Dc:
-        raise ValueError(f"expected head_dim {Dc} (the cache's) for `q`, got {D}")
-    if Hq % Hkv != 0:
-        raise ValueError(f"expected num_q_heads ({Hq}) to be a multiple of num_kv_heads ({Hkv})")
+    B, Hq, D = check_decode_query("paged_decode", q, k_cache, v_cache)
+    num_pages, page_size, Hkv, _ = k_cache.shape
     _check_index("block_tables", block_tables, 2)
     _check_index("seq_lens", seq_lens, 1)
     batch = B if qo_indptr is None else block_tables.shape[0]
@@ -325,8 +316,6 @@ def paged_decode(
     check_shape("seq_lens", seq_lens, (batch,))
     check_same_device({"q": q, "k_cache": k_cache, "v_cache": v_cache,
                        "block_tables": block_tables, "seq_lens": seq_lens})
-    if q.is_cuda and ops.kernel_backend("paged_decode", q.device) == "cuda" and D not in (64, 128):
-        raise ValueError(f"expected head_dim 64 or 128 for `q` on the GPU, got {D}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"expected num_splits >= 1, got {num_splits}")
     if validate and batch > 0:
@@ -344,6 +333,25 @@ def paged_decode(
     scale = D**-0.5 if scale is None else float(scale)
     return torch.ops.inferops.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                            0 if num_splits is None else int(num_splits))
+
+
+def check_decode_query(op: str, q, k_cache, v_cache) -> tuple[int, int, int]:
+    """Checks shared by the decode ops: the caches, and ``q`` ``[rows, num_q_heads, head_dim]``
+    against them (dtype, head dim, GQA divisibility, head dims with a kernel). Returns q's shape."""
+    _check_cache(k_cache, v_cache)
+    check_tensor("q", q)
+    check_dtype("q", q, (k_cache.dtype,))
+    if q.dim() != 3:
+        raise ValueError(f"expected `q` of shape [rows, num_q_heads, head_dim], got {list(q.shape)}")
+    rows, Hq, D = q.shape
+    _, _, Hkv, Dc = k_cache.shape
+    if D != Dc:
+        raise ValueError(f"expected head_dim {Dc} (the cache's) for `q`, got {D}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"expected num_q_heads ({Hq}) to be a multiple of num_kv_heads ({Hkv})")
+    if q.is_cuda and ops.kernel_backend(op, q.device) == "cuda" and D not in (64, 128):
+        raise ValueError(f"expected head_dim 64 or 128 for `q` on the GPU, got {D}")
+    return rows, Hq, D
 
 
 def _misaligned(q: torch.Tensor) -> bool:

@@ -20,12 +20,12 @@ from ..reference import attention as ref
 from ..validation import check_dtype, check_shape, check_tensor
 from .paged import (
     LSE_TOLERANCE,
-    _misaligned,
     PagedKVCache,
-    _check_cache,
+    _misaligned,
     _sm_count,
     append_kv,
     check_block_tables,
+    check_decode_query,
     check_qo_indptr,
     choose_num_splits,
     decode_outputs_like,
@@ -133,15 +133,10 @@ def prefix_shared_decode(
         ``(out, lse)`` exactly as :func:`paged_decode` over ``layout.block_tables``
         would (same math; the shared part is computed once per group).
     """
-    _check_cache(k_cache, v_cache)
-    check_tensor("q", q)
-    check_dtype("q", q, (k_cache.dtype,))
     if not isinstance(layout, PrefixLayout):
         raise TypeError(f"expected a PrefixLayout for `layout`, got {type(layout).__name__}")
-    if q.dim() != 3:
-        raise ValueError(f"expected `q` of shape [num_requests, num_q_heads, head_dim], got {list(q.shape)}")
-    B, Hq, D = q.shape
-    num_pages, page_size, Hkv, Dc = k_cache.shape
+    B, Hq, D = check_decode_query("prefix_shared_decode", q, k_cache, v_cache)
+    num_pages, page_size, Hkv, _ = k_cache.shape
     N = layout.plan.num_requests
     if qo_lens is None:
         if B != N:
@@ -152,10 +147,6 @@ def prefix_shared_decode(
             raise ValueError(f"expected `qo_lens` of {N} non-negative ints, got {qo_lens!r}")
         if int(qo.sum()) != B:
             raise ValueError(f"expected sum(qo_lens) = {int(qo.sum())} rows in `q`, got {B}")
-    if D != Dc:
-        raise ValueError(f"expected head_dim {Dc} (the cache's) for `q`, got {D}")
-    if Hq % Hkv != 0:
-        raise ValueError(f"expected num_q_heads ({Hq}) to be a multiple of num_kv_heads ({Hkv})")
     if page_size != layout.plan.page_size:
         raise ValueError(f"expected a cache with page_size {layout.plan.page_size}, got {page_size}")
     if layout.block_tables.device != q.device or k_cache.device != q.device:
@@ -167,8 +158,6 @@ def prefix_shared_decode(
     check_shape("seq_lens", seq_lens, (N,))
     if seq_lens.device != q.device:
         raise ValueError(f"expected `seq_lens` on the device of `q` ({q.device}), got {seq_lens.device}")
-    if q.is_cuda and ops.kernel_backend("prefix_shared_decode", q.device) == "cuda" and D not in (64, 128):
-        raise ValueError(f"expected head_dim 64 or 128 for `q` on the GPU, got {D}")
     if validate and B > 0:
         check_block_tables(layout.block_tables, seq_lens, num_pages, page_size)
         short = seq_lens < layout.shared_lens
