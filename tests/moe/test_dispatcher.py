@@ -134,3 +134,19 @@ def test_route_rejects_top_k_above_1():
 
 def test_unbalanced_placement_rejected():
     assert all("unbalanced" in m for m in run_distributed(_unbalanced, 2))
+
+
+def _bad_ids_on_rank_1(rank, world):
+    disp = MoEDispatcher(torch.distributed.group.WORLD, 4, None, max_tokens_per_rank=4, hidden=2,
+                         dtype=torch.float32)
+    ids = torch.tensor([[0], [7 if rank == 1 else 1]])
+    try:
+        disp.dispatch(torch.zeros(2, 2), ids, torch.ones(2, 1))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_invalid_expert_on_one_rank_raises_everywhere():
+    msgs = run_distributed(_bad_ids_on_rank_1, 2, timeout_s=60)
+    assert "another rank" in msgs[0] and "expert id out of range" in msgs[1]

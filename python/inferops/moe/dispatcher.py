@@ -6,7 +6,8 @@ Two-all-to-all mode (the baseline, any top-k):
     y = experts(res.expert_x, res.tokens_per_expert) # expert-major rows of this rank's experts
     out = disp.combine(y, res.handle)                # weighted sum back at each token's home
 Host syncs: dispatch 1 (the send counts, which all_to_all_single needs as host
-lists), combine 0 (it reuses the dispatch's splits).
+lists, read together with the routing error counters, which every rank agrees
+on so that bad expert ids raise on all ranks instead of hanging), combine 0.
 
 Single-all-to-all mode (ExFlow; top-1): a token's hidden state stays on the
 rank whose expert processed it and the next layer runs there (attention on a
@@ -119,11 +120,22 @@ class MoEDispatcher:
         dist.all_to_all_single(recv, send.contiguous(), recv_splits, send_splits, group=self.group)
         return recv
 
-    def _counts(self, per_rank: torch.Tensor) -> tuple[list[int], list[int]]:
-        send = per_rank.to(torch.int64)
+    def _counts(self, lay: RoutingLayout) -> tuple[list[int], list[int]]:
+        """Exchange per-rank counts; the one host sync of a dispatch/route, which also
+        reads the layout's error counters (the layout itself is built unvalidated)."""
+        send = lay.tokens_per_rank.to(torch.int64)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
-        return send.tolist(), recv.tolist()  # the one host sync of a dispatch
+        # Errors are agreed on by every rank, so all raise together instead of
+        # the healthy ranks blocking in the next exchange.
+        errors = lay.errors.to(torch.int64).sum().reshape(1)
+        dist.all_reduce(errors, group=self.group)
+        host = torch.cat([send, recv, errors]).tolist()
+        if host[-1]:
+            lay.check()  # this rank's details, if the errors are here
+            raise ValueError(f"another rank's routing named invalid experts or overflowed ({host[-1]} "
+                             "assignments): see that rank's error")
+        return host[:self.world], host[self.world:2 * self.world]
 
     def _placement(self, layer: int, device) -> torch.Tensor:
         return self.placement[layer].to(device=device, dtype=torch.int32)
@@ -141,8 +153,8 @@ class MoEDispatcher:
             raise ValueError(f"expected at most max_tokens_per_rank = {self.max_tokens} tokens, got {T}")
         dev = x.device
         lay = routing_layout(topk_ids, self.num_experts, placement=self._placement(layer, dev),
-                             world_size=self.world)
-        send_splits, recv_splits = self._counts(lay.tokens_per_rank)
+                             world_size=self.world, validate=False)
+        send_splits, recv_splits = self._counts(lay)
         # rank-major send rows: (token, rank) pairs in send order
         t_idx, r_idx = (lay.send_index >= 0).nonzero(as_tuple=True)
         rows = lay.send_offsets.long()[r_idx] + lay.send_index[t_idx, r_idx].long()
@@ -196,8 +208,8 @@ class MoEDispatcher:
                 "combined before the next gate, a second exchange: use dispatch/combine")
         dev = state.x.device
         lay = routing_layout(topk_ids, self.num_experts, placement=self._placement(layer, dev),
-                             world_size=self.world)
-        send_splits, recv_splits = self._counts(lay.tokens_per_rank)
+                             world_size=self.world, validate=False)
+        send_splits, recv_splits = self._counts(lay)
         dest = self.placement[layer].to(dev)[topk_ids[:, 0].long()]
         order = torch.argsort(dest, stable=True)  # rank-major, token order within a rank
         recv_x = self._exchange(state.x[order], send_splits, recv_splits)
@@ -205,7 +217,7 @@ class MoEDispatcher:
         recv_e = self._exchange(self.local_index[layer].to(dev)[topk_ids[order, 0].long()], send_splits, recv_splits)
         recv_w = self._exchange(topk_weights[order, 0].float(), send_splits, recv_splits)
         per = self.num_experts // self.world
-        local = routing_layout(recv_e[:, None], per, align=self.align)
+        local = routing_layout(recv_e[:, None], per, align=self.align, validate=False)  # ids are ours: valid
         return RouteState(recv_x, recv_ids, local, recv_w)
 
     def expert_input(self, state: RouteState) -> torch.Tensor:
@@ -223,8 +235,11 @@ class MoEDispatcher:
         """After the last layer: every token back to its home rank, in its original order."""
         home = torch.div(state.token_ids, self.max_tokens, rounding_mode="floor")
         order = torch.argsort(home * self.max_tokens + state.token_ids % self.max_tokens)
-        counts = torch.bincount(home, minlength=self.world)
-        send_splits, recv_splits = self._counts(counts)
+        send = torch.bincount(home, minlength=self.world)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        host = torch.cat([send, recv]).tolist()
+        send_splits, recv_splits = host[:self.world], host[self.world:]
         x = self._exchange(state.x[order], send_splits, recv_splits)
         ids = self._exchange(state.token_ids[order], send_splits, recv_splits)
         out = torch.empty_like(x)
