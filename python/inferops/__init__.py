@@ -9,7 +9,7 @@ kernels are not available (:func:`cuda_available` says why).
 """
 
 from ._core.extension import build_info, cuda_available, cuda_unavailable_reason
-from . import attention, linear_attention, moe, reference  # noqa: E402  (registers the ops)
+from . import attention, linear_attention, moe, quant, reference  # noqa: E402  (registers the ops)
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "attention",
     "linear_attention",
     "moe",
+    "quant",
     "reference",
     "build_info",
     "cuda_available",
