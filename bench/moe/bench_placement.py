@@ -2,7 +2,8 @@
 round-robin for 2/4/8 GPUs, on synthetic traces with affinity and on a trace
 recorded from a small random PyTorch MoE; solve time; and the modelled
 per-layer communication of the single-all-to-all mode vs the two-all-to-all
-mode (bytes of hidden states crossing GPUs, top-1, bf16, hidden 4096).
+mode (rows and bytes of hidden states crossing GPUs under each mode's rules,
+``exchange_rows``; bf16, hidden 4096), for top-1 and top-2 traces.
 Target (issue #7): >= 50% fewer cross-GPU routes than round-robin on traces
 with affinity.
 
@@ -22,6 +23,7 @@ from _common import open_results, parser  # noqa: E402
 from inferops.moe import (  # noqa: E402
     RoutingRecorder,
     cross_gpu_routes,
+    exchange_rows,
     place_experts,
     round_robin_placement,
     synthetic_trace,
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
     tokens, layers, experts = (500, 3, 8) if args.quick else (20000, 8, 64)
     traces = {"synthetic affinity 0.8": synthetic_trace(tokens, layers, experts, affinity=0.8, seed=1),
               "synthetic affinity 0.5": synthetic_trace(tokens, layers, experts, affinity=0.5, seed=2),
+              "top-2, slot 0 affinity 0.8": synthetic_trace(tokens, layers, experts, k=2, affinity=0.8, seed=3),
               "recorded (random MoE)": recorded_trace(tokens, layers, experts)}
     hidden_bytes = 4096 * 2
     for name, trace in traces.items():
@@ -55,19 +58,18 @@ def main(argv=None) -> int:
             p = place_experts(trace, G, num_experts=experts, time_limit=5 if args.quick else 30)
             rr = cross_gpu_routes(trace, round_robin_placement(layers, experts, G))
             red = 1 - p.objective / rr if rr else 0.0
-            # Modelled bytes per layer transition (top-1): two-all-to-all moves every token whose
-            # expert is remote out and back (~2 (G-1)/G of tokens); single moves only cross-GPU routes.
-            two = 2 * tokens * (G - 1) / G * hidden_bytes
-            single = p.objective * hidden_bytes
+            rows = exchange_rows(trace, p.gpu_of)
+            two = rows["two"] * hidden_bytes / layers
+            single = rows["single"] * hidden_bytes / layers
             results.add(family="moe", op="place_experts", backend=p.method, sizes=f"{name}: tokens={tokens} "
                         f"layers={layers} E={experts} G={G}", dtype="-", time_us=p.solve_seconds * 1e6,
                         baseline="round-robin placement", cross_routes=p.objective, cross_routes_baseline=rr,
-                        reduction=red, bytes_per_layer_single=single / max(1, layers - 1),
-                        bytes_per_layer_two=two, target=">= 50% fewer routes" if "affinity" in name else None,
-                        met=(red >= 0.5) if "affinity" in name else None)
+                        reduction=red, bytes_per_layer_single=single, rows_single=rows["single"], rows_two=rows["two"],
+                        bytes_per_layer_two=two, target=">= 50% fewer routes" if name.startswith("synthetic") else None,
+                        met=(red >= 0.5) if name.startswith("synthetic") else None)
             print(f"  {name:24s} G={G}: {p.method:14s} {p.objective:9.0f} vs round-robin {rr:9.0f} "
                   f"({100 * red:5.1f}% fewer) in {p.solve_seconds:6.2f} s | modelled bytes/layer single "
-                  f"{single / max(1, layers - 1) / 1e6:8.1f} MB vs two-a2a {two / 1e6:8.1f} MB")
+                  f"{single / 1e6:8.1f} MB vs two-a2a {two / 1e6:8.1f} MB")
     return 0
 
 

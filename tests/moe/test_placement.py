@@ -12,6 +12,7 @@ from inferops.moe import (
     RoutingRecorder,
     affinity_report,
     cross_gpu_routes,
+    exchange_rows,
     place_experts,
     round_robin_placement,
     synthetic_trace,
@@ -104,3 +105,43 @@ def test_recorder_and_report(tmp_path):
     assert rep["conditional"].shape == (2, 8, 8)
     sums = rep["conditional"].sum(-1)
     assert np.allclose(sums[sums > 0], 1.0)
+
+
+def _exchange_rows_oracle(trace, gpu_of):
+    """Token-by-token restatement of the dispatcher's rules (sets, no vectorization)."""
+    t = np.asarray(trace)
+    if t.ndim == 2:
+        t = t[:, :, None]
+    T, L, k = t.shape
+    G = int(gpu_of.max()) + 1
+    two = single = 0
+    for tok in range(T):
+        home = where = tok % G
+        for layer in range(L):
+            ranks = [int(gpu_of[layer][e]) for e in t[tok, layer]]
+            dests = set(ranks)
+            two += 2 * len(dests - {home})
+            single += len(dests - {where})
+            best = max(range(k), key=lambda j: (ranks.count(ranks[j]), -j))
+            where = ranks[best]
+            single += len(dests - {where})
+        single += where != home
+    return two, single
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_exchange_rows_matches_oracle(k):
+    trace = synthetic_trace(300, 4, 16, k=k, affinity=0.6, seed=k)
+    for G in (2, 4):
+        for gpu_of in (round_robin_placement(4, 16, G), place_experts(trace, G, num_experts=16, time_limit=5).gpu_of):
+            rows = exchange_rows(trace, gpu_of)
+            assert (rows["two"], rows["single"]) == _exchange_rows_oracle(trace, gpu_of)
+            assert rows["single"] == rows["single_route"] + rows["single_partial"] + rows["single_return"]
+            if k == 1:
+                assert rows["single_partial"] == 0
+
+
+def test_exchange_rows_single_gpu_is_zero():
+    trace = synthetic_trace(50, 3, 4, k=2, seed=0)
+    assert exchange_rows(trace, np.zeros((3, 4), dtype=np.int64)) == {
+        "two": 0, "single": 0, "single_route": 0, "single_partial": 0, "single_return": 0}

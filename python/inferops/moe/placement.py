@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "exchange_rows",
     "Placement",
     "transition_counts",
     "place_experts",
@@ -93,6 +94,46 @@ def cross_gpu_routes(trace, placement) -> float:
     """Expected cross-GPU transitions of ``trace`` under ``placement`` (Placement or array)."""
     gpu_of = placement.gpu_of if isinstance(placement, Placement) else np.asarray(placement)
     return _objective(transition_counts(trace, gpu_of.shape[1]), gpu_of)
+
+
+def exchange_rows(trace, placement) -> dict:
+    """Rows of hidden states crossing GPUs for ``trace`` (``[tokens, layers, k]`` or
+    ``[tokens, layers]``) under ``placement``, in both :class:`MoEDispatcher` modes, by the
+    rules the dispatcher follows. Token ``t`` starts (and ends) on GPU ``t % G``.
+
+    * ``two``: per layer, dispatch sends a token once to each GPU holding one of its
+      experts other than its home, and combine sends one row back from each.
+    * ``single``: per layer, ``route`` sends a token to each GPU of its experts other than
+      the one it is on; ``finish_layer`` sends one partial row from each of those GPUs
+      other than the token's anchor (the GPU holding most of its experts, ties to the
+      earlier slot) and the token continues there; at the end it returns home (one row
+      if it is elsewhere). For top-1 ``finish_layer`` sends nothing.
+
+    Returns ``{"two": rows, "single": rows, "single_route": ..., "single_partial": ...,
+    "single_return": ...}`` (totals over all tokens and layers).
+    """
+    t = _check_trace(trace)
+    gpu_of = placement.gpu_of if isinstance(placement, Placement) else np.asarray(placement)
+    T, L, k = t.shape
+    G = int(gpu_of.max()) + 1 if gpu_of.size else 1
+    rows = np.arange(T)
+    home = rows % G
+    where = home.copy()
+    two = route = partial = 0
+    for layer in range(L):
+        ranks = gpu_of[layer][t[:, layer]]  # [T, k]
+        present = np.zeros((T, G), dtype=bool)
+        present[rows[:, None], ranks] = True
+        n = present.sum(1)
+        two += 2 * int((n - present[rows, home]).sum())
+        route += int((n - present[rows, where]).sum())
+        same = (ranks[:, :, None] == ranks[:, None, :]).sum(-1)
+        anchor = ranks[rows, np.argmax(same * k - np.arange(k), axis=1)]
+        partial += int((n - 1).sum())  # every expert GPU but the anchor sends one partial row
+        where = anchor
+    back = int((where != home).sum())
+    return {"two": two, "single": route + partial + back, "single_route": route,
+            "single_partial": partial, "single_return": back}
 
 
 def round_robin_placement(num_layers: int, num_experts: int, num_gpus: int) -> np.ndarray:
