@@ -45,8 +45,9 @@ def choose_splits(m: int, n: int, k: int, sm_count: int) -> int:
     """Split-K factor of the fused kernel: enough CTAs for ~4 per SM, but
 
     * each warp keeps >= 4 k16 tiles (one unrolled batch of 16-byte weight loads);
-    * the fp32 partials (written and read once: 8 M N bytes per split) stay under a
-      quarter of the weight bytes (K N / 2), i.e. ``splits <= K / (32 M)``.
+    * the fp32 partials (written and read once: 8 M N bytes per split) stay under
+      half the weight bytes (K N / 2), i.e. ``splits <= K / (32 M)`` (they are
+      mostly L2 hits: written just before the reduce kernel reads them).
     """
     ctas = (n // 64) * math.ceil(max(m, 1) / _m_block(max(m, 1)))
     want = math.ceil(4 * sm_count / max(ctas, 1))
