@@ -415,13 +415,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "w4a16_matmul",
       [](py::handle x, py::handle qweight, py::handle scales, py::handle zeros, py::handle bias,
-         py::handle out, py::handle workspace, int group_size, int splits, std::uintptr_t stream) {
-        OptionalView z(zeros, "zeros"), b(bias, "bias"), ws(workspace, "workspace");
+         py::handle out, int group_size, int splits, std::uintptr_t stream) {
+        OptionalView z(zeros, "zeros"), b(bias, "bias");
         qt::w4a16_matmul(view_of(x, "x"), view_of(qweight, "qweight"), view_of(scales, "scales"), z.get(),
-                         b.get(), view_of(out, "out"), ws.get(), group_size, splits, stream);
+                         b.get(), view_of(out, "out"), group_size, splits, stream);
       },
       py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("out"),
-      py::arg("workspace"), py::arg("group_size"), py::arg("splits"), py::arg("stream"),
+      py::arg("group_size"), py::arg("splits"), py::arg("stream"),
       "W4A16 GEMM out = x W^T (+ bias) with int4 W in the packed fragment layout (split-K over `splits`).");
   m.def(
       "int4_dequantize",

@@ -29,7 +29,7 @@ constexpr int kInt4LayoutVersion = 1;
 constexpr int kW4TileK = 16;  // k rows per packed tile (one mma k-step)
 constexpr int kW4TileN = 64;  // n columns per packed tile (8 mma n-tiles, one warp)
 constexpr int kW4Warps = 4;   // warps per GEMM CTA, each on its own k-range of the same n-block
-constexpr int kW4MaxSplits = 1024;
+constexpr int kW4MaxSplits = 8;  // split-K CTAs form one cluster: 8 is the portable maximum
 
 struct W4A16Params {
   const void* x;           // [M, K] row-major contiguous, fp16 / bf16
@@ -38,12 +38,11 @@ struct W4A16Params {
   const void* zeros;       // [G, N] x dtype (integer values) or nullptr: symmetric, z = 8
   const void* bias;        // [N] x dtype or nullptr
   void* out;               // [M, N] x dtype contiguous
-  float* partial;          // [splits, M, N] fp32 when splits > 1, else nullptr
   int64_t m;
   int32_t n;
   int32_t k;
   int32_t group_size;  // k rows per scale group, multiple of 16 dividing K (K for per-channel)
-  int32_t splits;      // CTAs along K per n-block (split-K); 1 writes `out` directly
+  int32_t splits;      // CTAs along K per n-block (split-K), one cluster; 1..kW4MaxSplits
 };
 
 struct Int4DequantParams {
@@ -56,10 +55,10 @@ struct Int4DequantParams {
   int32_t group_size;
 };
 
-// y = x W^T (+ bias); `workspace` is [splits, M, N] fp32 when splits > 1.
+// y = x W^T (+ bias), split-K over `splits` CTAs (a thread-block cluster) per n-block.
 void w4a16_matmul(const TensorView& x, const TensorView& qweight, const TensorView& scales,
-                  const TensorView* zeros, const TensorView* bias, const TensorView& out,
-                  const TensorView* workspace, int group_size, int splits, std::uintptr_t stream);
+                  const TensorView* zeros, const TensorView* bias, const TensorView& out, int group_size,
+                  int splits, std::uintptr_t stream);
 
 // out [N, K] = (u - z) * s in the scales' dtype (exactly the GEMM's dequantized operand).
 void int4_dequantize(const TensorView& qweight, const TensorView& scales, const TensorView* zeros,

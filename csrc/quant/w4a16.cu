@@ -15,11 +15,15 @@
 //   * x fragments come straight from global memory (32-bit loads, L1/L2
 //     resident: x is at most 64 x K), rows >= M are zero;
 //   * the 4 warps' fp32 accumulators are summed through shared memory in a
-//     fixed order; with splits == 1 the CTA adds the bias and writes y, else it
-//     writes an fp32 partial and W4A16SplitReduceKernel sums the splits in a
-//     fixed order (deterministic: no atomics), adds the bias and casts.
+//     fixed order; with splits == 1 the CTA adds the bias and writes y. With
+//     splits > 1 the `splits` CTAs of one n-block form a thread-block cluster
+//     (Hopper): after cluster.sync() each CTA sums a slice of the tile over all
+//     CTAs' shared memory (DSMEM), in rank order, adds the bias and writes y.
+//     Deterministic, no fp32 workspace and no second kernel (a launch costs
+//     ~2 us, as much as the whole 4096x4096 GEMV should take).
 // Split-K is what fills the GPU at M = 1: 4096x4096 has only 64 n-blocks for
-// 132 SMs; the Python wrapper picks `splits` (inferops.quant.w4a16.choose_splits).
+// 132 SMs; the Python wrapper picks `splits` <= 8 (the portable cluster size;
+// inferops.quant.w4a16.choose_splits).
 //
 // Int4DequantKernel<T>: W [N, K] in x's dtype from the packed tiles, with the
 // same arithmetic as the GEMM (so dequantize + cuBLAS is the GEMM's operand
@@ -28,6 +32,7 @@
 // Known limits: mma.sync (not wgmma) and no shared-memory pipeline for x:
 // fine for the memory-bound decode range this kernel is for (M <= 64); larger
 // M goes through dequantize + cuBLAS by default.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -243,53 +248,47 @@ __global__ void __launch_bounds__(kThreads) W4A16GemmKernel(const __grid_constan
   __syncthreads();
   const int rows = static_cast<int>(p.m - m0 < kRows ? p.m - m0 : kRows);
   const T* bias = static_cast<const T*>(p.bias);
+  T* out = static_cast<T*>(p.out);
+  // CTA sum, in place into warp 0's slot (each element is read and written by one thread).
   for (int i = threadIdx.x; i < rows * kW4TileN; i += kThreads) {
+    const int r = i / kW4TileN, c = i % kW4TileN;
+    float v = red[r * kRedLd + c];
+#pragma unroll
+    for (int w = 1; w < kW4Warps; ++w) v += red[(w * kRows + r) * kRedLd + c];
+    if (p.splits == 1) {
+      if (bias) v += to_float(bias[n0 + c]);
+      out[(m0 + r) * p.n + n0 + c] = from_float<T>(v);
+    } else {
+      red[r * kRedLd + c] = v;
+    }
+  }
+  if (p.splits == 1) return;  // uniform: launched without a cluster
+
+  // Split-K across the cluster: CTA `rank` finishes elements [rank * per, (rank + 1) * per)
+  // of the tile, summing the splits in rank order.
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every CTA's sums are written and visible cluster-wide
+  const float* remote[kW4MaxSplits];
+#pragma unroll
+  for (int s = 0; s < kW4MaxSplits; ++s) {
+    remote[s] = s < p.splits ? cluster.map_shared_rank(red, s) : red;
+  }
+  const int total = rows * kW4TileN;
+  const int per = (total + p.splits - 1) / p.splits;
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int end = (rank + 1) * per < total ? (rank + 1) * per : total;
+  for (int i = rank * per + threadIdx.x; i < end; i += kThreads) {
     const int r = i / kW4TileN, c = i % kW4TileN;
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < kW4Warps; ++w) v += red[(w * kRows + r) * kRedLd + c];
-    const int64_t row = m0 + r;
-    const int col = n0 + c;
-    if (p.splits == 1) {
-      if (bias) v += to_float(bias[col]);
-      static_cast<T*>(p.out)[row * p.n + col] = from_float<T>(v);
-    } else {
-      p.partial[(int64_t(blockIdx.y) * p.m + row) * p.n + col] = v;
+    for (int s = 0; s < kW4MaxSplits; ++s) {
+      if (s < p.splits) v += remote[s][r * kRedLd + c];
     }
+    if (bias) v += to_float(bias[n0 + c]);
+    out[(m0 + r) * p.n + n0 + c] = from_float<T>(v);
   }
-}
-
-// out = cast(sum_s partial[s] + bias), 4 columns per thread (N % 64 == 0):
-// grid.x covers the columns, grid.y strides over the rows (no 64-bit division).
-template <typename T>
-__global__ void __launch_bounds__(256) W4A16SplitReduceKernel(const __grid_constant__ W4A16Params p) {
-  using T2 = typename W4Traits<T>::T2;
-  const int col = 4 * (blockIdx.x * blockDim.x + threadIdx.x);
-  if (col >= p.n) return;
-  const int64_t plane = p.m * p.n;
-  const T* bias = static_cast<const T*>(p.bias);
-  float b[4] = {0.f, 0.f, 0.f, 0.f};
-  if (bias) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) b[e] = to_float(bias[col + e]);
-  }
-  for (int64_t row = blockIdx.y; row < p.m; row += gridDim.y) {
-    const int64_t off = row * p.n + col;
-    float4 v = *reinterpret_cast<const float4*>(p.partial + off);
-    for (int s = 1; s < p.splits; ++s) {
-      const float4 w = *reinterpret_cast<const float4*>(p.partial + s * plane + off);
-      v.x += w.x;
-      v.y += w.y;
-      v.z += w.z;
-      v.w += w.w;
-    }
-    T2 lo, hi;
-    lo.x = from_float<T>(v.x + b[0]);
-    lo.y = from_float<T>(v.y + b[1]);
-    hi.x = from_float<T>(v.z + b[2]);
-    hi.y = from_float<T>(v.w + b[3]);
-    *reinterpret_cast<uint2*>(static_cast<T*>(p.out) + off) = make_uint2(bits_of(lo), bits_of(hi));
-  }
+  cluster.sync();  // keep this CTA's shared memory alive until every remote read is done
 }
 
 // One thread per packed 16-byte vector (a lane of a tile): 32 weights, written
@@ -335,12 +334,23 @@ void launch_gemm(const W4A16Params& p, int device, cudaStream_t stream) {
   auto kernel = W4A16GemmKernel<T, kMT>;
   set_dynamic_smem(kernel, kRedBytes<kMT>, device);
   const int64_t mblocks = (p.m + 16 * kMT - 1) / (16 * kMT);
-  INFEROPS_CHECK(mblocks <= 65535 && p.splits <= 65535, "grid too large: ", mblocks, " m-blocks, ",
-                 p.splits, " splits");
-  const dim3 grid(static_cast<unsigned>(p.n / kW4TileN), static_cast<unsigned>(p.splits),
-                  static_cast<unsigned>(mblocks));
-  kernel<<<grid, kThreads, kRedBytes<kMT>, stream>>>(p);
-  INFEROPS_CUDA_CHECK_LAUNCH();
+  INFEROPS_CHECK(mblocks <= 65535, "grid too large: ", mblocks, " m-blocks");
+  INFEROPS_CHECK(device_info(device).cc_major >= 9 || p.splits == 1,
+                 "split-K (splits > 1) uses thread-block clusters: needs compute capability 9.0+");
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.n / kW4TileN), static_cast<unsigned>(p.splits),
+                     static_cast<unsigned>(mblocks));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = kRedBytes<kMT>;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = static_cast<unsigned>(p.splits);  // the split CTAs of one n-block
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.splits > 1 ? 1 : 0;
+  INFEROPS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
 }
 
 int grid_stride_blocks(int64_t work, int threads, int device) {
@@ -364,12 +374,6 @@ void launch_w4a16_matmul(const W4A16Params& p, DType dtype, int device, std::uin
       launch_gemm<T, 2>(p, device, stream);
     } else {
       launch_gemm<T, 4>(p, device, stream);
-    }
-    if (p.splits > 1) {
-      const dim3 grid(static_cast<unsigned>((p.n / 4 + 255) / 256),
-                      static_cast<unsigned>(p.m < 65535 ? p.m : 65535));
-      W4A16SplitReduceKernel<T><<<grid, 256, 0, stream>>>(p);
-      INFEROPS_CUDA_CHECK_LAUNCH();
     }
   });
 }

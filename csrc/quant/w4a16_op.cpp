@@ -45,8 +45,8 @@ PackedShape check_packed(const TensorView& qweight, const TensorView& scales, co
 }  // namespace
 
 void w4a16_matmul(const TensorView& x, const TensorView& qweight, const TensorView& scales,
-                  const TensorView* zeros, const TensorView* bias, const TensorView& out,
-                  const TensorView* workspace, int group_size, int splits, std::uintptr_t stream) {
+                  const TensorView* zeros, const TensorView* bias, const TensorView& out, int group_size,
+                  int splits, std::uintptr_t stream) {
   x.expect_dtype_in("x", {DType::kFloat16, DType::kBFloat16});
   x.expect_ndim("x", 2);
   x.expect_contiguous("x");
@@ -69,19 +69,12 @@ void w4a16_matmul(const TensorView& x, const TensorView& qweight, const TensorVi
   INFEROPS_CHECK_ARG(splits >= 1 && splits <= kW4MaxSplits && splits <= s.k / kW4TileK,
                      "expected 1 <= splits <= min(", kW4MaxSplits, ", K/16 = ", s.k / kW4TileK, "), got ",
                      splits);
-  if (splits > 1) {
-    INFEROPS_CHECK_ARG(workspace != nullptr, "expected a `workspace` [splits, M, N] fp32 when splits > 1");
-    workspace->expect_dtype("workspace", DType::kFloat32);
-    workspace->expect_shape("workspace", {splits, m, s.n});
-    workspace->expect_contiguous("workspace");
-  }
   x.expect_cuda("x");
   for (auto [t, name] : {std::pair{&qweight, "qweight"}, {&scales, "scales"}, {&out, "out"}}) {
     t->expect_same_device(name, x, "x");
   }
   if (zeros) zeros->expect_same_device("zeros", x, "x");
   if (bias) bias->expect_same_device("bias", x, "x");
-  if (splits > 1) workspace->expect_same_device("workspace", x, "x");
 
   W4A16Params p{};
   p.x = x.data();
@@ -90,7 +83,6 @@ void w4a16_matmul(const TensorView& x, const TensorView& qweight, const TensorVi
   p.zeros = zeros ? zeros->data() : nullptr;
   p.bias = bias ? bias->data() : nullptr;
   p.out = out.data();
-  p.partial = splits > 1 ? workspace->data_as<float>() : nullptr;
   p.m = m;
   p.n = static_cast<int32_t>(s.n);
   p.k = static_cast<int32_t>(s.k);

@@ -6,7 +6,7 @@ Two GPU paths, both correct for every M:
 
 * ``"fused"`` (decode, the default for ``M < DEQUANT_MIN_M``): weights streamed once,
   dequantized in registers into mma fragments, split-K over ``choose_splits`` CTAs
-  per 64-column block so every SM streams weights at M = 1;
+  (one thread-block cluster) per 64-column block so every SM streams weights at M = 1;
 * ``"dequant"``: the int4_dequantize kernel writes W ``[N, K]`` in x's dtype, then
   ``torch.nn.functional.linear`` (cuBLAS). Above M ~ 64 the GEMM is compute bound
   and cuBLAS's wgmma kernels win over an mma.sync kernel; the crossover has not
@@ -33,8 +33,10 @@ __all__ = ["DEQUANT_MIN_M", "PATHS", "choose_splits", "w4a16_matmul"]
 # GPU run measures it (bench/quant/bench_w4a16.py prints both paths).
 DEQUANT_MIN_M = 65
 PATHS = ("auto", "fused", "dequant")
-MAX_SPLITS = 1024  # csrc/quant/quant_w4a16.h kW4MaxSplits
+MAX_SPLITS = 8  # csrc/quant/quant_w4a16.h kW4MaxSplits: the split CTAs form one cluster
 _WARPS = 4  # kW4Warps
+# Resident CTAs per SM of the 16 / 32 / 64-row kernels (128 / 164 / 220 registers x 128 threads).
+_CTAS_PER_SM = {16: 3, 32: 3, 64: 2}
 
 
 def _m_block(m: int) -> int:
@@ -42,18 +44,15 @@ def _m_block(m: int) -> int:
 
 
 def choose_splits(m: int, n: int, k: int, sm_count: int) -> int:
-    """Split-K factor of the fused kernel: enough CTAs for ~4 per SM, but
-
-    * each warp keeps >= 4 k16 tiles (one unrolled batch of 16-byte weight loads);
-    * the fp32 partials (written and read once: 8 M N bytes per split) stay under
-      half the weight bytes (K N / 2), i.e. ``splits <= K / (32 M)`` (they are
-      mostly L2 hits: written just before the reduce kernel reads them).
-    """
-    ctas = (n // 64) * math.ceil(max(m, 1) / _m_block(max(m, 1)))
-    want = math.ceil(4 * sm_count / max(ctas, 1))
+    """Split-K factor of the fused kernel: enough CTAs to fill every SM once at the
+    kernel's occupancy, but each warp keeps >= 4 k16 tiles (one unrolled batch of
+    16-byte weight loads) and at most 8 splits (one portable thread-block cluster;
+    the splits are summed through distributed shared memory, no workspace)."""
+    mb = _m_block(max(m, 1))
+    ctas = (n // 64) * math.ceil(max(m, 1) / mb)
+    want = math.ceil(_CTAS_PER_SM[mb] * sm_count / max(ctas, 1))
     by_tiles = (k // 16) // (_WARPS * 4)
-    by_traffic = k // (32 * max(m, 1))
-    return int(max(1, min(want, by_tiles, by_traffic, MAX_SPLITS)))
+    return int(max(1, min(want, by_tiles, MAX_SPLITS)))
 
 
 @functools.cache
@@ -81,10 +80,8 @@ def _matmul_cuda(x, qweight, scales, zeros, bias, group_size, path):
     bias = None if bias is None else bias.contiguous()
     splits = choose_splits(M, N, K, _sm_count(x.device.index if x.device.index is not None else 0))
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else None
     ops.ext().w4a16_matmul(d(x), d(qweight), d(scales), None if zeros is None else d(zeros),
-                           None if bias is None else d(bias), d(out), None if ws is None else d(ws),
-                           group_size, splits, stream)
+                           None if bias is None else d(bias), d(out), group_size, splits, stream)
     return out
 
 
