@@ -214,3 +214,12 @@ def test_bad_input_raises_clear_errors(gen):
         Int4Weight(good.qweight[:, :128], good.scales, None, 256, 128, 128)
     with pytest.raises(TypeError, match="expected an Int4Weight for `w`"):
         dequantize(good.qweight)
+
+
+def test_python_and_kernel_agree_on_the_layout_version():
+    from inferops._core.extension import extension
+
+    ext = extension()
+    if ext is None:
+        pytest.skip("inferops._C not built")
+    assert ext.INT4_LAYOUT_VERSION == LAYOUT_VERSION == ref.LAYOUT_VERSION
