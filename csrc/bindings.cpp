@@ -23,6 +23,7 @@
 #include "attention/prefix_plan.h"
 #include "linear_attention/linear_attention.h"
 #include "moe/moe.h"
+#include "quant/quant_w4a16.h"
 #include "common/check.h"
 #include "common/tensor_view.h"
 
@@ -59,6 +60,8 @@ const std::vector<std::string> kCudaOps = {
     "routing_layout",
     "permute",
     "unpermute",
+    "w4a16_matmul",
+    "int4_dequantize",
 #endif
 };
 
@@ -406,4 +409,28 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("y"), py::arg("dst_index"), py::arg("topk_weights"), py::arg("out"), py::arg("stream"),
       "Scatter expert outputs back to tokens, top-k weighted sum in fp32.");
+
+  namespace qt = inferops::quant;
+  m.attr("INT4_LAYOUT_VERSION") = qt::kInt4LayoutVersion;
+  m.def(
+      "w4a16_matmul",
+      [](py::handle x, py::handle qweight, py::handle scales, py::handle zeros, py::handle bias,
+         py::handle out, int group_size, int splits, std::uintptr_t stream) {
+        OptionalView z(zeros, "zeros"), b(bias, "bias");
+        qt::w4a16_matmul(view_of(x, "x"), view_of(qweight, "qweight"), view_of(scales, "scales"), z.get(),
+                         b.get(), view_of(out, "out"), group_size, splits, stream);
+      },
+      py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("bias"), py::arg("out"),
+      py::arg("group_size"), py::arg("splits"), py::arg("stream"),
+      "W4A16 GEMM out = x W^T (+ bias) with int4 W in the packed fragment layout (split-K over `splits`).");
+  m.def(
+      "int4_dequantize",
+      [](py::handle qweight, py::handle scales, py::handle zeros, py::handle out, int group_size,
+         std::uintptr_t stream) {
+        OptionalView z(zeros, "zeros");
+        qt::int4_dequantize(view_of(qweight, "qweight"), view_of(scales, "scales"), z.get(), view_of(out, "out"),
+                            group_size, stream);
+      },
+      py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("group_size"),
+      py::arg("stream"), "Packed int4 weights -> W [N, K] in the scales' dtype.");
 }

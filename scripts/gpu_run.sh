@@ -74,6 +74,10 @@ if want sanitizer && [ -z "${INFEROPS_SKIP_SANITIZER:-}" ] && command -v compute
   step memcheck_moe sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
     $PY -m pytest -m gpu tests/moe -q -p no:cacheprovider \
     -k "cuda_layout_errors_and_capacity or (cuda_permute_unpermute and 100 and dtype0) or (cuda_layout_equals_reference and T17)"
+  step memcheck_quant sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -m gpu tests/quant -q -p no:cacheprovider \
+    -k "split_counts or unaligned or graph_capture or (dequantize_is_exact and 112) \
+        or (both_paths and 17 and not 4096) or (cuda_fused_matches and 640 and (-3- or -65-))"
 fi
 
 echo
