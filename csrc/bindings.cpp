@@ -23,6 +23,7 @@
 #include "attention/prefix_plan.h"
 #include "linear_attention/linear_attention.h"
 #include "moe/moe.h"
+#include "tp/tp.h"
 #include "common/check.h"
 #include "common/tensor_view.h"
 
@@ -59,6 +60,7 @@ const std::vector<std::string> kCudaOps = {
     "routing_layout",
     "permute",
     "unpermute",
+    "gemm_reduce_scatter",
 #endif
 };
 
@@ -406,4 +408,26 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("y"), py::arg("dst_index"), py::arg("topk_weights"), py::arg("out"), py::arg("stream"),
       "Scatter expert outputs back to tokens, top-k weighted sum in fp32.");
+
+  namespace tp = inferops::tp;
+  m.def(
+      "gemm_reduce_scatter",
+      [](py::handle a, py::handle b, py::handle out, py::handle peers, py::handle state, int rank,
+         int world, int64_t max_m, int64_t n_max, int64_t buffer_bytes, double timeout_s, int num_blocks,
+         std::uintptr_t stream) {
+        tp::gemm_reduce_scatter(view_of(a, "a"), view_of(b, "b"), view_of(out, "out"), view_of(peers, "peers"),
+                                view_of(state, "state"), rank, world, max_m, n_max, buffer_bytes, timeout_s,
+                                num_blocks, stream);
+      },
+      py::arg("a"), py::arg("b"), py::arg("out"), py::arg("peers"), py::arg("state"), py::arg("rank"),
+      py::arg("world"), py::arg("max_m"), py::arg("n_max"), py::arg("buffer_bytes"), py::arg("timeout_s"),
+      py::arg("num_blocks"), py::arg("stream"),
+      "One rank's fused GEMM + reduce-scatter: tiles of a @ b pushed to their owners' symmetric buffers.");
+  m.def(
+      "gemm_rs_buffer_bytes",
+      [](int64_t max_m, int64_t n_max, int64_t world, int64_t elem_bytes) {
+        return tp::buffer_layout(max_m, n_max, world, elem_bytes).total_bytes;
+      },
+      py::arg("max_m"), py::arg("n_max"), py::arg("world"), py::arg("elem_bytes"),
+      "Bytes of one rank's symmetric buffer for gemm_reduce_scatter.");
 }
