@@ -25,6 +25,7 @@ BENCHMARKS = [
     ("linear_attention/bench_sla.py", "main"),
     ("linear_attention/bench_causal.py", "main"),
     ("moe/bench_moe_kernels.py", "main"),
+    ("tp/bench_gemm_rs.py", "main"),
 ]
 
 

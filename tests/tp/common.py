@@ -12,7 +12,6 @@ exact answer in float64 and the sequential one being matmul in the input dtype
 from __future__ import annotations
 
 import torch
-
 from inferops.reference import tp as ref
 from inferops.testing import max_abs_error
 

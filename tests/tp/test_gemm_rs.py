@@ -5,14 +5,14 @@ rank mode's reference path, and every bad input raising before anything runs
 
 from __future__ import annotations
 
+import inferops
 import pytest
 import torch
 import torch.distributed as dist
-
-import inferops
 from inferops import tp
 from inferops.reference import tp as ref
 from inferops.testing import assert_close
+
 from tests.distributed import run_distributed
 from tests.tp.common import assert_gemm_rs_close
 

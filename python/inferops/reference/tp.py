@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gemm_reduce_scatter_stacked", "gemm_reduce_scatter_fallback"]
+__all__ = ["gemm_reduce_scatter_fallback", "gemm_reduce_scatter_stacked"]
 
 
 def gemm_reduce_scatter_stacked(a: torch.Tensor, b: torch.Tensor, *, round_partials: bool = True,

@@ -15,11 +15,11 @@ from .gemm_rs import (
 from .linear import RowParallelLinear
 
 __all__ = [
-    "gemm_reduce_scatter",
     "GemmReduceScatter",
     "RowParallelLinear",
-    "virtual_gemm_reduce_scatter",
     "buffer_bytes",
-    "symm_mem_status",
+    "gemm_reduce_scatter",
     "perf_model",
+    "symm_mem_status",
+    "virtual_gemm_reduce_scatter",
 ]

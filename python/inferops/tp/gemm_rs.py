@@ -37,10 +37,10 @@ from ..validation import check_dtype, check_same_device, check_tensor
 
 __all__ = [
     "GemmReduceScatter",
-    "gemm_reduce_scatter",
-    "virtual_gemm_reduce_scatter",
     "buffer_bytes",
+    "gemm_reduce_scatter",
     "symm_mem_status",
+    "virtual_gemm_reduce_scatter",
 ]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -77,12 +77,12 @@ def symm_mem_status() -> str | None:
 # --- the registered op: W ranks' operands stacked on one device ----------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _side_streams(device_index: int, world: int) -> tuple:
     return tuple(torch.cuda.Stream(device=device_index) for _ in range(world))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return int(ops.ext().device_info(device_index)["sm_count"])
 
@@ -188,7 +188,7 @@ class GemmReduceScatter:
 
     @classmethod
     def virtual(cls, world_size: int, max_m: int, n: int, dtype: torch.dtype = torch.bfloat16, device=None, *,
-                timeout_s: float = DEFAULT_TIMEOUT_S, check_every_call: bool = False) -> "GemmReduceScatter":
+                timeout_s: float = DEFAULT_TIMEOUT_S, check_every_call: bool = False) -> GemmReduceScatter:
         """``world_size`` ranks on one device: call with ``a`` ``[W, M, K]`` and ``b``
         ``[W, K, N]`` (rank r's operands at index r); returns ``[W, M / W, N]``."""
         if not isinstance(world_size, int) or not 1 <= world_size <= MAX_WORLD:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-__all__ = ["MachineModel", "Prediction", "predict", "llama70b_shapes", "model_table"]
+__all__ = ["MachineModel", "Prediction", "llama70b_shapes", "model_table", "predict"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,14 @@ class Prediction:
     def hidden_fraction(self) -> float:
         exposed_seq = self.sequential_us - self.gemm_us
         return 1.0 - (self.fused_us - self.gemm_us) / exposed_seq if exposed_seq > 0 else 1.0
+
+    @property
+    def hidden_fraction_without_tail(self) -> float:
+        """What a kernel that overlaps the owner's reduction with its GEMM (reduce fused
+        into the epilogue of the owner's own tiles) would hide: the tail removed."""
+        exposed_seq = self.sequential_us - self.gemm_us
+        fused = self.fused_us - self.reduce_us
+        return 1.0 - (fused - self.gemm_us) / exposed_seq if exposed_seq > 0 else 1.0
 
     @property
     def speedup(self) -> float:
