@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -176,6 +177,12 @@ class GemmReduceScatter:
             self._alloc_local(1)
             return
         reason = self._fused_unavailable_reason()
+        if "nccl" in str(dist.get_backend(group)):  # every rank must take the same path, or peers hang
+            dev = self.device if self.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+            ok = torch.tensor([int(reason is None)], device=dev)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+            if reason is None and not int(ok.item()):
+                reason = "another rank cannot use the fused path"
         self.fallback_reason = reason
         if reason is None:
             try:
@@ -261,6 +268,11 @@ class GemmReduceScatter:
     def _alloc_symm_mem(self) -> None:
         from torch.distributed import _symmetric_memory as symm_mem
 
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)  # needed before torch 2.8 (no-op after)
+        if enable is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                enable(self.group.group_name)
         nbytes = buffer_bytes(self.max_m, self.n, self.world_size, self.dtype.itemsize)
         buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
         buf.zero_()  # flags start at 0 < every epoch
