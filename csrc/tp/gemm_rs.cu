@@ -10,10 +10,18 @@
 //     call's epoch (system-scope release after a system fence). Tile order is
 //     rotated by rank: rank r starts with the rows of rank r + 1 and ends with
 //     its own, so at any moment the ranks push to different peers.
-//   phase 2 (reduce): the owner's blocks take the tiles covering its rows, wait
-//     (acquire) until all W flags of a tile reach the epoch, then sum the W
-//     contributions in fp32 in source order 0..W-1 (deterministic) and write
-//     out [M / W, N]. W == 1 skips the buffers: the GEMM epilogue writes out.
+//   reduce in the epilogue: a tile holding rows of this rank first looks (no
+//     waiting) at the W - 1 peers' flags of the tile; when all are up -- the
+//     usual case, since a rank's own rows come last in its order, after the
+//     peers pushed theirs -- it sums the W partials of its rows right there and
+//     writes out, marking the tile done instead of pushing its own partial; so
+//     the reduction overlaps the GEMM tiles still running on other blocks.
+//   phase 2 (reduce, the rest): the owner's blocks take the tiles covering its
+//     rows and wait (acquire) until either all W flags of a tile reach the epoch
+//     (then they reduce it) or its done mark does (an epilogue reduced it).
+//   Both reductions sum in fp32 in source order 0..W-1 over the same rounded
+//     partials, so the result is bitwise the same whichever ran (deterministic).
+//     W == 1 skips the buffers: the GEMM epilogue writes out.
 //
 // Waits never hang: a wait longer than timeout_ns (from %globaltimer) records
 // kTimeout, the source rank and the tile in the rank's state and gives up;
@@ -30,8 +38,9 @@
 // see increasing epochs with no host involvement.
 //
 // Speed: mma.sync reaches roughly 2/3 of Hopper's wgmma peak, so the GEMM part
-// is expected below cuBLAS on H100 (see docs/tp.md); the reduce phase reads
-// M x N x 2 bytes on each owner after the GEMM (an exposed tail).
+// is expected below cuBLAS on H100 (see docs/tp.md). The owner's reduction reads
+// about M x N x 2 bytes; fused into the last tiles' epilogues it overlaps the
+// GEMM when peers are on time, else it trails it (phase 2).
 #include <algorithm>
 
 #include "common/cuda_check.h"
@@ -211,6 +220,40 @@ __device__ __forceinline__ uint32_t* flag_ptr(const GemmRsParams& p, int owner, 
   return reinterpret_cast<uint32_t*>(base) + (int64_t(parity) * p.world + src) * p.max_tiles + tile;
 }
 
+__device__ __forceinline__ uint32_t* done_ptr(const GemmRsParams& p, uint32_t parity, int64_t tile) {
+  char* base = reinterpret_cast<char*>(static_cast<uintptr_t>(p.peers[p.rank])) + p.done_offset;
+  return reinterpret_cast<uint32_t*>(base) + int64_t(parity) * p.max_tiles + tile;
+}
+// Epochs are compared modulo 2^32, so a counter that wraps keeps working.
+__device__ __forceinline__ bool reached(uint32_t flag, uint32_t epoch) {
+  return static_cast<int32_t>(flag - epoch) >= 0;
+}
+
+// out[off .. off + 8) = sum over sources 0..W-1, in that order, of their partials
+// (fp32). `own`: this rank's partial staged in shared memory, or nullptr to read it
+// from its slot like the others. Both give bitwise the same sum: the staged value
+// is the one that would have been pushed.
+template <typename T>
+__device__ __forceinline__ void reduce_chunk(const GemmRsParams& p, uint32_t parity, int64_t off, const T* own) {
+  float sum[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int s = 0; s < p.world; ++s) {
+    Vec<T, 8> v;
+    if (s == p.rank && own != nullptr) {
+      v.load(own);
+    } else {
+      // .cg: peers wrote this memory during the call; never serve it from L1.
+      const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(slot_ptr<T>(p, p.rank, parity, s) + off));
+      memcpy(v.v, &raw, 16);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum[e] += to_float(v.v[e]);
+  }
+  Vec<T, 8> o;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) o.v[e] = from_float<T>(sum[e]);
+  o.store(static_cast<T*>(p.out) + off);
+}
+
 template <typename T, bool kKN>
 __global__ void __launch_bounds__(kThreads, 2) GemmRsKernel(const __grid_constant__ GemmRsParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -223,6 +266,7 @@ __global__ void __launch_bounds__(kThreads, 2) GemmRsKernel(const __grid_constan
   const int num_tiles = tiles_m * tiles_n;
   const int k_tiles = (p.k + kBK - 1) / kBK;
   const int tm_shift = p.world > 1 ? ((p.rank + 1) % p.world) * p.m_local / kTileM : 0;
+  const int row_lo = p.rank * p.m_local, row_hi = row_lo + p.m_local;  // this rank's rows [row_lo, row_hi)
 
   // ---- phase 1: GEMM tiles, pushed to their owners ----
   for (int j = blockIdx.x; j < num_tiles; j += gridDim.x) {
@@ -262,22 +306,40 @@ __global__ void __launch_bounds__(kThreads, 2) GemmRsKernel(const __grid_constan
       }
     }
     __syncthreads();
-#pragma unroll
+    const int64_t tile = int64_t(tm) * tiles_n + tn;
+    // Rows of this rank in the tile: reduce them right here when every peer's partial
+    // of the tile has already arrived -- the usual case, since a rank's own rows come
+    // last in its order, after the peers pushed theirs -- so the reduction overlaps
+    // the remaining GEMM tiles instead of trailing them. One look, no waiting: if a
+    // peer is late, the own partial is pushed and phase 2 reduces the tile.
+    bool fuse = false;
+    if (p.world > 1 && m0 < row_hi && min(m0 + kTileM, p.m) > row_lo) {  // uniform over the block
+      bool ready = true;
+      if (tid < p.world && tid != p.rank) ready = reached(ld_acquire_sys(flag_ptr(p, p.rank, parity, tid, tile)), epoch);
+      fuse = __syncthreads_and(ready);
+    }
+#pragma unroll 1  // unrolling buys nothing here (memory bound) and costs registers
     for (int i = 0; i < kTileM * kTileN / 8 / kThreads; ++i) {  // 16-byte chunks, 8 per thread
       const int id = tid + i * kThreads;
       const int r = id >> 4, c = id & 15;
       const int gr = m0 + r, gc = n0 + c * 8;
       if (gr >= p.m || gc >= p.n) continue;
-      Vec<T, 8> v;
-      v.load(smem + r * kCStride + c * 8);
-      T* dst;
+      const T* staged = smem + r * kCStride + c * 8;
       if (p.world == 1) {
-        dst = static_cast<T*>(p.out) + int64_t(gr) * p.n + gc;
-      } else {
-        const int owner = gr / p.m_local;
-        dst = slot_ptr<T>(p, owner, parity, p.rank) + int64_t(gr - owner * p.m_local) * p.n + gc;
+        Vec<T, 8> v;
+        v.load(staged);
+        v.store(static_cast<T*>(p.out) + int64_t(gr) * p.n + gc);
+        continue;
       }
-      v.store(dst);
+      const int owner = gr / p.m_local;
+      const int64_t off = int64_t(gr - owner * p.m_local) * p.n + gc;
+      if (fuse && owner == p.rank) {
+        reduce_chunk<T>(p, parity, off, staged);
+      } else {
+        Vec<T, 8> v;
+        v.load(staged);
+        v.store(slot_ptr<T>(p, owner, parity, p.rank) + off);
+      }
     }
     if (p.world > 1) {
       __threadfence_system();  // this thread's pushes are visible system-wide before the flag
@@ -285,27 +347,34 @@ __global__ void __launch_bounds__(kThreads, 2) GemmRsKernel(const __grid_constan
       const int last_row = min(m0 + kTileM, p.m) - 1;
       const int owner_lo = m0 / p.m_local, owner_hi = last_row / p.m_local;
       if (tid <= owner_hi - owner_lo) {
-        st_release_sys(flag_ptr(p, owner_lo + tid, parity, p.rank, int64_t(tm) * tiles_n + tn), epoch);
+        const int owner = owner_lo + tid;
+        // Reduced here: mark it done for phase 2 (and never raise the own flag, so
+        // phase 2 cannot reduce it a second time). Else: flag the push.
+        st_release_sys(owner == p.rank && fuse ? done_ptr(p, parity, tile) : flag_ptr(p, owner, parity, p.rank, tile),
+                       epoch);
       }
     } else {
       __syncthreads();  // staging reads done before the next tile's loads
     }
   }
 
-  // ---- phase 2: reduce the tiles covering this rank's rows ----
+  // ---- phase 2: reduce the tiles covering this rank's rows not reduced in an epilogue ----
   if (p.world > 1) {
-    const int row_lo = p.rank * p.m_local, row_hi = row_lo + p.m_local;  // [row_lo, row_hi)
     const int tm_lo = row_lo / kTileM, tm_hi = (row_hi - 1) / kTileM;
     const int items = (tm_hi - tm_lo + 1) * tiles_n;
-    T* out = static_cast<T*>(p.out);
     for (int it = blockIdx.x; it < items; it += gridDim.x) {
       const int tm = tm_lo + it / tiles_n, tn = it % tiles_n;
       const int64_t tile = int64_t(tm) * tiles_n + tn;
-      bool bad = false;
-      if (tid < p.world) {  // thread s waits for source s
+      bool bad = false, skip = false;
+      if (tid < p.world) {  // thread s waits for source s, or for an epilogue that reduced the tile
         const uint32_t* f = flag_ptr(p, p.rank, parity, tid, tile);
+        const uint32_t* d = done_ptr(p, parity, tile);
         const uint64_t t0 = global_timer_ns();
-        while (static_cast<int32_t>(ld_acquire_sys(f) - epoch) < 0) {
+        while (!reached(ld_acquire_sys(f), epoch)) {
+          if (reached(ld_acquire_sys(d), epoch)) {
+            skip = true;
+            break;
+          }
           if (ld_volatile(p.state + kError) != kOk) {
             bad = true;
             break;
@@ -321,26 +390,12 @@ __global__ void __launch_bounds__(kThreads, 2) GemmRsKernel(const __grid_constan
           __nanosleep(128);
         }
       }
-      if (__syncthreads_or(bad)) continue;  // the call failed; check() reports it
+      if (__syncthreads_or(bad || skip)) continue;  // done already, or the call failed (check() says)
       const int r0 = max(tm * kTileM, row_lo), r1 = min(min(tm * kTileM + kTileM, p.m), row_hi);
       const int n0 = tn * kTileN;
       for (int id = tid; id < (r1 - r0) * (kTileN / 8); id += kThreads) {
         const int lr = r0 + (id >> 4) - row_lo, gc = n0 + (id & 15) * 8;
-        if (gc >= p.n) continue;
-        const int64_t off = int64_t(lr) * p.n + gc;
-        float sum[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (int s = 0; s < p.world; ++s) {
-          // .cg: peers wrote this memory during the call; never serve it from L1.
-          const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(slot_ptr<T>(p, p.rank, parity, s) + off));
-          T v[8];
-          memcpy(v, &raw, 16);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) sum[e] += to_float(v[e]);
-        }
-        Vec<T, 8> o;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o.v[e] = from_float<T>(sum[e]);
-        o.store(out + off);
+        if (gc < p.n) reduce_chunk<T>(p, parity, int64_t(lr) * p.n + gc, nullptr);
       }
     }
   }

@@ -14,6 +14,9 @@
 //         own contributions to e + 1, pushed only after call e finished here).
 //   flags [2 parities][W sources][max_tiles] uint32 at flags_offset (128-aligned)
 //         flag = epoch of the call that wrote the tile (monotone: never reset).
+//   done  [2 parities][max_tiles] uint32 at done_offset, read by this rank only:
+//         epoch of the call whose epilogue already reduced this rank's rows of
+//         the tile (then its own partial is never pushed, and phase 2 skips it).
 // Local state (not shared), int32 [kStateWords]:
 //   [0] epoch of the last finished call, [1] blocks done in the current call,
 //   [2] error code (0 ok, 1 timeout waiting for a peer), [3] source rank and
@@ -39,6 +42,7 @@ struct BufferLayout {
   int64_t slot_elems;    // m_local_max * n_max
   int64_t max_tiles;     // ceil(max_m / 128) * ceil(n_max / 128)
   int64_t flags_offset;  // bytes
+  int64_t done_offset;   // bytes
   int64_t total_bytes;
 };
 
@@ -49,7 +53,8 @@ inline BufferLayout buffer_layout(int64_t max_m, int64_t n_max, int64_t world, i
   l.max_tiles = ((max_m + kTileM - 1) / kTileM) * ((n_max + kTileN - 1) / kTileN);
   const int64_t data = 2 * world * l.slot_elems * elem_bytes;
   l.flags_offset = (data + 127) / 128 * 128;
-  l.total_bytes = l.flags_offset + 2 * world * l.max_tiles * 4;
+  l.done_offset = l.flags_offset + 2 * world * l.max_tiles * 4;
+  l.total_bytes = l.done_offset + 2 * l.max_tiles * 4;
   return l;
 }
 
@@ -63,6 +68,7 @@ struct GemmRsParams {
   int64_t ldb;
   int64_t slot_elems;       // BufferLayout
   int64_t flags_offset;
+  int64_t done_offset;
   int64_t max_tiles;
   uint64_t timeout_ns;      // a wait on a peer longer than this sets kTimeout
   int32_t m, n, k;

@@ -80,6 +80,7 @@ void gemm_reduce_scatter(const TensorView& a, const TensorView& b, const TensorV
   p.ldb = ldb;
   p.slot_elems = lay.slot_elems;
   p.flags_offset = lay.flags_offset;
+  p.done_offset = lay.done_offset;
   p.max_tiles = lay.max_tiles;
   p.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
   p.m = static_cast<int32_t>(M);

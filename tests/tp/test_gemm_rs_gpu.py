@@ -1,8 +1,10 @@
 """gemm_reduce_scatter kernel on the GPU (marked gpu; skipped without CUDA): one rank
 equals matmul; virtual ranks 2, 4 and 8 equal the reference for M not a multiple of
-the tile, M == world size, bf16/fp16 and both weight layouts; 100 repeated calls
-reuse the flags; CUDA-graph capture and replay; a peer that never arrives times out
-and is reported instead of hanging; real ranks on 2+ GPUs through symmetric memory."""
+the tile, M == world size, bf16/fp16 and both weight layouts, bitwise repeatably; 100
+repeated calls reuse the flags; CUDA-graph capture and replay; a late peer (phase-2
+reduction) gives the same bits as the epilogue reduction; a peer that never arrives
+times out and is reported instead of hanging; real ranks on 2+ GPUs through
+symmetric memory."""
 
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ def test_virtual_ranks_equal_reference(world, case, dtype, gen, cuda_device):
         torch.cuda.synchronize()
         eng.check()
         assert_gemm_rs_close(out, a, b, name=f"W={world} {case} {layout}")
+        assert torch.equal(eng(a, b), out)  # deterministic: fixed summation order
 
 
 def test_hundred_repeated_calls_reuse_flags(gen, cuda_device):
@@ -122,6 +125,30 @@ def test_peer_that_never_arrives_times_out(gen, cuda_device):
     res = eng(a, b)
     eng.check()
     assert_gemm_rs_close(res, a, b, name="after reset")
+
+
+def test_late_peer_takes_phase_two_with_the_same_bits(gen, cuda_device):
+    """Rank 0 starts alone, so its own tiles find rank 1's partials missing and leave the
+    reduction to phase 2 (which waits); rank 1 starts 50 ms later and reduces in its
+    epilogues. Both outputs must equal, bit for bit, a run where both ranks start together."""
+    world, dtype, M, K, N = 2, torch.bfloat16, 512, 256, 384
+    eng = tp.GemmReduceScatter.virtual(world, M, N, dtype, cuda_device, timeout_s=10)
+    a, b = _operands(gen, world, M, K, N, dtype, cuda_device)
+    together = eng(a, b)
+    torch.cuda.synchronize()
+    out = poisoned_empty((world, M // world, N), dtype, cuda_device)
+    streams = [torch.cuda.Stream(cuda_device) for _ in range(world)]
+    for r, s in enumerate(streams):
+        s.wait_stream(torch.cuda.current_stream(cuda_device))
+        if r == 1:
+            time.sleep(0.05)  # rank 0 is past its GEMM tiles and waiting in phase 2 by now
+        ops.ext().gemm_reduce_scatter(ops.dlpack(a[r]), ops.dlpack(b[r]), ops.dlpack(out[r]), ops.dlpack(eng.peers),
+                                      ops.dlpack(eng.state[r]), r, world, M, N, eng.workspace.shape[1],
+                                      eng.timeout_s, 8, s.cuda_stream)
+    torch.cuda.synchronize()
+    eng.check()
+    assert torch.equal(out, together)
+    assert_gemm_rs_close(out, a, b)
 
 
 def test_row_parallel_linear_one_rank(gen, cuda_device):

@@ -11,10 +11,13 @@ Per rank, for ``[M, K] x [K, N]`` partials in bf16 (2 bytes), world size ``W``:
   H100 SXM).
 * sequential (matmul, then NCCL reduce-scatter): ``gemm + nccl_latency + comm``.
 * fused (T3, csrc/tp/gemm_rs.cu): pushes start after the first tile wave and the
-  last one leaves after the last tile, so ``max(gemm, tile + comm)``; then one
-  flag round trip and the owner's reduction, which this kernel runs after its
-  GEMM tiles (an exposed tail): it reads ``W`` partial blocks of ``M / W x N``
-  and writes one, ``(1 + 1/W) * M * N * 2`` bytes at HBM speed.
+  last one leaves after the last tile. The owner's reduction (``R``: reading
+  ``W`` partial blocks of ``M / W x N`` and writing one, ``(1 + 1/W) * M * N * 2``
+  bytes at HBM speed) runs in the epilogues of its own tiles, which come last
+  in its order: the last ``1/W`` of the GEMM takes ``max(gemm / W, R)``. When the
+  link is the bottleneck the peers' partials arrive late and the reduction of
+  the last peer's share (``R / W``) trails the last arrival. So
+  ``fused = max(gemm (W-1)/W + max(gemm/W, R), tile + comm + R/W) + flag latency``.
 * hidden fraction: ``1 - (fused - gemm) / (sequential - gemm)``, the share of the
   sequential communication time the fused kernel removes.
 
@@ -65,12 +68,10 @@ class Prediction:
         return 1.0 - (self.fused_us - self.gemm_us) / exposed_seq if exposed_seq > 0 else 1.0
 
     @property
-    def hidden_fraction_without_tail(self) -> float:
-        """What a kernel that overlaps the owner's reduction with its GEMM (reduce fused
-        into the epilogue of the owner's own tiles) would hide: the tail removed."""
-        exposed_seq = self.sequential_us - self.gemm_us
-        fused = self.fused_us - self.reduce_us
-        return 1.0 - (fused - self.gemm_us) / exposed_seq if exposed_seq > 0 else 1.0
+    def bound_us(self) -> float:
+        """No schedule beats max(GEMM, communication): where the link is slower than the
+        GEMM (TP8 o_proj) communication cannot be fully hidden by any overlap."""
+        return max(self.gemm_us, self.comm_us)
 
     @property
     def speedup(self) -> float:
@@ -96,7 +97,9 @@ def predict(m: int, k: int, n: int, tp: int, machine: MachineModel = MachineMode
     comm_us = comm_bytes / (mc.link_gbps * mc.link_efficiency * 1e9) * 1e6
     reduce_us = (1 + 1 / tp) * m * n * e / (mc.hbm_gbps * 1e9) * 1e6
     sequential = gemm_us + mc.nccl_latency_us + comm_us
-    fused = max(gemm_us, tile_us + comm_us) + mc.flag_latency_us + reduce_us
+    compute_bound = gemm_us * (tp - 1) / tp + max(gemm_us / tp, reduce_us)
+    link_bound = tile_us + comm_us + reduce_us / tp
+    fused = max(compute_bound, link_bound) + mc.flag_latency_us
     return Prediction(tp, m, k, n, gemm_us, comm_us, tile_us, reduce_us, sequential, fused)
 
 
