@@ -90,6 +90,7 @@ def _sm_count(device_index: int) -> int:
 
 
 def _virtual_cuda(a, b, workspace, state, peers, max_m, n_max, timeout_s):
+    a, b = a.detach(), b.detach()  # DLPack refuses tensors that require grad (inference op)
     W, M, _ = a.shape
     N = b.shape[2]
     out = torch.empty((W, M // W, N), dtype=a.dtype, device=a.device)
@@ -222,6 +223,8 @@ class GemmReduceScatter:
             raise ValueError(f"expected timeout_s > 0, got {timeout_s!r}")
         if world > MAX_WORLD:
             raise ValueError(f"expected a world size <= {MAX_WORLD}, got {world}")
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current device
+            device = torch.device("cuda", torch.cuda.current_device())
         self.world_size, self.rank, self.max_m, self.n = world, rank, max_m, n
         self.dtype, self.device, self.timeout_s = dtype, device, float(timeout_s)
         self.check_every_call = check_every_call or os.environ.get("INFEROPS_TP_CHECK", "") not in ("", "0")
@@ -371,6 +374,7 @@ class GemmReduceScatter:
         return res
 
     def _call_symm_mem(self, a, b):
+        a, b = a.detach(), b.detach()  # DLPack refuses tensors that require grad (inference op)
         M, N = a.shape[0], b.shape[1]
         out = torch.empty((M // self.world_size, N), dtype=a.dtype, device=a.device)
         # The kernel spin-waits on peers, so it runs with every block resident (grid

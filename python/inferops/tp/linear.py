@@ -37,7 +37,8 @@ class RowParallelLinear(nn.Module):
     flattened to rows), ``tokens % W == 0``; returns ``[tokens / W, out_features]``:
     this rank's rows of ``x_full @ weight_full^T + bias``. ``path`` says which
     implementation runs ("symm_mem", "local", "fallback", "reference"), and
-    ``fallback_reason`` why the fused path is off.
+    ``fallback_reason`` why the fused path is off. Inference only: the fused paths
+    have no backward.
     """
 
     def __init__(self, in_features: int, out_features: int, group=None, *, bias: bool = True,
