@@ -26,6 +26,7 @@ BENCHMARKS = [
     ("linear_attention/bench_causal.py", "main"),
     ("moe/bench_moe_kernels.py", "main"),
     ("quant/bench_w4a16.py", "main"),
+    ("tp/bench_gemm_rs.py", "main"),
 ]
 
 

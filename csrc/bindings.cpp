@@ -24,6 +24,7 @@
 #include "linear_attention/linear_attention.h"
 #include "moe/moe.h"
 #include "quant/quant_w4a16.h"
+#include "tp/tp.h"
 #include "common/check.h"
 #include "common/tensor_view.h"
 
@@ -62,6 +63,7 @@ const std::vector<std::string> kCudaOps = {
     "unpermute",
     "w4a16_matmul",
     "int4_dequantize",
+    "gemm_reduce_scatter",
 #endif
 };
 
@@ -433,4 +435,25 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("group_size"),
       py::arg("stream"), "Packed int4 weights -> W [N, K] in the scales' dtype.");
+  namespace tp = inferops::tp;
+  m.def(
+      "gemm_reduce_scatter",
+      [](py::handle a, py::handle b, py::handle out, py::handle peers, py::handle state, int rank,
+         int world, int64_t max_m, int64_t n_max, int64_t buffer_bytes, double timeout_s, int num_blocks,
+         std::uintptr_t stream) {
+        tp::gemm_reduce_scatter(view_of(a, "a"), view_of(b, "b"), view_of(out, "out"), view_of(peers, "peers"),
+                                view_of(state, "state"), rank, world, max_m, n_max, buffer_bytes, timeout_s,
+                                num_blocks, stream);
+      },
+      py::arg("a"), py::arg("b"), py::arg("out"), py::arg("peers"), py::arg("state"), py::arg("rank"),
+      py::arg("world"), py::arg("max_m"), py::arg("n_max"), py::arg("buffer_bytes"), py::arg("timeout_s"),
+      py::arg("num_blocks"), py::arg("stream"),
+      "One rank's fused GEMM + reduce-scatter: tiles of a @ b pushed to their owners' symmetric buffers.");
+  m.def(
+      "gemm_rs_buffer_bytes",
+      [](int64_t max_m, int64_t n_max, int64_t world, int64_t elem_bytes) {
+        return tp::buffer_layout(max_m, n_max, world, elem_bytes).total_bytes;
+      },
+      py::arg("max_m"), py::arg("n_max"), py::arg("world"), py::arg("elem_bytes"),
+      "Bytes of one rank's symmetric buffer for gemm_reduce_scatter.");
 }

@@ -78,6 +78,10 @@ if want sanitizer && [ -z "${INFEROPS_SKIP_SANITIZER:-}" ] && command -v compute
     $PY -m pytest -m gpu tests/quant -q -p no:cacheprovider \
     -k "split_counts or unaligned or graph_capture or (dequantize_is_exact and 112) \
         or (both_paths and 17 and not 4096) or (cuda_fused_matches and 640 and (-3- or -65-))"
+  # tp: one rank only -- memcheck serialises kernels, so virtual ranks (which spin-wait
+  # on each other's kernels) would time out under it.
+  step memcheck_tp sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -m gpu tests/tp -q -p no:cacheprovider -k "one_rank_equals_matmul and 333"
 fi
 
 echo

@@ -9,7 +9,7 @@ kernels are not available (:func:`cuda_available` says why).
 """
 
 from ._core.extension import build_info, cuda_available, cuda_unavailable_reason
-from . import attention, linear_attention, moe, quant, reference  # noqa: E402  (registers the ops)
+from . import attention, linear_attention, moe, quant, reference, tp  # noqa: E402  (registers the ops)
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "moe",
     "quant",
     "reference",
+    "tp",
     "build_info",
     "cuda_available",
     "cuda_unavailable_reason",
