@@ -291,3 +291,196 @@ def test_cuda_int4_weight_moves_between_devices(gen, cuda_device):
     _check(w4a16_matmul(x.to(cuda_device), wc), x.to(cuda_device), wc, None, "moved")
     with pytest.raises(ValueError, match="expected `w` on the device of `x`"):
         w4a16_matmul(x, wc)
+
+
+# --- CPU emulation of the kernels' index math (csrc/quant/w4a16.cu) ---------------------------
+# Lane by lane, what W4A16GemmKernel and Int4DequantKernel load, compute and store: the packed
+# 16-byte loads, the lop3 magic-number dequantization (bit for bit in fp16 / bf16), the A / B /
+# C fragments placed by the PTX ISA's m16n8k16 definitions (independent of the packing code),
+# the per-warp k-ranges and scale groups, the cross-warp and cluster (split-K) reductions.
+# A wrong lane, half, shift, group or slice here gives O(1) errors, not rounding noise.
+
+_MAGIC = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
+
+
+def _ptx_a(lane, reg, half):
+    """(row, k) of A element i = 2 reg + half of mma.m16n8k16 (.row, 16-bit types)."""
+    i = 2 * reg + half
+    return lane // 4 + (8 if i % 4 >= 2 else 0), (lane % 4) * 2 + (i & 1) + (8 if i >= 4 else 0)
+
+
+def _ptx_b(lane, reg, half):
+    """(k, n) of B element i = 2 reg + half (.col)."""
+    i = 2 * reg + half
+    return (lane % 4) * 2 + (i & 1) + (8 if i >= 2 else 0), lane // 4
+
+
+def _ptx_c(lane, i):
+    """(row, n) of C element i (f32 accumulators)."""
+    return lane // 4 + (8 if i >= 2 else 0), (lane % 4) * 2 + (i & 1)
+
+
+def _emu_dequant_pair(word, z, s, dtype):
+    """dequant_pair<T>: lop3 (w & 0x000f000f) | magic, then (v - (magic + z)) * s in T2
+    arithmetic (each op rounds to T once). word: int64 [L]; z, s: [L] of T. -> [L, 2] T."""
+    magic, magic_value = _MAGIC[dtype]
+    v = (word & 0x000F000F) | (magic | (magic << 16))
+    h = torch.stack([v & 0xFFFF, v >> 16], -1).to(torch.int16).view(dtype)
+    zm = (z.float() + magic_value).to(dtype)  # from_float(kMagicValue + z)
+    d = (h.float() - zm.float()[:, None]).to(dtype)  # __hsub2
+    return (d.float() * s.float()[:, None]).to(dtype)  # __hmul2
+
+
+def _emu_load_group(scales, zeros, g, col):
+    """load_group: scale and zero point of columns col + 8 j (col = n0 + gid per lane)."""
+    N = scales.shape[1]
+    flat_s = scales.reshape(-1)
+    s = torch.stack([flat_s[g * N + col + 8 * j] for j in range(8)], -1)  # [L, 8]
+    if zeros is None:
+        z = torch.full_like(s, 8)
+    else:
+        z = torch.stack([zeros.reshape(-1)[g * N + col + 8 * j] for j in range(8)], -1)
+    return s, z
+
+
+def _emu_gemm(x, qweight, scales, zeros, bias, group_size, splits):
+    """W4A16GemmKernel + launch_gemm, in float64 before the final rounding."""
+    M, K = x.shape
+    N = scales.shape[1]
+    dtype = x.dtype
+    kMT = 1 if M <= 16 else 2 if M <= 32 else 4  # launch_w4a16_matmul
+    kRows = 16 * kMT
+    words = qweight.reshape(-1).to(torch.int64) & 0xFFFFFFFF  # uint4 v = words[4 v .. 4 v + 3]
+    lane = torch.arange(32)
+    gid, tig = lane // 4, lane % 4
+    kt_total = K // 16
+    slices = splits * 4
+    w_row = N // 2
+    out = torch.full((M, N), float("nan"), dtype=torch.float64)
+    written = torch.zeros(M, N, dtype=torch.int64)
+    for bz in range(-(-M // kRows)):
+        m0 = bz * kRows
+        rows = min(M - m0, kRows)
+        for bx in range(N // 64):
+            n0 = bx * 64
+            cta_sum = []  # per rank: warp 0's slot after the CTA sum, [kRows, 64]
+            for by in range(splits):
+                red = torch.zeros(4, kRows, 64, dtype=torch.float64)
+                for warp in range(4):
+                    slice_ = by * 4 + warp
+                    kt_begin = kt_total * slice_ // slices
+                    kt_end = kt_total * (slice_ + 1) // slices
+                    acc = torch.zeros(32, kMT, 8, 4, dtype=torch.float64)
+                    for kt in range(kt_begin, kt_end):
+                        vec = kt * w_row + n0 // 2 + lane  # wq + kt * w_row
+                        q = torch.stack([words[4 * vec + e] for e in range(4)], -1)  # [32, 4]
+                        g = kt * 16 // group_size
+                        s, z = _emu_load_group(scales, zeros, g, n0 + gid)
+                        kk = kt * 16
+                        for mt in range(kMT):
+                            A = torch.zeros(16, 16, dtype=torch.float64)
+                            for reg in range(4):
+                                h = reg % 2  # xrow[mt][h]: row gid + 8 h; regs 2, 3 at k + 8
+                                r = m0 + mt * 16 + gid + 8 * h
+                                kcol = kk + 2 * tig + (8 if reg >= 2 else 0)
+                                for half in range(2):
+                                    val = torch.where(r < M, x[r.clamp(max=M - 1), kcol + half].double(),
+                                                      torch.zeros(32, dtype=torch.float64))
+                                    for ln in range(32):
+                                        ar, ak = _ptx_a(ln, reg, half)
+                                        A[ar, ak] = val[ln]
+                            for w in range(4):
+                                for b1 in range(2):
+                                    j = 2 * w + b1
+                                    B = torch.zeros(16, 8, dtype=torch.float64)
+                                    for reg, shift in ((0, 8 * b1), (1, 8 * b1 + 4)):
+                                        pair = _emu_dequant_pair(q[:, w] >> shift, z[:, j], s[:, j], dtype)
+                                        for half in range(2):
+                                            for ln in range(32):
+                                                bk, bn = _ptx_b(ln, reg, half)
+                                                B[bk, bn] = pair[ln, half].double()
+                                    C = A @ B
+                                    for ln in range(32):
+                                        for i in range(4):
+                                            cr, cn = _ptx_c(ln, i)
+                                            acc[ln, mt, j, i] += C[cr, cn]
+                    # Stores into this warp's slot: row mt * 16 + gid (+ 8), column j * 8 + 2 tig (+ 1).
+                    for ln in range(32):
+                        for mt in range(kMT):
+                            for j in range(8):
+                                r, c = mt * 16 + ln // 4, j * 8 + 2 * (ln % 4)
+                                red[warp, r, c:c + 2] = acc[ln, mt, j, 0:2]
+                                red[warp, r + 8, c:c + 2] = acc[ln, mt, j, 2:4]
+                cta = red[0].clone()
+                for w in range(1, 4):
+                    cta += red[w]
+                cta_sum.append(cta)
+            total = rows * 64
+            per = -(-total // splits)
+            for rank in range(splits):  # DSMEM reduction: rank's slice, splits summed in rank order
+                for i in range(rank * per, min((rank + 1) * per, total)):
+                    r, c = i // 64, i % 64
+                    v = 0.0
+                    for sp in range(splits):
+                        v += float(cta_sum[sp][r, c])
+                    if bias is not None:
+                        v += float(bias[n0 + c])
+                    out[m0 + r, n0 + c] = v
+                    written[m0 + r, n0 + c] += 1
+    assert torch.all(written == 1), "an output element is written twice or never"
+    return out
+
+
+def _emu_dequantize(qweight, scales, zeros, group_size):
+    """Int4DequantKernel: one thread per packed uint4, bit for bit."""
+    KT, N2 = qweight.shape
+    N, K = N2 // 2, KT * 16
+    dtype = scales.dtype
+    nblocks = N // 64
+    words = qweight.reshape(-1).to(torch.int64) & 0xFFFFFFFF
+    out = torch.full((N, K), float("nan"), dtype=dtype)
+    written = torch.zeros(N, K, dtype=torch.int64)
+    i = torch.arange(KT * nblocks * 32)
+    lane = i & 31
+    tile = i >> 5
+    kt, nb = tile // nblocks, tile % nblocks
+    gid, tig = lane // 4, lane % 4
+    q = torch.stack([words[4 * i + e] for e in range(4)], -1)
+    n_lane = nb * 64 + gid
+    g = kt * 16 // group_size
+    s, z = _emu_load_group(scales, zeros, g, n_lane)
+    k = kt * 16 + 2 * tig
+    for w in range(4):
+        for b1 in range(2):
+            j = 2 * w + b1
+            lo = _emu_dequant_pair(q[:, w] >> (8 * b1), z[:, j], s[:, j], dtype)
+            hi = _emu_dequant_pair(q[:, w] >> (8 * b1 + 4), z[:, j], s[:, j], dtype)
+            n = n_lane + 8 * j
+            for col, vals in ((k, lo[:, 0]), (k + 1, lo[:, 1]), (k + 8, hi[:, 0]), (k + 9, hi[:, 1])):
+                out[n, col] = vals
+                written[n, col] += 1
+    assert torch.all(written == 1), "an output element is written twice or never"
+    return out
+
+
+EMU_CASES = [  # M, K, N, group, symmetric, splits
+    (20, 512, 128, 64, False, 3),  # 32-row kernel, warps' k-ranges cross 64-groups
+    (5, 384, 192, -1, True, 7),  # per-channel; 28 warp slices for 24 k-tiles: empty warps
+    (40, 256, 64, 128, False, 2),  # 64-row kernel, rows 40..63 of the block absent
+    (3, 128, 64, 128, True, 1),  # no cluster
+]
+
+
+@pytest.mark.parametrize("M,K,N,group,symmetric,splits", EMU_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_emulation_matches_reference(M, K, N, group, symmetric, splits, dtype, gen):
+    w = _weight(gen, N, K, group, symmetric, dtype)
+    # Scales spanning fp16 subnormals / large magnitudes too: the product still rounds once.
+    w.scales[0, :4] = torch.tensor([2.0**-20, 3.0**-9, 1000.0, 1.0]).to(dtype)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = (torch.randn(N, generator=gen) * 0.5).to(dtype) if M % 2 else None
+    deq = _emu_dequantize(w.qweight, w.scales, w.zeros, w.group_len)
+    assert torch.equal(deq, ref.dequantize(w.qweight, w.scales, w.zeros, w.group_len))
+    got = _emu_gemm(x, w.qweight, w.scales, w.zeros, bias, w.group_len, splits)
+    expect = _ref64(x, w, bias)
+    assert torch.allclose(got, expect, rtol=1e-12, atol=1e-12 * expect.abs().max().item())
