@@ -100,6 +100,8 @@ void int4_dequantize(const TensorView& qweight, const TensorView& scales, const 
   out.expect_shape("out", {s.n, s.k});
   out.expect_contiguous("out");
   out.expect_writable("out");
+  // The kernel stores (k, k + 1) pairs as one 32-bit word: a 2-byte-offset view would fault.
+  INFEROPS_CHECK_ARG(reinterpret_cast<std::uintptr_t>(out.data()) % 4 == 0, "expected a 4-byte aligned `out`");
   qweight.expect_cuda("qweight");
   scales.expect_same_device("scales", qweight, "qweight");
   out.expect_same_device("out", qweight, "qweight");

@@ -145,6 +145,9 @@ def test_cpp_checks_run_before_any_launch(gen):
     with pytest.raises(ValueError, match="`scales`"):
         ext.int4_dequantize(d(w.qweight), d(w.scales[:1].contiguous()), None,
                             d(torch.empty(128, 256, dtype=torch.bfloat16)), 128, 0)
+    buf = torch.empty(128 * 256 + 1, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="4-byte aligned `out`"):
+        ext.int4_dequantize(d(w.qweight), d(w.scales), None, d(buf[1:].view(128, 256)), 128, 0)
     # Valid arguments on CPU tensors: the CUDA-device check (or the host-only build) raises.
     with pytest.raises((ValueError, RuntimeError), match="CUDA|cuda"):
         ext.w4a16_matmul(d(x), d(w.qweight), d(w.scales), None, None, d(out), 128, 1, 0)
