@@ -5,5 +5,7 @@ tests run them in float64). One module per family, same names as the ops.
 """
 
 from . import attention, linear_attention, moe
+from . import quant_w8a8  # noqa: E402
 
 __all__ = ["attention", "linear_attention", "moe"]
+__all__ += ["quant_w8a8"]
