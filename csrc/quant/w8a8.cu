@@ -17,10 +17,11 @@
 //     m16n8k32 has the same byte layout as the 16 x 16 fp16 fragment of m16n8k16.
 //   - Epilogue in fp32 straight from registers: acc * x_scale[m] * w_scale[n] + bias[n],
 //     stored as fp16/bf16 pairs.
-//   Limits: mma.sync (not wgmma/TMA) tops out well below Hopper's 8-bit peak (~60-70%
-//   of it at best for this tile); registers: 125 (INT8, 2 blocks/SM) and 136 (FP8, 1
-//   block/SM: capping it at 128 spills); M <= 64 wastes most of the 128-row tile (decode-sized
-//   W8A8 is not this kernel's target). One tile configuration is compiled.
+//   Limits: mma.sync (not wgmma + TMA) reaches at most ~75% of Hopper's tensor peak
+//   (docs/quant.md), this untuned tile less; cuBLAS-class FP8 rates need wgmma.
+//   Registers: 125 (INT8, 2 blocks/SM) and 136 (FP8, 1 block/SM: capping it at 128
+//   spills). M <= 64 wastes most of the 128-row tile (decode-sized W8A8 is not this
+//   kernel's target). One tile configuration is compiled.
 //
 // QuantizePerTokenKernel<T, Q>: one block per row: amax (16-byte loads), block max,
 //   scale = max(amax / qmax, 1e-10), q = rne(x / scale) with IEEE division, so results

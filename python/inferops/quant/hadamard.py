@@ -34,6 +34,7 @@ import math
 import torch
 
 from .._core import ops
+from .._core.demos import Demo, register_demo
 from ..reference import quant_w8a8 as ref
 from ..validation import check_dtype, check_tensor
 
@@ -210,10 +211,7 @@ def _check_x(x, n_name="x"):
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous() or x2.data_ptr() % 16:
-        x2 = x2.contiguous() if not x2.is_contiguous() else x2.clone()
-    return x2
+    return x.reshape(-1, x.shape[-1]).contiguous()
 
 
 def kernel_smem_bytes(n: int) -> int:
@@ -238,6 +236,8 @@ def _hadamard_cuda(x: torch.Tensor, out_dtype: str):
     m, _ = hadamard_factorization(n)
     if not _kernel_ok(n, x.device):
         return _hadamard_ref(x, out_dtype)
+    if x.data_ptr() % 16:  # the kernel loads 16-byte vectors
+        x = x.clone()
     qdt = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "none": x.dtype}[out_dtype]
     out = torch.empty(x.shape, dtype=qdt, device=x.device)
     scale = torch.empty(x.shape[0] if out_dtype != "none" else 0, dtype=torch.float32, device=x.device)
@@ -296,3 +296,21 @@ def hadamard_quantize(x: torch.Tensor, dtype: torch.dtype | None = None):
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """``x @ H_n / sqrt(n)`` per token in x's dtype (``hadamard_quantize(x, None)[0]``)."""
     return hadamard_quantize(x, None)[0]
+
+
+# --- main-job demo --------------------------------------------------------------------------
+
+
+def _demo_shape(device):
+    return (4096, 14336) if device.type == "cuda" else (8, 14336)
+
+
+register_demo(Demo(
+    op="hadamard_quantize",
+    sizes=lambda d: "rotate only, M={} n={} (28*512)".format(*_demo_shape(d)),
+    make_inputs=lambda d, g: (torch.randn(*_demo_shape(d), generator=g).to(d).bfloat16(),),
+    run=hadamard_transform,
+    baseline=ref.hadamard_transform,
+    reference64=lambda x: ref.hadamard_rotate(x, compute_dtype=torch.float64),
+    dtype=torch.bfloat16,
+))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .._core import ops
+from .._core.demos import Demo, register_demo
 from ..reference import quant_w8a8 as ref
 from ..validation import check_dtype, check_same_device, check_shape, check_tensor
 
@@ -25,13 +26,10 @@ _OUT_CODE = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _CODE_OUT = {v: k for k, v in _OUT_CODE.items()}
 
 
-def _rows16(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous with a 16-byte aligned base (the kernels load rows with 16-byte vectors)."""
-    if not t.is_contiguous():
-        t = t.contiguous()
-    if t.data_ptr() % 16:
-        t = t.clone()
-    return t
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (contiguous) with a 16-byte aligned base: the kernels load rows with 16-byte
+    vectors. Called inside the CUDA implementations (data_ptr is not traceable)."""
+    return t.clone() if t.data_ptr() % 16 else t
 
 
 # --- quantize_per_token --------------------------------------------------------------------
@@ -39,6 +37,7 @@ def _rows16(t: torch.Tensor) -> torch.Tensor:
 
 def _quant_cuda(x: torch.Tensor, dtype: str):
     qdt = _CODE_DTYPE[dtype]
+    x = _aligned16(x)
     q = torch.empty(x.shape, dtype=qdt, device=x.device)
     scale = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     if x.numel() > 0:
@@ -80,7 +79,7 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8):
     if x.dim() < 1:
         raise ValueError("expected `x` with at least 1 dim [..., K], got a 0-dim tensor")
     lead, k = x.shape[:-1], x.shape[-1]
-    q, s = torch.ops.inferops.quantize_per_token(_rows16(x.reshape(-1, k)), _DTYPE_CODE[dtype])
+    q, s = torch.ops.inferops.quantize_per_token(x.reshape(-1, k).contiguous(), _DTYPE_CODE[dtype])
     return q.reshape(*lead, k), s.reshape(lead)
 
 
@@ -102,6 +101,7 @@ def quantize_weight_per_channel(w: torch.Tensor, dtype: torch.dtype = torch.int8
 
 def _mm_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     M, N = x_q.shape[0], w_q.shape[0]
+    x_q, w_q = _aligned16(x_q), _aligned16(w_q)
     out = torch.empty((M, N), dtype=_CODE_OUT[out_dtype], device=x_q.device)
     if M > 0 and N > 0:
         ops.ext().w8a8_matmul(ops.dlpack(x_q), ops.dlpack(x_scale), ops.dlpack(w_q), ops.dlpack(w_scale),
@@ -170,6 +170,50 @@ def w8a8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
         devs["bias"] = bias
     check_same_device(devs)
     b = None if bias is None else bias.detach().float().contiguous()
-    y = torch.ops.inferops.w8a8_matmul(_rows16(x_q.reshape(-1, K)), x_scale.reshape(-1).contiguous(),
-                                       _rows16(w_q), w_scale.contiguous(), b, _OUT_CODE[out_dtype])
+    y = torch.ops.inferops.w8a8_matmul(x_q.reshape(-1, K).contiguous(), x_scale.reshape(-1).contiguous(),
+                                       w_q.contiguous(), w_scale.contiguous(), b, _OUT_CODE[out_dtype])
     return y.reshape(*lead, N)
+
+
+# --- main-job demos -------------------------------------------------------------------------
+
+
+def _demo_mkn(device):
+    return (4096, 4096, 4096) if device.type == "cuda" else (64, 256, 128)
+
+
+def _demo_mm_inputs(device, g):
+    M, K, N = _demo_mkn(device)
+    x = torch.randn(M, K, generator=g).to(device)
+    w = torch.randn(N, K, generator=g).to(device) * 0.05
+    x_q, xs = ref.quantize_per_token(x, torch.float8_e4m3fn)
+    w_q, ws = ref.quantize_per_token(w, torch.float8_e4m3fn)
+    return x_q, xs, w_q, ws, torch.bfloat16, (torch.randn(N, generator=g) * 0.1).to(device)
+
+
+register_demo(Demo(
+    op="w8a8_matmul",
+    sizes=lambda d: "fp8 M={} K={} N={}".format(*_demo_mkn(d)),
+    make_inputs=_demo_mm_inputs,
+    run=w8a8_matmul,
+    baseline=ref.w8a8_matmul,
+    reference64=lambda xq, xs, wq, ws, od, b: ref.w8a8_matmul(xq, xs, wq, ws, torch.float64, b,
+                                                              compute_dtype=torch.float64),
+    dtype=torch.bfloat16,
+))
+
+
+def _demo_quant_inputs(device, g):
+    M, K, _ = _demo_mkn(device)
+    return (torch.randn(M, K, generator=g).to(device).bfloat16(), torch.int8)
+
+
+register_demo(Demo(
+    op="quantize_per_token",
+    sizes=lambda d: "int8 M={} K={}".format(*_demo_mkn(d)[:2]),
+    make_inputs=_demo_quant_inputs,
+    run=quantize_per_token,
+    baseline=ref.quantize_per_token,
+    reference64=lambda x, dt: tuple(t.double() for t in ref.quantize_per_token(x, dt)),
+    dtype=torch.float64,  # bit-exact: same IEEE operations as the reference
+))
