@@ -6,19 +6,23 @@ import math
 
 import pytest
 import torch
-from torch.utils.dlpack import to_dlpack
-
 from inferops._core.extension import extension
-from inferops.quant import hadamard_matrix, hadamard_quantize, hadamard_transform, supported_hadamard_sizes
+from inferops.quant import (
+    hadamard_matrix,
+    hadamard_quantize,
+    hadamard_transform,
+    supported_hadamard_sizes,
+)
 from inferops.quant.hadamard import DENSE_ORDERS, dense_factor, hadamard_factorization
 from inferops.reference import quant_w8a8 as ref
 from inferops.testing import Tolerance, assert_close, poison_, randn
+from torch.utils.dlpack import to_dlpack
 
 FP8 = torch.float8_e4m3fn
 MODEL_SIZES = [4096, 5120, 8192, 11008, 13824, 14336, 28672]
 POW2 = [1 << k for k in range(1, 16)]
 # Every m * 2^k combination the docs promise (2^k >= 1 up to the n <= 32768 limit).
-COMBOS = sorted({m << k for m in DENSE_ORDERS for k in range(0, 12) if (m << k) <= 32768})
+COMBOS = sorted({m << k for m in DENSE_ORDERS for k in range(12) if (m << k) <= 32768})
 ALL_SIZES = sorted(set(POW2) | set(COMBOS))
 DENSE_CHECK_MAX = 2048  # H H^T = n I checked densely up to here (n^3 flops on the CPU)
 

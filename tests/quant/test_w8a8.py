@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.dlpack import to_dlpack
-
 from inferops._core.extension import extension
 from inferops.quant import quantize_per_token, quantize_weight_per_channel, w8a8_matmul
 from inferops.reference import quant_w8a8 as ref
 from inferops.testing import Tolerance, assert_close, poison_, randn
+from torch.utils.dlpack import to_dlpack
 
 FP8 = torch.float8_e4m3fn
 QDTYPES = [torch.int8, FP8]

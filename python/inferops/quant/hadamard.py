@@ -41,12 +41,12 @@ from ..validation import check_dtype, check_tensor
 __all__ = [
     "DENSE_ORDERS",
     "MAX_HADAMARD_N",
-    "hadamard_factorization",
     "dense_factor",
+    "hadamard_factorization",
     "hadamard_matrix",
-    "supported_hadamard_sizes",
-    "hadamard_transform",
     "hadamard_quantize",
+    "hadamard_transform",
+    "supported_hadamard_sizes",
 ]
 
 # Orders of the dense factors (Paley I, q = m - 1).
@@ -122,7 +122,7 @@ def _paley_matrix(m):
     return s + torch.eye(q + 1, dtype=torch.long)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dense_factor(m: int) -> torch.Tensor:
     if m == 1:
         return torch.ones(1, 1, dtype=torch.int8)
@@ -189,7 +189,7 @@ def _dense_factor_for_kernel(m: int, device: torch.device) -> torch.Tensor:
     return _dense_factor_cached(m, str(device))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dense_factor_cached(m: int, device: str) -> torch.Tensor:
     return _dense_factor(m).to(device).contiguous()
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..validation import check_tensor
 from .hadamard import hadamard_matrix
 
-__all__ = ["fuse_rotation", "rotate_input", "random_hadamard_matrix", "check_orthogonal"]
+__all__ = ["check_orthogonal", "fuse_rotation", "random_hadamard_matrix", "rotate_input"]
 
 
 def check_orthogonal(name: str, r: torch.Tensor, atol: float = 1e-4) -> None:

@@ -12,8 +12,13 @@ from .._core.demos import Demo, register_demo
 from ..reference import quant_w8a8 as ref
 from ..validation import check_dtype, check_same_device, check_shape, check_tensor
 
-__all__ = ["quantize_per_token", "w8a8_matmul", "quantize_weight_per_channel", "W8A8_DTYPES",
-           "W8A8_K_ALIGN"]
+__all__ = [
+    "W8A8_DTYPES",
+    "W8A8_K_ALIGN",
+    "quantize_per_token",
+    "quantize_weight_per_channel",
+    "w8a8_matmul",
+]
 
 W8A8_DTYPES = (torch.int8, torch.float8_e4m3fn)
 W8A8_K_ALIGN = 16  # K % 16 == 0: whole 16-byte cp.async chunks of 8-bit rows

@@ -4,8 +4,7 @@ Written for clarity, computed in float32 by default (``compute_dtype`` lets
 tests run them in float64). One module per family, same names as the ops.
 """
 
-from . import attention, linear_attention, moe
-from . import quant_w8a8  # noqa: E402
+from . import attention, linear_attention, moe, quant_w8a8
 
 __all__ = ["attention", "linear_attention", "moe"]
 __all__ += ["quant_w8a8"]

@@ -25,13 +25,13 @@ import torch
 
 __all__ = [
     "SCALE_MIN",
-    "qmax",
-    "quantize_per_token",
     "dequantize_per_token",
-    "w8a8_matmul",
+    "hadamard_quantize",
     "hadamard_rotate",
     "hadamard_transform",
-    "hadamard_quantize",
+    "qmax",
+    "quantize_per_token",
+    "w8a8_matmul",
 ]
 
 SCALE_MIN = 1e-10
@@ -90,7 +90,10 @@ def hadamard_rotate(x: torch.Tensor, *, compute_dtype=torch.float32) -> torch.Te
     """``x @ H_n / sqrt(n)`` over the last dim in ``compute_dtype`` through the factorization
     ``H_n = kron(H_m, H_{2^k})``: the row as ``X [m, 2^k]`` becomes ``H_m^T X H_{2^k}``
     (O(n (log n + m)) work, no ``[n, n]`` matrix)."""
-    from ..quant.hadamard import dense_factor, hadamard_factorization  # lazy: avoids an import cycle
+    from ..quant.hadamard import (  # lazy: avoids an import cycle
+        dense_factor,
+        hadamard_factorization,
+    )
 
     n = x.shape[-1]
     m, p = hadamard_factorization(int(n))
