@@ -25,6 +25,8 @@ BENCHMARKS = [
     ("linear_attention/bench_sla.py", "main"),
     ("linear_attention/bench_causal.py", "main"),
     ("moe/bench_moe_kernels.py", "main"),
+    ("quant/bench_w8a8.py", "main"),
+    ("quant/bench_hadamard.py", "main"),
 ]
 
 
