@@ -230,7 +230,7 @@ def test_cuda_matmul_writes_every_output(qdtype, gen, cuda_device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("mk", [(1, 4096), (37, 11008), (300, 14336), (5, 100), (3, 7)])
+@pytest.mark.parametrize("mk", [(1, 4096), (37, 11008), (300, 14336), (5, 100), (3, 7)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_cuda_quantize_bit_exact(mk, dtype, qdtype, gen, cuda_device):
     M, K = mk
     x = randn((M, K), dtype, cuda_device, gen, 4.0)
