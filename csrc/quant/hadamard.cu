@@ -8,17 +8,20 @@
 //      warp with __shfl_xor (a warp owns 256 consecutive elements, and butterflies never
 //      leave a P-aligned chunk). The fp32 row then goes to shared memory.
 //   2. Stages h >= 256 in shared memory, one __syncthreads each (log2(P) - 8 of them).
-//   3. Dense factor over the kM chunks, Y[c, d] = sum_a H_m[a, c] X[a, d], on fp32 FMA:
-//      kM * n FMAs per row (kM = 28 at n = 14336: 0.4 M; kM = 344 at n = 11008: 3.8 M,
-//      which makes 11008 compute bound on CUDA cores, ~10x a copy of x; tensor cores
+//   3. Dense factor over the kM chunks, Y[c, d] = sum_a H_m[a, c] X[a, d], on CUDA cores:
+//      kM * n operations per row (kM = 28 at n = 14336: 0.4 M; kM = 344 at n = 11008:
+//      3.8 M, which makes 11008 compute bound, several times a copy of x; tensor cores
 //      would be the next step). kM <= 28: a thread owns whole columns d (kM values in
-//      registers), H_m in shared memory as fp32, result written in place. kM = 108 / 344:
-//      work items are (4 outputs, column) pairs so all 256 threads are busy even when
-//      P = 32; H_m is kept as int8 in shared memory (344^2 = 116 KiB) and the result goes
-//      to a second fp32 buffer.
+//      registers) and H_m comes in the kernel parameters (HadamardSmallFactor): fully
+//      unrolled, each FMA reads its +-1 from the constant cache, no shared-memory load
+//      competes with the FMAs; the result is written in place. kM = 108 / 344: work items
+//      are (4 outputs, column) pairs so all 256 threads are busy even when P = 32; H_m is
+//      kept as int8 in shared memory (344^2 = 116 KiB; fp32 would not fit) and applied by
+//      flipping the sign bit of x (shift + LOP3 + FADD: int8 -> float conversions run at
+//      a quarter of the FMA rate); the result goes to a second fp32 buffer.
 //   4. amax of the scaled result (block reduction), scale = max(amax / qmax, 1e-10), and
 //      the quantized (or rounded fp16/bf16) row written with 8-element vector stores.
-// Shared memory (dynamic): kM <= 28: 4 n + 4 kM^2 bytes (28672: 115 KiB);
+// Shared memory (dynamic): kM <= 28: 4 n bytes (28672: 112 KiB);
 //                         kM > 28:  8 n + kM^2 bytes (11008 = 344 * 32: 202 KiB).
 // Rotation values stay fp32 until the final rounding; results differ from the PyTorch
 // reference only by fp32 summation order.
@@ -35,7 +38,7 @@ namespace inferops::quant {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kRegMaxM = 28;  // largest dense order whose column fits in registers
+constexpr int kRegMaxM = kHadamardParamMaxM;  // largest order with H_m in the parameters
 
 template <typename O>
 struct OutTraits {  // fp16 / bf16 output: no quantization
@@ -74,7 +77,8 @@ __device__ __forceinline__ float block_max(float v, float* red) {
 }
 
 template <typename T, int kM, typename OutT>
-__global__ void __launch_bounds__(kThreads) HadamardQuantizeKernel(const __grid_constant__ HadamardParams p) {
+__global__ void __launch_bounds__(kThreads)
+    HadamardQuantizeKernel(const __grid_constant__ HadamardParams p, const __grid_constant__ HadamardSmallFactor f) {
   extern __shared__ __align__(16) float smem[];
   __shared__ float red[32];
   const int n = p.n;
@@ -84,13 +88,10 @@ __global__ void __launch_bounds__(kThreads) HadamardQuantizeKernel(const __grid_
   const T* x = static_cast<const T*>(p.x) + row * n;
   const int lane = threadIdx.x & 31;
 
-  // Stage H_m (before the first barrier below).
-  float* hs_f = xs + n;                                       // kM <= 28: [kM][kM] fp32
-  float* ys = xs + n;                                         // kM > 28: [n] fp32 result
-  int8_t* hs_i = reinterpret_cast<int8_t*>(xs + 2 * n);       // kM > 28: [kM][kM] int8
-  if constexpr (kM > 1 && kM <= kRegMaxM) {
-    for (int i = threadIdx.x; i < kM * kM; i += kThreads) hs_f[i] = float(p.hm[i]);
-  } else if constexpr (kM > kRegMaxM) {
+  // Stage H_m for the large orders (before the first barrier below).
+  float* ys = xs + n;                                    // kM > 28: [n] fp32 result
+  int8_t* hs_i = reinterpret_cast<int8_t*>(xs + 2 * n);  // kM > 28: [kM][kM] int8
+  if constexpr (kM > kRegMaxM) {
     for (int i = threadIdx.x * 16; i < kM * kM; i += kThreads * 16) {  // kM^2 % 16 == 0 for 108, 344
       *reinterpret_cast<uint4*>(hs_i + i) = *reinterpret_cast<const uint4*>(p.hm + i);
     }
@@ -165,11 +166,11 @@ __global__ void __launch_bounds__(kThreads) HadamardQuantizeKernel(const __grid_
       float col[kM];
 #pragma unroll
       for (int a = 0; a < kM; ++a) col[a] = xs[a * P + d];
-#pragma unroll 4
+#pragma unroll
       for (int c = 0; c < kM; ++c) {
         float acc = 0.f;
 #pragma unroll
-        for (int a = 0; a < kM; ++a) acc = fmaf(hs_f[a * kM + c], col[a], acc);
+        for (int a = 0; a < kM; ++a) acc = fmaf(f.h[a * kM + c], col[a], acc);
         const float y = acc * inv;
         xs[c * P + d] = y;  // this thread is the only reader of column d
         amax = fmaxf(amax, fabsf(y));
@@ -183,12 +184,13 @@ __global__ void __launch_bounds__(kThreads) HadamardQuantizeKernel(const __grid_
       float acc[kCB] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 4
       for (int a = 0; a < kM; ++a) {
-        const float xv = xs[a * P + d];
-        const char4 h4 = *reinterpret_cast<const char4*>(hs_i + a * kM + cb * kCB);
-        acc[0] = fmaf(float(h4.x), xv, acc[0]);
-        acc[1] = fmaf(float(h4.y), xv, acc[1]);
-        acc[2] = fmaf(float(h4.z), xv, acc[2]);
-        acc[3] = fmaf(float(h4.w), xv, acc[3]);
+        // Byte j of w is H_m[a][4 cb + j] (0x01 or 0xff); its bit 7 becomes x's sign flip.
+        const uint32_t xb = __float_as_uint(xs[a * P + d]);
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(hs_i + a * kM + cb * kCB);
+        acc[0] += __uint_as_float(xb ^ ((w << 24) & 0x80000000u));
+        acc[1] += __uint_as_float(xb ^ ((w << 16) & 0x80000000u));
+        acc[2] += __uint_as_float(xb ^ ((w << 8) & 0x80000000u));
+        acc[3] += __uint_as_float(xb ^ (w & 0x80000000u));
       }
 #pragma unroll
       for (int j = 0; j < kCB; ++j) {
@@ -221,10 +223,10 @@ __global__ void __launch_bounds__(kThreads) HadamardQuantizeKernel(const __grid_
   }
 }
 
-int smem_bytes(int m, int n) { return m <= kRegMaxM ? 4 * n + 4 * m * m : 8 * n + m * m; }
+int smem_bytes(int m, int n) { return m <= kRegMaxM ? 4 * n : 8 * n + m * m; }
 
 template <typename T, typename OutT>
-void launch_typed(const HadamardParams& p, int device, cudaStream_t stream) {
+void launch_typed(const HadamardParams& p, const HadamardSmallFactor& f, int device, cudaStream_t stream) {
   auto run = [&](auto kernel) {
     const int bytes = smem_bytes(p.m, p.n);
     const DeviceInfo& info = device_info(device);
@@ -232,7 +234,7 @@ void launch_typed(const HadamardParams& p, int device, cudaStream_t stream) {
                        " (m = ", p.m, ") needs ", bytes, " bytes of shared memory, device ", device,
                        " allows ", info.max_smem_per_block_optin);
     set_dynamic_smem(kernel, bytes, device);
-    kernel<<<static_cast<unsigned>(p.rows), kThreads, bytes, stream>>>(p);
+    kernel<<<static_cast<unsigned>(p.rows), kThreads, bytes, stream>>>(p, f);
     INFEROPS_CUDA_CHECK(cudaGetLastError());
   };
   switch (p.m) {
@@ -248,20 +250,20 @@ void launch_typed(const HadamardParams& p, int device, cudaStream_t stream) {
 
 }  // namespace
 
-void launch_hadamard_quantize(const HadamardParams& p, DType in_dtype, DType out_dtype, int device,
-                              std::uintptr_t stream) {
+void launch_hadamard_quantize(const HadamardParams& p, const HadamardSmallFactor& f, DType in_dtype,
+                              DType out_dtype, int device, std::uintptr_t stream) {
   DeviceGuard guard(device);
   INFEROPS_CHECK_ARG(p.rows <= 0x7fffffff, "too many rows for `x`: ", p.rows);
   dispatch_half(in_dtype, "x", [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (out_dtype == DType::kInt8) {
-      launch_typed<T, int8_t>(p, device, as_stream(stream));
+      launch_typed<T, int8_t>(p, f, device, as_stream(stream));
     } else if (out_dtype == DType::kFloat8E4M3) {
-      launch_typed<T, __nv_fp8_storage_t>(p, device, as_stream(stream));
+      launch_typed<T, __nv_fp8_storage_t>(p, f, device, as_stream(stream));
     } else {
       INFEROPS_CHECK_TYPE(out_dtype == in_dtype, "expected `out` int8, float8_e4m3fn or x's dtype, got ",
                           dtype_name(out_dtype));
-      launch_typed<T, T>(p, device, as_stream(stream));
+      launch_typed<T, T>(p, f, device, as_stream(stream));
     }
   });
 }

@@ -45,9 +45,10 @@ struct QuantizeParams {
 constexpr float kQuantScaleMin = 1e-10f;
 
 // hadamard_quantize: x [M, n] fp16/bf16 contiguous, n = m * p (p = 2^k >= 8, m = 1 or a
-// dense order); hm [m, m] int8 +-1 (H_m, row a = input chunk a) or null when m == 1;
-// out [M, n] int8 / fp8 / x's dtype; scale [M] fp32 (quantized outputs only).
-// out_row = quant(x_row @ kron(H_m, H_p) / sqrt(n)).
+// dense order); hm [m, m] int8 +-1 (H_m, row a = input chunk a): a host tensor for
+// m <= kHadamardParamMaxM (copied into the kernel parameters, see HadamardSmallFactor),
+// a device tensor for larger m, null when m == 1; out [M, n] int8 / fp8 / x's dtype;
+// scale [M] fp32 (quantized outputs only). out_row = quant(x_row @ kron(H_m, H_p) / sqrt(n)).
 struct HadamardParams {
   const void* x;
   const int8_t* hm;
@@ -58,6 +59,13 @@ struct HadamardParams {
   int32_t m;
   int32_t log2_p;
   float inv_sqrt_n;
+};
+
+// H_m for m <= 28 travels in the kernel parameters (constant bank): with the loops fully
+// unrolled every FMA takes its +-1 operand straight from the constant cache, no load.
+constexpr int kHadamardParamMaxM = 28;
+struct HadamardSmallFactor {
+  float h[kHadamardParamMaxM * kHadamardParamMaxM];  // [m][m] row-major, 3136 bytes
 };
 
 void w8a8_matmul(const TensorView& x_q, const TensorView& x_scale, const TensorView& w_q,
@@ -73,8 +81,8 @@ void launch_w8a8_matmul(const W8A8Params& p, DType in_dtype, DType out_dtype, in
                         std::uintptr_t stream);
 void launch_quantize_per_token(const QuantizeParams& p, DType in_dtype, DType q_dtype, int device,
                                std::uintptr_t stream);
-void launch_hadamard_quantize(const HadamardParams& p, DType in_dtype, DType out_dtype, int device,
-                              std::uintptr_t stream);
+void launch_hadamard_quantize(const HadamardParams& p, const HadamardSmallFactor& f, DType in_dtype,
+                              DType out_dtype, int device, std::uintptr_t stream);
 #endif
 
 // ---- end W8A8 --------------------------------------------------------------------------

@@ -123,22 +123,32 @@ void hadamard_quantize(const TensorView& x, const TensorView* hm, const TensorVi
   INFEROPS_CHECK_ARG(is_dense_order(m), "expected a dense Hadamard order m in {1, 12, 20, 28, 108, 344}, got ", m);
   INFEROPS_CHECK_ARG(n % m == 0 && is_pow2(n / m) && n / m >= 8 && n <= 32768,
                      "expected n = m * 2^k with 2^k >= 8 and n <= 32768 for `x` (m = ", m, "), got n = ", n);
+  HadamardSmallFactor factor{};
   if (m > 1) {
     INFEROPS_CHECK_ARG(hm != nullptr, "expected the dense factor `hm` [", m, ", ", m, "] for m = ", m);
     hm->expect_dtype("hm", DType::kInt8);
     hm->expect_shape("hm", {m, m});
     hm->expect_contiguous("hm");
+    if (m <= kHadamardParamMaxM) {
+      INFEROPS_CHECK_ARG(hm->device_kind() == DeviceKind::kCPU, "expected a CPU tensor for `hm` (m = ", m,
+                         " <= ", kHadamardParamMaxM, " goes in the kernel parameters), got ", hm->device_str());
+      const int8_t* h = hm->data_as<const int8_t>();
+      for (int i = 0; i < m * m; ++i) {
+        INFEROPS_CHECK_ARG(h[i] == 1 || h[i] == -1, "expected +-1 entries in `hm`, got ", int(h[i]));
+        factor.h[i] = float(h[i]);
+      }
+    }
   }
   INFEROPS_CHECK_ARG(aligned16(x) && aligned16(out), "expected 16-byte aligned `x` and `out`");
   x.expect_cuda("x");
   out.expect_same_device("out", x, "x");
   scale.expect_same_device("scale", x, "x");
-  if (hm) hm->expect_same_device("hm", x, "x");
+  if (hm && m > kHadamardParamMaxM) hm->expect_same_device("hm", x, "x");
   int log2_p = 0;
   while ((int64_t(m) << (log2_p + 1)) <= n) ++log2_p;
   HadamardParams p{};
   p.x = x.data();
-  p.hm = (m > 1 && hm) ? hm->data_as<const int8_t>() : nullptr;
+  p.hm = (m > kHadamardParamMaxM && hm) ? hm->data_as<const int8_t>() : nullptr;
   p.out = out.data();
   p.scale = quantized ? scale.data_as<float>() : nullptr;
   p.rows = M;
@@ -148,7 +158,7 @@ void hadamard_quantize(const TensorView& x, const TensorView* hm, const TensorVi
   p.inv_sqrt_n = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n)));
   if (M == 0) return;
   INFEROPS_LAUNCH_CUDA("hadamard_quantize", stream, {
-    launch_hadamard_quantize(p, x.dtype(), out.dtype(), x.device_id(), stream);
+    launch_hadamard_quantize(p, factor, x.dtype(), out.dtype(), x.device_id(), stream);
   });
 }
 

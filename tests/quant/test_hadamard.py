@@ -13,7 +13,12 @@ from inferops.quant import (
     hadamard_transform,
     supported_hadamard_sizes,
 )
-from inferops.quant.hadamard import DENSE_ORDERS, dense_factor, hadamard_factorization
+from inferops.quant.hadamard import (
+    DENSE_ORDERS,
+    _dense_factor_for_kernel,
+    dense_factor,
+    hadamard_factorization,
+)
 from inferops.reference import quant_w8a8 as ref
 from inferops.testing import Tolerance, assert_close, poison_, randn
 from torch.utils.dlpack import to_dlpack
@@ -136,6 +141,9 @@ def test_binding_rejects_bad_order_before_launch():
     out, s = torch.empty(2, 96, dtype=torch.int8), torch.empty(2)
     with pytest.raises(ValueError, match="dense Hadamard order m in"):
         extension().hadamard_quantize(to_dlpack(x), None, to_dlpack(out), to_dlpack(s), 3, 0)
+    with pytest.raises(ValueError, match=r"\+-1 entries in `hm`, got 2"):
+        extension().hadamard_quantize(to_dlpack(x), to_dlpack(torch.full((12, 12), 2, dtype=torch.int8)),
+                                      to_dlpack(out), to_dlpack(s), 12, 0)
     with pytest.raises(ValueError, match=r"2\^k >= 8"):
         extension().hadamard_quantize(to_dlpack(x[:, :48].contiguous()), to_dlpack(torch.ones(12, 12, dtype=torch.int8)),
                                       to_dlpack(out[:, :48].contiguous()), to_dlpack(s), 12, 0)
@@ -189,7 +197,7 @@ def test_cuda_writes_every_output(n, gen, cuda_device):
     x = randn((5, n), torch.float16, cuda_device, gen)
     out = poison_(torch.empty(5, n, dtype=torch.int8, device=cuda_device))
     s = poison_(torch.empty(5, device=cuda_device))
-    hm = None if m == 1 else to_dlpack(dense_factor(m).to(cuda_device))
+    hm = None if m == 1 else to_dlpack(_dense_factor_for_kernel(m, cuda_device))  # host tensor for m <= 28
     extension().hadamard_quantize(to_dlpack(x), hm, to_dlpack(out), to_dlpack(s), m,
                                   torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()

@@ -185,8 +185,9 @@ def hadamard_matrix(n: int, *, dtype: torch.dtype = torch.float64, normalized: b
 
 
 def _dense_factor_for_kernel(m: int, device: torch.device) -> torch.Tensor:
-    """``H_m`` as int8 ``[m, m]`` on ``device`` (cached per device)."""
-    return _dense_factor_cached(m, str(device))
+    """``H_m`` as int8 ``[m, m]`` where the kernel wants it: on the host for m <= 28 (copied
+    into the kernel parameters at launch), on ``device`` (cached per device) above."""
+    return _dense_factor(m) if m <= 28 else _dense_factor_cached(m, str(device))
 
 
 @functools.cache
@@ -218,7 +219,7 @@ def kernel_smem_bytes(n: int) -> int:
     """Shared memory the CUDA kernel needs for one row of size ``n`` (see csrc/quant/hadamard.cu)."""
     m, _ = hadamard_factorization(n)
     if m <= 28:
-        return 4 * n + 4 * m * m  # fp32 row + fp32 H_m
+        return 4 * n  # fp32 row (H_m travels in the kernel parameters)
     return 8 * n + m * m  # fp32 row, fp32 output of the dense factor, int8 H_m
 
 
@@ -227,8 +228,17 @@ def _kernel_ok(n: int, device: torch.device) -> bool:
     registers) and the row fits in shared memory; others run the reference on the GPU."""
     if hadamard_factorization(n)[1] < 8:
         return False
-    optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    return kernel_smem_bytes(n) + 256 <= optin  # + static shared memory
+    return kernel_smem_bytes(n) + 256 <= _smem_optin(device)  # + static shared memory
+
+
+def _smem_optin(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _smem_optin_cached(index)
+
+
+@functools.cache
+def _smem_optin_cached(index: int) -> int:
+    return int(ops.ext().device_info(index)["max_smem_per_block_optin"])
 
 
 def _hadamard_cuda(x: torch.Tensor, out_dtype: str):
