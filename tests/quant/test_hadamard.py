@@ -212,3 +212,16 @@ def test_cuda_small_sizes_use_reference(gen, cuda_device):
     for n in (2, 4, 12, 24, 40):
         x = randn((3, n), torch.bfloat16, cuda_device, gen)
         assert_close(hadamard_transform(x), ref.hadamard_rotate(x, compute_dtype=torch.float64), torch.bfloat16)
+
+
+@pytest.mark.skipif(extension() is None, reason="inferops._C not importable")
+@pytest.mark.parametrize("n", [n for n in ALL_SIZES if hadamard_factorization(n)[1] >= 8])
+def test_binding_accepts_every_kernel_size(n):
+    """The C++ checks agree with the Python size rules: with CPU tensors every size the
+    wrapper sends to the kernel gets past all argument checks and stops at the device check."""
+    m, _ = hadamard_factorization(n)
+    x = torch.zeros(2, n, dtype=torch.bfloat16)
+    out, s = torch.empty(2, n, dtype=torch.int8), torch.empty(2)
+    hm = None if m == 1 else to_dlpack(_dense_factor_for_kernel(m, torch.device("cpu")))
+    with pytest.raises(ValueError, match="expected a CUDA tensor for `x`"):
+        extension().hadamard_quantize(to_dlpack(x), hm, to_dlpack(out), to_dlpack(s), m, 0)

@@ -270,3 +270,18 @@ def test_cuda_graph_capture(gen, cuda_device):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@pytest.mark.skipif(extension() is None, reason="inferops._C not importable")
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+def test_binding_accepts_valid_arguments(qdtype, gen):
+    """Valid arguments pass every C++ argument check and stop only at the device check."""
+    x_q, xs, w_q, ws = _quantized(gen, 3, 48, 5, qdtype)
+    out = torch.empty(3, 5, dtype=torch.float16)
+    with pytest.raises(ValueError, match="expected a CUDA tensor for `x_q`"):
+        extension().w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws),
+                                to_dlpack(torch.zeros(5)), to_dlpack(out), 0)
+    x = torch.zeros(3, 40)
+    with pytest.raises(ValueError, match="expected a CUDA tensor for `x`"):
+        extension().quantize_per_token(to_dlpack(x), to_dlpack(torch.empty(3, 40, dtype=qdtype)),
+                                       to_dlpack(torch.empty(3)), 0)
