@@ -3,10 +3,11 @@
 // HadamardQuantizeKernel<T, kM, OutT>: one block (256 threads) per token row of n = kM * P
 // elements (P = 2^k >= 8). The row x, viewed as X [kM, P], becomes
 // Y = H_m^T X H_P / sqrt(n)  ( = x @ kron(H_m, H_P) / sqrt(n) ), then is quantized per token.
-//   1. Load: each thread takes 8 consecutive elements (one 16-byte load) and runs the first
-//      three FWHT stages in registers; stages h = 8 .. min(P, 256) / 2 run between lanes of a
-//      warp with __shfl_xor (a warp owns 256 consecutive elements, and butterflies never
-//      leave a P-aligned chunk). The fp32 row then goes to shared memory.
+//   1. Load: each thread takes 8 consecutive elements (one 16-byte load; kBatch = 4 such
+//      loads issued before use) and runs the first three FWHT stages in registers; stages
+//      h = 8 .. min(P, 256) / 2 run between lanes of a warp with __shfl_xor (a warp owns
+//      256 consecutive elements, and butterflies never leave a P-aligned chunk). The fp32
+//      row then goes to shared memory.
 //   2. Stages h >= 256 in shared memory, one __syncthreads each (log2(P) - 8 of them).
 //   3. Dense factor over the kM chunks, Y[c, d] = sum_a H_m[a, c] X[a, d], on CUDA cores:
 //      kM * n operations per row (kM = 28 at n = 14336: 0.4 M; kM = 344 at n = 11008:
@@ -38,6 +39,7 @@ namespace inferops::quant {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kBatch = 4;  // 16-byte loads in flight per thread in the load phase
 constexpr int kRegMaxM = kHadamardParamMaxM;  // largest order with H_m in the parameters
 
 template <typename O>
@@ -97,45 +99,51 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  // 1. Registers + shuffles: stages h = 1 .. min(P, 256) / 2.
+  // 1. Registers + shuffles: stages h = 1 .. min(P, 256) / 2. Loads are issued kBatch at a
+  //    time before any of them is used, so each thread keeps kBatch 16-byte loads in flight
+  //    (a long row leaves room for only 2-4 blocks per SM: without batching that is too
+  //    little memory-level parallelism to approach HBM bandwidth).
   const int groups = n / 8;
   const int h_warp = P < 256 ? P : 256;
-  for (int g0 = threadIdx.x & ~31; g0 < groups; g0 += kThreads) {  // warp-uniform loop
-    const int g = g0 + lane;
-    float v[8];
-    if (g < groups) {
-      Vec<T, 8> in;
-      in.load(x + int64_t(g) * 8);
+  for (int g0 = threadIdx.x & ~31; g0 < groups; g0 += kBatch * kThreads) {  // warp-uniform loop
+    Vec<T, 8> in[kBatch];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = to_float(in.v[j]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = 0.f;
+    for (int u = 0; u < kBatch; ++u) {
+      const int g = g0 + u * kThreads + lane;
+      if (g < groups) in[u].load(x + int64_t(g) * 8);
     }
 #pragma unroll
-    for (int h = 1; h < 8; h <<= 1) {
+    for (int u = 0; u < kBatch; ++u) {
+      if (g0 + u * kThreads >= groups) break;  // warp-uniform: the shuffles need every lane
+      const int g = g0 + u * kThreads + lane;
+      float v[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        if ((i & h) == 0) {
-          const float a = v[i], b = v[i + h];
-          v[i] = a + b;
-          v[i + h] = a - b;
+      for (int j = 0; j < 8; ++j) v[j] = g < groups ? to_float(in[u].v[j]) : 0.f;
+#pragma unroll
+      for (int h = 1; h < 8; h <<= 1) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          if ((i & h) == 0) {
+            const float a = v[i], b = v[i + h];
+            v[i] = a + b;
+            v[i + h] = a - b;
+          }
         }
       }
-    }
-    for (int h = 8; h < h_warp; h <<= 1) {
-      const int mask = h >> 3;
-      const bool upper = lane & mask;
+      for (int h = 8; h < h_warp; h <<= 1) {
+        const int mask = h >> 3;
+        const bool upper = lane & mask;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float o = __shfl_xor_sync(0xffffffffu, v[j], mask);
-        v[j] = upper ? o - v[j] : v[j] + o;
+        for (int j = 0; j < 8; ++j) {
+          const float o = __shfl_xor_sync(0xffffffffu, v[j], mask);
+          v[j] = upper ? o - v[j] : v[j] + o;
+        }
       }
-    }
-    if (g < groups) {
-      float4* dst = reinterpret_cast<float4*>(xs + int64_t(g) * 8);
-      dst[0] = make_float4(v[0], v[1], v[2], v[3]);
-      dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+      if (g < groups) {
+        float4* dst = reinterpret_cast<float4*>(xs + int64_t(g) * 8);
+        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+      }
     }
   }
   __syncthreads();

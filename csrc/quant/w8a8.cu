@@ -259,6 +259,7 @@ __global__ void __launch_bounds__(kQuantThreads) QuantizePerTokenKernel(const __
   const bool vec = cols % kV == 0;  // then every row start is 16-byte aligned too
   float amax = 0.f;
   if (vec) {
+#pragma unroll 4  // independent 16-byte loads: keep several in flight
     for (int i = threadIdx.x * kV; i < cols; i += kQuantThreads * kV) {
       Vec<T, kV> v;
       v.load(x + i);
@@ -271,6 +272,7 @@ __global__ void __launch_bounds__(kQuantThreads) QuantizePerTokenKernel(const __
   amax = block_max(amax, red);
   const float scale = fmaxf(amax / QuantTraits<Q>::kMax, kQuantScaleMin);
   if (vec) {
+#pragma unroll 4
     for (int i = threadIdx.x * kV; i < cols; i += kQuantThreads * kV) {
       Vec<T, kV> v;
       v.load(x + i);
