@@ -11,8 +11,8 @@
 //   2. Stages h >= 256 in shared memory, one __syncthreads each (log2(P) - 8 of them).
 //   3. Dense factor over the kM chunks, Y[c, d] = sum_a H_m[a, c] X[a, d], on CUDA cores:
 //      kM * n operations per row (kM = 28 at n = 14336: 0.4 M; kM = 344 at n = 11008:
-//      3.8 M, which makes 11008 compute bound, several times a copy of x; tensor cores
-//      would be the next step). kM <= 28: a thread owns whole columns d (kM values in
+//      3.8 M, which makes 11008 compute bound, ~30x a copy of x by napkin math (see
+//      docs/quant.md); tensor cores would be the next step). kM <= 28: a thread owns whole columns d (kM values in
 //      registers) and H_m comes in the kernel parameters (HadamardSmallFactor): fully
 //      unrolled, each FMA reads its +-1 from the constant cache, no shared-memory load
 //      competes with the FMAs; the result is written in place. kM = 108 / 344: work items
