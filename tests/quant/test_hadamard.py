@@ -225,3 +225,19 @@ def test_binding_accepts_every_kernel_size(n):
     hm = None if m == 1 else to_dlpack(_dense_factor_for_kernel(m, torch.device("cpu")))
     with pytest.raises(ValueError, match="expected a CUDA tensor for `x`"):
         extension().hadamard_quantize(to_dlpack(x), hm, to_dlpack(out), to_dlpack(s), m, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [14336, 11008])
+def test_cuda_graph_capture(n, gen, cuda_device):
+    """After one eager call (which caches H_m on the device for m = 344), the op captures
+    into a CUDA graph and replays to the eager result."""
+    x = randn((33, n), torch.bfloat16, cuda_device, gen)
+    eager = hadamard_quantize(x, torch.int8)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = hadamard_quantize(x, torch.int8)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])

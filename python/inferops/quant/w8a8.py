@@ -74,8 +74,9 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8):
     Returns:
         ``(x_q, scale)``: ``x_q`` ``[..., K]`` in ``dtype``, contiguous; ``scale`` ``[...]``
         fp32 with ``scale = max(amax(|row|) / qmax, 1e-10)`` and
-        ``x_q = round_half_even(x / scale)`` (IEEE fp32 division; the CUDA kernel and the
-        reference agree bit for bit). All-zero rows get scale 1e-10 and zeros (no NaN/inf).
+        ``x_q = round_half_even(x / scale)`` (IEEE fp32 division; the CUDA kernel uses the
+        same operations as the reference, so they agree bit for bit). All-zero rows get
+        scale 1e-10 and zeros (no NaN/inf).
     """
     check_tensor("x", x)
     check_dtype("x", x, _IN_DTYPES)
