@@ -25,6 +25,7 @@
 #include "moe/moe.h"
 #include "quant/quant_w4a16.h"
 #include "tp/tp.h"
+#include "quant/quant.h"
 #include "common/check.h"
 #include "common/tensor_view.h"
 
@@ -64,6 +65,9 @@ const std::vector<std::string> kCudaOps = {
     "w4a16_matmul",
     "int4_dequantize",
     "gemm_reduce_scatter",
+    "w8a8_matmul",
+    "quantize_per_token",
+    "hadamard_quantize",
 #endif
 };
 
@@ -456,4 +460,31 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("max_m"), py::arg("n_max"), py::arg("world"), py::arg("elem_bytes"),
       "Bytes of one rank's symmetric buffer for gemm_reduce_scatter.");
+  m.def(
+      "w8a8_matmul",
+      [](py::handle x_q, py::handle x_scale, py::handle w_q, py::handle w_scale, py::handle bias,
+         py::handle out, std::uintptr_t stream) {
+        OptionalView b(bias, "bias");
+        qt::w8a8_matmul(view_of(x_q, "x_q"), view_of(x_scale, "x_scale"), view_of(w_q, "w_q"),
+                        view_of(w_scale, "w_scale"), b.get(), view_of(out, "out"), stream);
+      },
+      py::arg("x_q"), py::arg("x_scale"), py::arg("w_q"), py::arg("w_scale"), py::arg("bias"),
+      py::arg("out"), py::arg("stream"),
+      "INT8 / FP8 GEMM x_q @ w_q^T with per-token x per-channel scales (+ bias) in the epilogue.");
+  m.def(
+      "quantize_per_token",
+      [](py::handle x, py::handle x_q, py::handle scale, std::uintptr_t stream) {
+        qt::quantize_per_token(view_of(x, "x"), view_of(x_q, "x_q"), view_of(scale, "scale"), stream);
+      },
+      py::arg("x"), py::arg("x_q"), py::arg("scale"), py::arg("stream"),
+      "Symmetric per-row quantization to int8 / fp8 e4m3 with fp32 scales.");
+  m.def(
+      "hadamard_quantize",
+      [](py::handle x, py::handle hm, py::handle out, py::handle scale, int m_order, std::uintptr_t stream) {
+        OptionalView h(hm, "hm");
+        qt::hadamard_quantize(view_of(x, "x"), h.get(), view_of(out, "out"), view_of(scale, "scale"),
+                              m_order, stream);
+      },
+      py::arg("x"), py::arg("hm"), py::arg("out"), py::arg("scale"), py::arg("m"), py::arg("stream"),
+      "Per-row x @ kron(H_m, H_p) / sqrt(n), then per-token quantization (or fp16/bf16 output).");
 }

@@ -82,6 +82,10 @@ if want sanitizer && [ -z "${INFEROPS_SKIP_SANITIZER:-}" ] && command -v compute
   # on each other's kernels) would time out under it.
   step memcheck_tp sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
     $PY -m pytest -m gpu tests/tp -q -p no:cacheprovider -k "one_rank_equals_matmul and 333"
+  step memcheck_w8a8 sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -m gpu tests/quant/test_w8a8.py tests/quant/test_hadamard.py -q -p no:cacheprovider \
+    -k "writes_every_output or (cuda_quantize_bit_exact and 5x100) or (cuda_matmul_matches_float64 and 129x208x100) \
+        or (cuda_rotation_matches_float64 and (96 or 11008 or 28672) and dtype0)"
 fi
 
 echo

@@ -5,9 +5,27 @@ the math runs on FP16/BF16 tensor cores (W4A16); W8A8 runs on INT8 / FP8 tensor
 cores with per-token x per-channel scales in the epilogue. See docs/quant.md.
 """
 
+from .hadamard import (
+    hadamard_factorization,
+    hadamard_matrix,
+    hadamard_quantize,
+    hadamard_transform,
+    supported_hadamard_sizes,
+)
 from .int4 import Int4Weight, dequantize, pack_int4, pack_int4_quantized, unpack
+from .linear import FORMATS, QuantLinear, quantize_model_
+from .rotation import fuse_rotation, random_hadamard_matrix, rotate_input
 from .w4a16 import w4a16_matmul
+from .w8a8 import quantize_per_token, quantize_weight_per_channel, w8a8_matmul
 
-__all__: list[str] = []
-
-__all__ += ["Int4Weight", "dequantize", "pack_int4", "pack_int4_quantized", "unpack", "w4a16_matmul"]
+__all__ = [
+    # int4 weights and W4A16
+    "Int4Weight", "pack_int4", "pack_int4_quantized", "unpack", "dequantize", "w4a16_matmul",
+    # W8A8
+    "quantize_per_token", "quantize_weight_per_channel", "w8a8_matmul",
+    # Hadamard and rotations
+    "hadamard_quantize", "hadamard_transform", "hadamard_matrix", "hadamard_factorization",
+    "supported_hadamard_sizes", "fuse_rotation", "rotate_input", "random_hadamard_matrix",
+    # modules
+    "FORMATS", "QuantLinear", "quantize_model_",
+]

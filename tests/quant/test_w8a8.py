@@ -1,0 +1,287 @@
+"""quantize_per_token and w8a8_matmul (INT8 and FP8 e4m3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from inferops._core.extension import extension
+from inferops.quant import quantize_per_token, quantize_weight_per_channel, w8a8_matmul
+from inferops.reference import quant_w8a8 as ref
+from inferops.testing import Tolerance, assert_close, poison_, randn
+from torch.utils.dlpack import to_dlpack
+
+FP8 = torch.float8_e4m3fn
+QDTYPES = [torch.int8, FP8]
+QMAX = {torch.int8: 127.0, FP8: 448.0}
+
+
+def _quantized(g, M, K, N, qdtype, device="cpu", zero_rows=()):
+    x = randn((M, K), torch.float32, device, g)
+    for r in zero_rows:
+        x[r] = 0
+    w = randn((N, K), torch.float32, device, g, 0.05)
+    x_q, xs = ref.quantize_per_token(x, qdtype)
+    w_q, ws = ref.quantize_per_token(w, qdtype)
+    return x_q, xs, w_q, ws
+
+
+def _ref64(x_q, xs, w_q, ws, bias=None):
+    return ref.w8a8_matmul(x_q, xs, w_q, ws, torch.float64, bias, compute_dtype=torch.float64)
+
+
+def _mm_tol(ref64: torch.Tensor, out_dtype) -> Tolerance:
+    # Exact int32 / fp32 accumulation, scales applied in fp32, one rounding to out_dtype.
+    return Tolerance(atol=1e-5 * float(ref64.abs().max()) + 1e-6,
+                     rtol={torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[out_dtype])
+
+
+# --- quantize_per_token (CPU) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES)
+def test_reference_quantization_formula(qdtype, gen):
+    """Independent element-by-element check of the documented rule in float64."""
+    x = randn((5, 37), torch.float32, "cpu", gen)
+    x[2] = 0
+    q, s = ref.quantize_per_token(x, qdtype)
+    for i in range(5):
+        amax = float(x[i].abs().max())
+        assert s[i].item() == pytest.approx(max(amax / QMAX[qdtype], ref.SCALE_MIN), rel=1e-6)
+        for j in range(37):
+            v = x[i, j].item() / s[i].item()
+            if qdtype == torch.int8:
+                assert abs(q[i, j].item() - v) <= 0.5 + 1e-6
+            else:  # e4m3: 3 mantissa bits -> relative rounding error <= 2^-4 (normals)
+                assert abs(float(q[i, j].float()) - v) <= abs(v) * 2**-4 + 2**-9
+    assert bool((q[2].float() == 0).all()) and s[2].item() == pytest.approx(ref.SCALE_MIN)
+    assert float(q.float().abs().max()) <= QMAX[qdtype]
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_quantize_public_cpu(dtype, qdtype, gen):
+    x = randn((2, 3, 40), dtype, "cpu", gen, 3.0)
+    x[1, 2] = 0
+    q, s = quantize_per_token(x, qdtype)
+    assert q.shape == (2, 3, 40) and q.dtype == qdtype and s.shape == (2, 3) and s.dtype == torch.float32
+    assert torch.isfinite(s).all() and torch.isfinite(q.float()).all()
+    deq = ref.dequantize_per_token(q, s, torch.float64)
+    sc = s.double()[..., None]
+    bound = sc * 0.5 if qdtype == torch.int8 else x.double().abs() * 2**-4 + sc * 2**-9
+    # + qmax fp32 ulps of x / scale (the quotient is rounded to fp32 before rounding to the grid)
+    assert bool(((deq - x.double()).abs() <= bound + sc * QMAX[qdtype] * 2**-23).all())
+    # amax element maps to +-qmax exactly
+    assert bool((q.float().abs().amax(-1)[s > ref.SCALE_MIN] == QMAX[qdtype]).all())
+
+
+def test_quantize_weight_per_channel(gen):
+    w = randn((6, 32), torch.float32, "cpu", gen)
+    q, s = quantize_weight_per_channel(w)
+    q2, s2 = ref.quantize_per_token(w, torch.int8)
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+
+
+# --- w8a8_matmul (CPU) --------------------------------------------------------------------
+
+
+def test_int8_exact_integer_product(gen):
+    """Unit scales and small integers: the result is the exact integer matmul."""
+    # |sum| <= 48 * 36 = 1728: every integer up to 2048 is exact in fp16.
+    x_q = torch.randint(-6, 7, (7, 48), generator=gen, dtype=torch.int8)
+    w_q = torch.randint(-6, 7, (5, 48), generator=gen, dtype=torch.int8)
+    y = w8a8_matmul(x_q, torch.ones(7), w_q, torch.ones(5), torch.float16)
+    exact = (x_q.long() @ w_q.long().t()).double()
+    assert torch.equal(y.double(), exact)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("qdtype", QDTYPES)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mkn", [(1, 16, 1), (3, 48, 17), (17, 128, 33)])
+def test_matmul_public_cpu(mkn, out_dtype, qdtype, bias, gen):
+    M, K, N = mkn
+    x_q, xs, w_q, ws = _quantized(gen, M, K, N, qdtype)
+    b = randn((N,), torch.float32, "cpu", gen) if bias else None
+    y = w8a8_matmul(x_q, xs, w_q, ws, out_dtype, b)
+    assert y.shape == (M, N) and y.dtype == out_dtype and y.is_contiguous()
+    r = _ref64(x_q, xs, w_q, ws, b)
+    assert_close(y, r, _mm_tol(r, out_dtype))
+
+
+def test_matmul_leading_dims_and_quantized_linear_close_to_float(gen):
+    """The W8A8 pipeline approximates the float Linear (quantization error only)."""
+    x = randn((2, 5, 64), torch.float32, "cpu", gen)
+    w = randn((24, 64), torch.float32, "cpu", gen, 0.1)
+    for qdtype in QDTYPES:
+        x_q, xs = quantize_per_token(x, qdtype)
+        w_q, ws = quantize_weight_per_channel(w, qdtype)
+        y = w8a8_matmul(x_q, xs, w_q, ws, torch.float16)
+        assert y.shape == (2, 5, 24)
+        exact = x.double() @ w.double().t()
+        rel = float((y.double() - exact).norm() / exact.norm())
+        assert rel < (0.02 if qdtype == torch.int8 else 0.08), rel
+
+
+def _good(g):
+    x_q, xs, w_q, ws = _quantized(g, 4, 32, 8, torch.int8)
+    return [x_q, xs, w_q, ws, torch.bfloat16, torch.zeros(8)]
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,pattern",
+    [
+        (lambda a: [a[0][:, :24], a[1], a[2][:, :24], *a[3:]], ValueError, r"multiple of 16 .* got K = 24"),
+        (lambda a: [a[0].float(), *a[1:]], TypeError, r"int8 or float8_e4m3fn for `x_q`, got float32"),
+        (lambda a: [a[0], a[1], a[2].to(FP8), *a[3:]], TypeError, r"int8 for `w_q`, got float8_e4m3fn"),
+        (lambda a: [a[0], a[1].half(), *a[2:]], TypeError, r"float32 for `x_scale`, got float16"),
+        (lambda a: [a[0], a[1][:3], *a[2:]], ValueError, r"shape \[4\] for `x_scale`"),
+        (lambda a: [*a[:3], a[3][:7], *a[4:]], ValueError, r"shape \[8\] for `w_scale`"),
+        (lambda a: [a[0], a[1], a[2][:, :16], *a[3:]], ValueError, r"shape \[8, 32\] for `w_q`"),
+        (lambda a: [*a[:4], torch.float32, a[5]], TypeError, r"`out_dtype` torch.float16 or torch.bfloat16"),
+        (lambda a: [*a[:5], torch.zeros(7)], ValueError, r"shape \[8\] for `bias`"),
+        (lambda a: [a[0], a[1], a[2].to("meta"), *a[3:]], ValueError, r"`w_q` on the device of `x_q`"),
+        (lambda a: [a[0].numpy(), *a[1:]], TypeError, r"torch.Tensor for `x_q`"),
+    ],
+)
+def test_matmul_bad_input(mutate, exc, pattern, gen):
+    with pytest.raises(exc, match=pattern):
+        w8a8_matmul(*mutate(_good(gen)))
+
+
+@pytest.mark.parametrize(
+    "args,exc,pattern",
+    [
+        ((torch.zeros(2, 4, dtype=torch.int32), torch.int8), TypeError, r"`x`, got int32"),
+        ((torch.zeros(2, 4), torch.float16), TypeError, r"`dtype` torch.int8 or torch.float8_e4m3fn"),
+        ((torch.tensor(1.0), torch.int8), ValueError, r"at least 1 dim"),
+    ],
+)
+def test_quantize_bad_input(args, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        quantize_per_token(*args)
+
+
+@pytest.mark.skipif(extension() is None, reason="inferops._C not importable")
+def test_binding_rejects_bad_k_before_launch(gen):
+    x_q, xs, w_q, ws = _quantized(gen, 4, 32, 8, torch.int8)
+    out = torch.empty(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 16, got K = 24"):
+        extension().w8a8_matmul(to_dlpack(x_q[:, :24].contiguous()), to_dlpack(xs),
+                                to_dlpack(w_q[:, :24].contiguous()), to_dlpack(ws), None, to_dlpack(out), 0)
+    with pytest.raises(TypeError, match="int8 for `w_q`, got float8_e4m3fn"):
+        extension().w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q.to(FP8)), to_dlpack(ws), None,
+                                to_dlpack(out), 0)
+
+
+def test_opcheck_cpu(gen):
+    # int8 operands: opcheck's schema test does arithmetic that torch lacks for fp8 on the CPU.
+    x_q, xs, w_q, ws = _quantized(gen, 3, 32, 5, torch.int8)
+    torch.library.opcheck(torch.ops.inferops.w8a8_matmul.default, (x_q, xs, w_q, ws, torch.randn(5), "bfloat16"))
+    torch.library.opcheck(torch.ops.inferops.quantize_per_token.default, (torch.randn(3, 40), "int8"))
+
+
+def test_compile_fullgraph(gen):
+    x = randn((6, 32), torch.bfloat16, "cpu", gen)
+    w_q, ws = quantize_weight_per_channel(randn((8, 32), torch.float32, "cpu", gen))
+
+    def f(x):
+        x_q, xs = quantize_per_token(x, torch.int8)
+        return w8a8_matmul(x_q, xs, w_q, ws, torch.bfloat16)
+
+    got = torch.compile(f, fullgraph=True, backend="eager")(x)
+    assert torch.equal(got, f(x))
+
+
+# --- CUDA -----------------------------------------------------------------------------------
+
+GPU_SHAPES = [  # (M, K, N): issue sizes, hostile M, odd multiples of the 128 x 128 x 64 tile, tails
+    (1, 4096, 4096), (3, 4096, 11008), (16, 11008, 4096), (17, 4096, 14336), (64, 14336, 4096),
+    (4096, 4096, 4096), (4096, 128, 128), (200, 192, 384), (129, 208, 100), (1, 16, 1),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+@pytest.mark.parametrize("mkn", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_matmul_matches_float64(mkn, qdtype, gen, cuda_device):
+    M, K, N = mkn
+    x_q, xs, w_q, ws = _quantized(gen, M, K, N, qdtype, cuda_device, zero_rows=(0,) if M > 2 else ())
+    for out_dtype, bias in ((torch.bfloat16, None), (torch.float16, randn((N,), torch.float32, cuda_device, gen))):
+        y = w8a8_matmul(x_q, xs, w_q, ws, out_dtype, bias)
+        r = _ref64(x_q, xs, w_q, ws, bias)
+        assert_close(y, r, _mm_tol(r, out_dtype))
+        mean_rel = float((y.double() - r).abs().mean() / r.abs().mean())
+        assert mean_rel < 1e-3 if out_dtype == torch.float16 else mean_rel < 5e-3, mean_rel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+def test_cuda_matmul_writes_every_output(qdtype, gen, cuda_device):
+    M, K, N = 131, 320, 259  # partial tiles in M and N, odd N (scalar tail stores)
+    x_q, xs, w_q, ws = _quantized(gen, M, K, N, qdtype, cuda_device)
+    out = poison_(torch.empty(M, N, dtype=torch.bfloat16, device=cuda_device))
+    extension().w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws), None, to_dlpack(out),
+                            torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    r = _ref64(x_q, xs, w_q, ws)
+    assert_close(out, r, _mm_tol(r, torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("mk", [(1, 4096), (37, 11008), (300, 14336), (5, 100), (3, 7)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cuda_quantize_bit_exact(mk, dtype, qdtype, gen, cuda_device):
+    M, K = mk
+    x = randn((M, K), dtype, cuda_device, gen, 4.0)
+    x[0] = 0  # zero row: finite scale, zero output
+    q_ref, s_ref = ref.quantize_per_token(x, qdtype)
+    q, s = quantize_per_token(x, qdtype)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert s[0].item() == pytest.approx(ref.SCALE_MIN)
+
+
+@pytest.mark.gpu
+def test_cuda_quantize_writes_every_output(gen, cuda_device):
+    x = randn((9, 4104), torch.bfloat16, cuda_device, gen)
+    q = poison_(torch.empty(9, 4104, dtype=torch.int8, device=cuda_device))
+    s = poison_(torch.empty(9, device=cuda_device))
+    extension().quantize_per_token(to_dlpack(x), to_dlpack(q), to_dlpack(s), torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    q_ref, s_ref = ref.quantize_per_token(x, torch.int8)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture(gen, cuda_device):
+    x = randn((64, 512), torch.bfloat16, cuda_device, gen)
+    w_q, ws = quantize_weight_per_channel(randn((256, 512), torch.float32, cuda_device, gen), FP8)
+
+    def f():
+        x_q, xs = quantize_per_token(x, FP8)
+        return w8a8_matmul(x_q, xs, w_q, ws, torch.bfloat16)
+
+    eager = f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.skipif(extension() is None, reason="inferops._C not importable")
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+def test_binding_accepts_valid_arguments(qdtype, gen):
+    """Valid arguments pass every C++ argument check and stop only at the device check."""
+    x_q, xs, w_q, ws = _quantized(gen, 3, 48, 5, qdtype)
+    out = torch.empty(3, 5, dtype=torch.float16)
+    with pytest.raises(ValueError, match="expected a CUDA tensor for `x_q`"):
+        extension().w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws),
+                                to_dlpack(torch.zeros(5)), to_dlpack(out), 0)
+    x = torch.zeros(3, 40)
+    with pytest.raises(ValueError, match="expected a CUDA tensor for `x`"):
+        extension().quantize_per_token(to_dlpack(x), to_dlpack(torch.empty(3, 40, dtype=qdtype)),
+                                       to_dlpack(torch.empty(3)), 0)
