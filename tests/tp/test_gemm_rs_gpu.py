@@ -71,6 +71,20 @@ def test_virtual_ranks_equal_reference(world, case, dtype, gen, cuda_device):
         assert torch.equal(eng(a, b), out)  # deterministic: fixed summation order
 
 
+def test_buffer_n_not_multiple_of_8(gen, cuda_device):
+    """Engine n = 1001 (slots of 34 x 1001 elements, not a multiple of 8) with N = 1000: the
+    16-byte pushes into slots of source >= 1 and parity 1 must stay aligned (two calls: both
+    parities)."""
+    world, dtype = 3, torch.bfloat16
+    eng = tp.GemmReduceScatter.virtual(world, 100, 1001, dtype, cuda_device, timeout_s=10)
+    for i in range(2):
+        a, b = _operands(gen, world, 99, 64, 1000, dtype, cuda_device)
+        out = eng(a, b)
+        torch.cuda.synchronize()
+        eng.check()
+        assert_gemm_rs_close(out, a, b, name=f"call {i}")
+
+
 def test_hundred_repeated_calls_reuse_flags(gen, cuda_device):
     world, dtype = 4, torch.bfloat16
     eng = tp.GemmReduceScatter.virtual(world, 512, 256, dtype, cuda_device, timeout_s=10)
