@@ -8,7 +8,10 @@
 // fp32 in a fixed source order (deterministic) once every flag of a tile is up.
 //
 // Symmetric buffer of one rank (the same layout on every rank; bytes):
-//   data  [2 parities][W sources][m_local_max][n_max]  input dtype
+//   data  [2 parities][W sources][slot_elems]  input dtype; a slot holds up to
+//         m_local_max x n_max elements ([m_local][N] rows of the call), its size
+//         rounded up to 8 elements so every slot starts 16-byte aligned (n_max
+//         need not be a multiple of 8; the kernel's 16-byte stores need it).
 //         parity = epoch & 1: a peer may already push call e + 1 while this
 //         rank still reduces call e, never call e + 2 (that needs this rank's
 //         own contributions to e + 1, pushed only after call e finished here).
@@ -39,7 +42,7 @@ enum ErrorCode : int { kOk = 0, kTimeout = 1 };
 
 struct BufferLayout {
   int64_t m_local_max;   // rows each rank owns at most: ceil(max_m / world)
-  int64_t slot_elems;    // m_local_max * n_max
+  int64_t slot_elems;    // m_local_max * n_max rounded up to a multiple of 8 (16-byte slots)
   int64_t max_tiles;     // ceil(max_m / 128) * ceil(n_max / 128)
   int64_t flags_offset;  // bytes
   int64_t done_offset;   // bytes
@@ -49,7 +52,7 @@ struct BufferLayout {
 inline BufferLayout buffer_layout(int64_t max_m, int64_t n_max, int64_t world, int64_t elem_bytes) {
   BufferLayout l{};
   l.m_local_max = (max_m + world - 1) / world;
-  l.slot_elems = l.m_local_max * n_max;
+  l.slot_elems = (l.m_local_max * n_max + 7) / 8 * 8;
   l.max_tiles = ((max_m + kTileM - 1) / kTileM) * ((n_max + kTileN - 1) / kTileN);
   const int64_t data = 2 * world * l.slot_elems * elem_bytes;
   l.flags_offset = (data + 127) / 128 * 128;

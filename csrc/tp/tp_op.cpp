@@ -82,7 +82,11 @@ void gemm_reduce_scatter(const TensorView& a, const TensorView& b, const TensorV
   p.flags_offset = lay.flags_offset;
   p.done_offset = lay.done_offset;
   p.max_tiles = lay.max_tiles;
-  p.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
+  // inf (or anything past 2^64 ns, ~584 years) means no timeout: a plain cast of such a
+  // double is undefined and gives 0 on x86-64, i.e. every wait would give up at once.
+  const double timeout_ns = timeout_s * 1e9;
+  p.timeout_ns = timeout_ns >= 0x1p64 ? std::numeric_limits<uint64_t>::max()
+                                    : static_cast<uint64_t>(timeout_ns);
   p.m = static_cast<int32_t>(M);
   p.n = static_cast<int32_t>(N);
   p.k = static_cast<int32_t>(K);

@@ -216,8 +216,21 @@ def _cpp_call(a, b, out, *, world=2, rank=0, max_m=64, n=32, nbytes=None, peers=
 
 @needs_ext
 def test_buffer_layout_mirrors_cpp():
-    for args in [(8192, 8192, 8, 2), (100, 24, 3, 2), (7, 8, 1, 2), (4096, 28672, 4, 2)]:
+    for args in [(8192, 8192, 8, 2), (100, 24, 3, 2), (7, 8, 1, 2), (4096, 28672, 4, 2), (100, 1001, 3, 2),
+                 (37, 13, 2, 2)]:
         assert tp.buffer_bytes(*args) == _ext.gemm_rs_buffer_bytes(*args), args
+
+
+def test_buffer_slots_are_16_byte_aligned():
+    """The kernel pushes and reduces with 16-byte accesses at slot + row * N + col (N, col
+    multiples of 8), so every [parity][source] slot must start 16-byte aligned, also for
+    an engine whose `n` (the slot row capacity) is not a multiple of 8: max_m = 100, n = 1001,
+    W = 3 gave slots of 34 * 1001 = 34034 elements (68068 bytes, 4 mod 16)."""
+    for max_m, n, world in [(100, 1001, 3), (37, 13, 2), (9, 9, 8), (8192, 8192, 8)]:
+        tiles = -(-max_m // 128) * -(-n // 128)
+        data = tp.buffer_bytes(max_m, n, world, 2) - 2 * world * tiles * 4 - 2 * tiles * 4  # 128-rounded
+        slot_bytes = -(-(-(-max_m // world) * n * 2) // 16) * 16  # m_local_max * n elements, 16-byte rounded
+        assert data == -(-(2 * world * slot_bytes) // 128) * 128, (max_m, n, world)
 
 
 @needs_ext

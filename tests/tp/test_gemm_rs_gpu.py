@@ -71,6 +71,20 @@ def test_virtual_ranks_equal_reference(world, case, dtype, gen, cuda_device):
         assert torch.equal(eng(a, b), out)  # deterministic: fixed summation order
 
 
+def test_buffer_n_not_multiple_of_8(gen, cuda_device):
+    """Engine n = 1001 (slots of 34 x 1001 elements, not a multiple of 8) with N = 1000: the
+    16-byte pushes into slots of source >= 1 and parity 1 must stay aligned (two calls: both
+    parities)."""
+    world, dtype = 3, torch.bfloat16
+    eng = tp.GemmReduceScatter.virtual(world, 100, 1001, dtype, cuda_device, timeout_s=10)
+    for i in range(2):
+        a, b = _operands(gen, world, 99, 64, 1000, dtype, cuda_device)
+        out = eng(a, b)
+        torch.cuda.synchronize()
+        eng.check()
+        assert_gemm_rs_close(out, a, b, name=f"call {i}")
+
+
 def test_hundred_repeated_calls_reuse_flags(gen, cuda_device):
     world, dtype = 4, torch.bfloat16
     eng = tp.GemmReduceScatter.virtual(world, 512, 256, dtype, cuda_device, timeout_s=10)
@@ -127,12 +141,20 @@ def test_peer_that_never_arrives_times_out(gen, cuda_device):
     assert_gemm_rs_close(res, a, b, name="after reset")
 
 
-def test_late_peer_takes_phase_two_with_the_same_bits(gen, cuda_device):
+_LATE_PEER_FINITE_PASSED: list[bool] = []  # appended to when the finite-timeout case passes
+
+
+@pytest.mark.parametrize("timeout_s", [10, float("inf")])
+def test_late_peer_takes_phase_two_with_the_same_bits(timeout_s, gen, cuda_device):
     """Rank 0 starts alone, so its own tiles find rank 1's partials missing and leave the
     reduction to phase 2 (which waits); rank 1 starts 50 ms later and reduces in its
-    epilogues. Both outputs must equal, bit for bit, a run where both ranks start together."""
+    epilogues. Both outputs must equal, bit for bit, a run where both ranks start together.
+    timeout_s = inf means no timeout (it used to become 0 ns: every wait gave up at once);
+    run only once the finite case passed, so a protocol bug fails there instead of hanging."""
+    if timeout_s == float("inf") and not _LATE_PEER_FINITE_PASSED:
+        pytest.skip("the timeout_s = 10 case did not pass: an unbounded wait could hang")
     world, dtype, M, K, N = 2, torch.bfloat16, 512, 256, 384
-    eng = tp.GemmReduceScatter.virtual(world, M, N, dtype, cuda_device, timeout_s=10)
+    eng = tp.GemmReduceScatter.virtual(world, M, N, dtype, cuda_device, timeout_s=timeout_s)
     a, b = _operands(gen, world, M, K, N, dtype, cuda_device)
     together = eng(a, b)
     torch.cuda.synchronize()
@@ -149,6 +171,8 @@ def test_late_peer_takes_phase_two_with_the_same_bits(gen, cuda_device):
     eng.check()
     assert torch.equal(out, together)
     assert_gemm_rs_close(out, a, b)
+    if timeout_s != float("inf"):
+        _LATE_PEER_FINITE_PASSED.append(True)
 
 
 def test_row_parallel_linear_one_rank(gen, cuda_device):

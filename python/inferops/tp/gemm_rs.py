@@ -55,11 +55,13 @@ _OP = "virtual_gemm_reduce_scatter"
 
 def buffer_bytes(max_m: int, n: int, world: int, elem_bytes: int) -> int:
     """Bytes of one rank's symmetric buffer (mirror of ``buffer_layout`` in csrc/tp/tp.h):
-    ``[2 parities][W][ceil(max_m / W)][n]`` partial tiles, then ``[2][W][tiles]`` uint32 flags,
-    then ``[2][tiles]`` uint32 "reduced in the epilogue" marks."""
+    ``[2 parities][W][ceil(max_m / W) * n]`` partial tiles (each slot rounded up to 8
+    elements, so slots stay 16-byte aligned when ``n`` is not a multiple of 8), then
+    ``[2][W][tiles]`` uint32 flags, then ``[2][tiles]`` uint32 "reduced in the epilogue" marks."""
     m_local = -(-max_m // world)
     tiles = -(-max_m // TILE_M) * -(-n // TILE_N)
-    data = 2 * world * m_local * n * elem_bytes
+    slot = -(-(m_local * n) // 8) * 8
+    data = 2 * world * slot * elem_bytes
     return -(-data // 128) * 128 + 2 * world * tiles * 4 + 2 * tiles * 4
 
 
