@@ -25,7 +25,8 @@
 //
 // Waits never hang: a wait longer than timeout_ns (from %globaltimer) records
 // kTimeout, the source rank and the tile in the rank's state and gives up;
-// every other wait of the call then gives up at once. Python reads the state
+// every other wait of the call then gives up at once and the rows it could not
+// reduce are written as NaN (never stale data). Python reads the state
 // (GemmReduceScatter.check()).
 //
 // Deadlock freedom needs every block of a rank resident at once (a block in
@@ -390,12 +391,23 @@ __global__ void __launch_bounds__(kThreads, 2) GemmRsKernel(const __grid_constan
           __nanosleep(128);
         }
       }
-      if (__syncthreads_or(bad || skip)) continue;  // done already, or the call failed (check() says)
+      if (__syncthreads_or(skip)) continue;  // an epilogue reduced it
+      // A failed call (timeout, or another wait's failure) writes NaN over the rows it
+      // could not reduce, so a caller that does not check() sees NaN, not stale data.
+      const bool failed = __syncthreads_or(bad);
       const int r0 = max(tm * kTileM, row_lo), r1 = min(min(tm * kTileM + kTileM, p.m), row_hi);
       const int n0 = tn * kTileN;
       for (int id = tid; id < (r1 - r0) * (kTileN / 8); id += kThreads) {
         const int lr = r0 + (id >> 4) - row_lo, gc = n0 + (id & 15) * 8;
-        if (gc < p.n) reduce_chunk<T>(p, parity, int64_t(lr) * p.n + gc, nullptr);
+        if (gc >= p.n) continue;
+        if (failed) {
+          Vec<T, 8> o;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) o.v[e] = from_float<T>(__int_as_float(0x7fc00000));
+          o.store(static_cast<T*>(p.out) + int64_t(lr) * p.n + gc);
+        } else {
+          reduce_chunk<T>(p, parity, int64_t(lr) * p.n + gc, nullptr);
+        }
       }
     }
   }

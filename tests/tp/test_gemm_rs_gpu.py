@@ -132,6 +132,8 @@ def test_peer_that_never_arrives_times_out(gen, cuda_device):
                                   1, ops.cuda_stream(cuda_device))
     torch.cuda.synchronize()
     assert time.monotonic() - t0 < 30
+    # Rank 0's rows it could not reduce are NaN, never silently stale (out was uninitialized).
+    assert torch.isnan(out).any()
     with pytest.raises(RuntimeError, match="rank 0 timed out after 0.2 s waiting for rank 1"):
         eng.check()
     eng.reset()
