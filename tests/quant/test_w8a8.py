@@ -74,6 +74,19 @@ def test_quantize_public_cpu(dtype, qdtype, gen):
     assert bool((q.float().abs().amax(-1)[s > ref.SCALE_MIN] == QMAX[qdtype]).all())
 
 
+@pytest.mark.parametrize("qdtype", QDTYPES)
+def test_reference_scale_is_the_ieee_quotient(qdtype, gen):
+    """scale = fl32(amax / qmax), correctly rounded (the kernels divide). float64 division
+    of two fp32 values rounded once to fp32 is the correctly rounded fp32 quotient."""
+    x = randn((4096, 3), torch.float32, "cpu", gen, 5.0)
+    _, s = ref.quantize_per_token(x, qdtype)
+    exact = (x.abs().amax(-1).double() / QMAX[qdtype]).float()
+    assert torch.equal(s, exact)
+    # The reciprocal product (what CUDA computes for `tensor / python_float`) differs:
+    recip = x.abs().amax(-1) * (torch.tensor(1.0) / QMAX[qdtype])
+    assert not torch.equal(recip, exact)
+
+
 def test_quantize_weight_per_channel(gen):
     w = randn((6, 32), torch.float32, "cpu", gen)
     q, s = quantize_weight_per_channel(w)
@@ -240,6 +253,18 @@ def test_cuda_quantize_bit_exact(mk, dtype, qdtype, gen, cuda_device):
     assert torch.equal(s, s_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert s[0].item() == pytest.approx(ref.SCALE_MIN)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+def test_cuda_reference_equals_cpu_reference(qdtype, gen, cuda_device):
+    """The reference itself must not depend on the device (CUDA turns `t / python_float`
+    into a reciprocal multiply), or the bit-exact kernel tests compare against the wrong value."""
+    x = randn((512, 64), torch.float32, cuda_device, gen, 4.0)
+    q_gpu, s_gpu = ref.quantize_per_token(x, qdtype)
+    q_cpu, s_cpu = ref.quantize_per_token(x.cpu(), qdtype)
+    assert torch.equal(s_gpu.cpu(), s_cpu)
+    assert torch.equal(q_gpu.cpu().view(torch.uint8), q_cpu.view(torch.uint8))
 
 
 @pytest.mark.gpu
