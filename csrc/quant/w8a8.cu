@@ -5,7 +5,13 @@
 //   what mma.sync .row.col wants for 8-bit types, so no transpose anywhere.
 //   - Block tile 128 x 128 x 64 (bytes = elements), 8 warps as 2 (M) x 4 (N), warp tile
 //     64 x 32 = 4 x 4 mma.sync.m16n8k32 per 32-wide k step: s8.s8 -> s32 (exact) or
-//     e4m3.e4m3 -> f32.
+//     e4m3.e4m3 -> f32. On sm_90a only the INT8 one is native (IMMA.16832.S8.S8): ptxas
+//     lowers the e4m3 mma.sync to F2FP.F16.E4M3.UNPACK_B conversions (1.5 per HMMA) +
+//     2 x HMMA.16816.F32 (from zero) + 4 FADD into C (SASS of this file), i.e. FP8 runs
+//     on the fp16 tensor-core rate, never faster than a BF16 mma.sync kernel; Hopper's
+//     FP8 tensor-core rate is reachable only through wgmma. (The per-mma FADD also makes
+//     the fp32 accumulation exact-ish; a native e4m3 mma, sm_89 / sm_120, keeps only
+//     ~13 mantissa bits of C and would need explicit promotion if ever built there.)
 //   - Global -> shared with cp.async.cg (16 B, L2 only) in a kStages = 4 deep ring, so
 //     three k tiles are in flight while one is multiplied. Out-of-range rows and the K tail
 //     are zero-filled by cp.async's src-size operand (0x00 is zero in int8 and e4m3).
