@@ -233,21 +233,25 @@ struct QuantTraits<int8_t> {
 template <>
 struct QuantTraits<__nv_fp8_storage_t> {
   static constexpr float kMax = 448.f;
-  __device__ static __nv_fp8_storage_t quantize(float v) {
-    return __nv_cvt_float_to_fp8(fminf(fmaxf(v, -448.f), 448.f), __NV_SATFINITE, __NV_E4M3);
-  }
+  // satfinite saturates to +-448 and keeps NaN a NaN (0x7f), as the reference's clamp +
+  // cast does; a clamp with fminf/fmaxf first would turn NaN into -448.
+  __device__ static __nv_fp8_storage_t quantize(float v) { return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3); }
 };
+
+// max that propagates NaN, as torch.amax and torch.clamp do (fmaxf returns the non-NaN
+// operand, which would give a row holding a NaN a finite scale and finite codes).
+__device__ __forceinline__ float fmax_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 
 __device__ __forceinline__ float block_max(float v, float* red) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = fmax_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) red[warp] = v;
   __syncthreads();
   if (warp == 0) {
     v = lane < int(blockDim.x >> 5) ? red[lane] : 0.f;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    for (int o = 16; o > 0; o >>= 1) v = fmax_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
     if (lane == 0) red[0] = v;
   }
   __syncthreads();
@@ -270,13 +274,13 @@ __global__ void __launch_bounds__(kQuantThreads) QuantizePerTokenKernel(const __
       Vec<T, kV> v;
       v.load(x + i);
 #pragma unroll
-      for (int j = 0; j < kV; ++j) amax = fmaxf(amax, fabsf(to_float(v.v[j])));
+      for (int j = 0; j < kV; ++j) amax = fmax_nan(amax, fabsf(to_float(v.v[j])));
     }
   } else {
-    for (int i = threadIdx.x; i < cols; i += kQuantThreads) amax = fmaxf(amax, fabsf(to_float(x[i])));
+    for (int i = threadIdx.x; i < cols; i += kQuantThreads) amax = fmax_nan(amax, fabsf(to_float(x[i])));
   }
   amax = block_max(amax, red);
-  const float scale = fmaxf(amax / QuantTraits<Q>::kMax, kQuantScaleMin);
+  const float scale = fmax_nan(amax / QuantTraits<Q>::kMax, kQuantScaleMin);  // NaN row -> NaN scale
   if (vec) {
 #pragma unroll 4
     for (int i = threadIdx.x * kV; i < cols; i += kQuantThreads * kV) {

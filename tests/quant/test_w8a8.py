@@ -268,6 +268,28 @@ def test_cuda_reference_equals_cpu_reference(qdtype, gen, cuda_device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+def test_cuda_quantize_nan_inf_rows_like_reference(qdtype, gen, cuda_device):
+    """A NaN in a row gives a NaN scale (torch.amax / clamp propagate NaN; fmaxf would drop
+    it and quantize the NaN to -qmax); an inf gives scale inf. Other rows stay bit-exact."""
+    x = randn((6, 520), torch.float32, cuda_device, gen, 4.0)
+    x[1, 7] = float("nan")
+    x[3, 300] = float("inf")
+    q_ref, s_ref = ref.quantize_per_token(x, qdtype)
+    q, s = quantize_per_token(x, qdtype)
+    assert torch.isnan(s[1]) and torch.isnan(s_ref[1])
+    assert torch.isinf(s[3]) and torch.equal(s[3], s_ref[3])
+    good = [0, 2, 4, 5]
+    assert torch.equal(s[good], s_ref[good])
+    assert torch.equal(q[good].view(torch.uint8), q_ref[good].view(torch.uint8))
+    if qdtype == FP8:
+        assert torch.isnan(q[1].float()).all() and torch.isnan(q[3, 300].float())
+        others = torch.ones(520, dtype=torch.bool, device=cuda_device)
+        others[300] = False
+        assert bool((q[3].float()[others] == 0).all())
+
+
+@pytest.mark.gpu
 def test_cuda_quantize_writes_every_output(gen, cuda_device):
     x = randn((9, 4104), torch.bfloat16, cuda_device, gen)
     q = poison_(torch.empty(9, 4104, dtype=torch.int8, device=cuda_device))
