@@ -192,7 +192,9 @@ __global__ void __launch_bounds__(kGemmThreads) W8A8GemmKernel(const __grid_cons
 
   // Epilogue: c0, c1 at (row g, cols 2t, 2t+1); c2, c3 at row g + 8.
   OutT* out = static_cast<OutT*>(p.out);
-  const bool vec = (p.n & 1) == 0;
+  // Paired 4-byte stores need an even row length and a 4-byte aligned base (the C++ entry
+  // only requires `out` contiguous: a view at an odd element offset is legal).
+  const bool vec = (p.n & 1) == 0 && is_aligned(p.out, 4);
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int ni = 0; ni < 4; ++ni) {

@@ -241,6 +241,22 @@ def test_cuda_matmul_writes_every_output(qdtype, gen, cuda_device):
 
 
 @pytest.mark.gpu
+def test_cuda_matmul_out_at_odd_element_offset(gen, cuda_device):
+    """A contiguous `out` view 2 bytes past an aligned base with even N: the kernel must
+    fall back to scalar stores (paired 4-byte stores would fault as misaligned)."""
+    M, K, N = 5, 64, 40
+    x_q, xs, w_q, ws = _quantized(gen, M, K, N, torch.int8, cuda_device)
+    buf = torch.zeros(M * N + 1, dtype=torch.bfloat16, device=cuda_device)
+    out = buf[1:].view(M, N)
+    extension().w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws), None, to_dlpack(out),
+                            torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    r = _ref64(x_q, xs, w_q, ws)
+    assert_close(out, r, _mm_tol(r, torch.bfloat16))
+    assert buf[0].item() == 0
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("mk", [(1, 4096), (37, 11008), (300, 14336), (5, 100), (3, 7)], ids=lambda s: f"{s[0]}x{s[1]}")
