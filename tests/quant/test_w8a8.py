@@ -348,3 +348,110 @@ def test_binding_accepts_valid_arguments(qdtype, gen):
     with pytest.raises(ValueError, match="expected a CUDA tensor for `x`"):
         extension().quantize_per_token(to_dlpack(x), to_dlpack(torch.empty(3, 40, dtype=qdtype)),
                                        to_dlpack(torch.empty(3)), 0)
+
+
+# --- CPU emulation of the GEMM's index math (csrc/quant/w8a8.cu) ------------------------------
+# Mirrors load_tile (cp.async chunk -> swizzled smem), the ldmatrix_x4 lane addresses and the
+# PTX m16n8k32 8-bit fragment layouts (A: reg r = rows gid + 8 (r & 1), k = 4 tig + 16 (r >> 1)
+# + byte; B: reg r = k 4 tig + 16 r + byte, col gid; C: c_e at row gid + 8 (e >> 1), col
+# 2 tig + (e & 1)) and checks the whole block tile against x_q @ w_q^T, plus bank conflicts.
+
+_BM = _BN = 128
+_BK = 64
+
+
+def _swz(row, chunk):
+    return row * _BK + ((chunk ^ ((row >> 1) & 3)) << 4)
+
+
+def _load_tile_emu(src, r0, k0, rows_valid, K, writes=None):
+    """load_tile for one operand: 256 threads x 2 chunks of 16 B, zero-filled out of range."""
+    smem = bytearray(_BM * _BK)
+    for i in range(2):
+        for tid in range(256):
+            idx = tid + i * 256
+            row, chunk = idx >> 2, idx & 3
+            k = k0 + chunk * 16
+            ok = k < K and r0 + row < rows_valid
+            data = bytes(src[r0 + row, k:k + 16].tolist()) if ok else bytes(16)
+            dst = _swz(row, chunk)
+            smem[dst:dst + 16] = data
+            if writes is not None:
+                writes.append((i, tid, dst))
+    return smem
+
+
+def _ldmatrix_x4_emu(smem, addrs, lds=None):
+    """addrs[lane]: byte address of row (lane & 7) of matrix (lane >> 3). Returns regs[lane][j]
+    as 4-byte lists: lane l gets row l >> 2 of matrix j, bytes 4 (l & 3) .. + 3."""
+    if lds is not None:
+        lds.append(addrs)
+    return [[smem[addrs[8 * j + (l >> 2)] + 4 * (l & 3):][:4] for j in range(4)] for l in range(32)]
+
+
+def _banks16(addr):
+    return {((addr >> 2) + b) % 32 for b in range(4)}
+
+
+def _emulate_gemm_block(xq, wq, m0, n0):
+    M, K = xq.shape
+    N = wq.shape[0]
+    xs = xq.to(torch.int16) & 0xFF  # raw bytes
+    ws = wq.to(torch.int16) & 0xFF
+    acc = torch.zeros(_BM, _BN, dtype=torch.int64)
+    writes, lds = [], []
+    to_s8 = lambda b: b - 256 if b > 127 else b  # noqa: E731
+    for kt in range((K + _BK - 1) // _BK):
+        sa = _load_tile_emu(xs, m0, kt * _BK, M, K, writes)
+        sb = _load_tile_emu(ws, n0, kt * _BK, N, K)
+        for warp in range(8):
+            wm, wn = (warp >> 2) * 64, (warp & 3) * 32
+            for ks in range(_BK // 32):
+                a = [_ldmatrix_x4_emu(sa, [_swz(wm + mi * 16 + (l & 15), ks * 2 + (l >> 4)) for l in range(32)], lds)
+                     for mi in range(4)]
+                b = [None] * 4
+                for nj in range(2):
+                    r = _ldmatrix_x4_emu(sb, [_swz(wn + nj * 16 + (l & 7) + ((l >> 4) << 3), ks * 2 + ((l >> 3) & 1))
+                                              for l in range(32)], lds)
+                    b[nj * 2] = [[r[l][0], r[l][1]] for l in range(32)]
+                    b[nj * 2 + 1] = [[r[l][2], r[l][3]] for l in range(32)]
+                for mi in range(4):
+                    for ni in range(4):
+                        A = [[0] * 32 for _ in range(16)]
+                        B = [[0] * 8 for _ in range(32)]
+                        for l in range(32):
+                            g, t = l >> 2, l & 3
+                            for rr in range(4):
+                                for by in range(4):
+                                    A[g + 8 * (rr & 1)][4 * t + 16 * (rr >> 1) + by] = to_s8(a[mi][l][rr][by])
+                            for rr in range(2):
+                                for by in range(4):
+                                    B[4 * t + 16 * rr + by][g] = to_s8(b[ni][l][rr][by])
+                        C = torch.tensor(A, dtype=torch.int64) @ torch.tensor(B, dtype=torch.int64)
+                        for l in range(32):  # accumulate through the C fragment ownership
+                            g, t = l >> 2, l & 3
+                            for e in range(4):
+                                row, col = g + 8 * (e >> 1), 2 * t + (e & 1)
+                                acc[wm + mi * 16 + row, wn + ni * 8 + col] += C[row, col]
+    return acc, writes, lds
+
+
+def test_gemm_fragment_mapping_emulated(gen):
+    M, K, N = 70, 80, 100  # one partial block tile, two k tiles (the second half empty: K tail)
+    xq = torch.randint(-127, 128, (M, K), generator=gen, dtype=torch.int8)
+    wq = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
+    acc, writes, lds = _emulate_gemm_block(xq, wq, 0, 0)
+    exact = xq.long() @ wq.long().t()
+    assert torch.equal(acc[:M, :N], exact)
+    assert bool((acc[M:] == 0).all()) and bool((acc[:, N:] == 0).all())  # zero-filled rows
+    # ldmatrix: each 8-lane phase (one 8 x 16 B matrix) touches 32 distinct banks.
+    for addrs in lds:
+        for j in range(4):
+            banks = [_banks16(addrs[8 * j + r]) for r in range(8)]
+            assert len(set().union(*banks)) == 32, (j, addrs[8 * j:8 * j + 8])
+    # cp.async writes: each quarter warp (8 x 16 B) covers 32 distinct banks.
+    by_instr = {}
+    for i, tid, dst in writes[:512]:
+        by_instr.setdefault((i, tid >> 3), []).append(dst)
+    for dsts in by_instr.values():
+        assert len(set().union(*(_banks16(d) for d in dsts))) == 32
