@@ -135,6 +135,16 @@ def test_matmul_leading_dims_and_quantized_linear_close_to_float(gen):
         assert rel < (0.02 if qdtype == torch.int8 else 0.08), rel
 
 
+def test_empty_k(gen):
+    """K = 0 (allowed: 0 % 16 == 0): zero codes with scale 1e-10, and y = bias."""
+    q, s = quantize_per_token(torch.zeros(2, 3, 0), torch.int8)
+    assert q.shape == (2, 3, 0) and torch.equal(s, torch.full((2, 3), ref.SCALE_MIN))
+    b = randn((5,), torch.float32, "cpu", gen)
+    y = w8a8_matmul(torch.zeros(2, 3, 0, dtype=torch.int8), torch.ones(2, 3), torch.zeros(5, 0, dtype=torch.int8),
+                    torch.ones(5), torch.float16, b)
+    assert y.shape == (2, 3, 5) and torch.equal(y, b.half().expand(2, 3, 5))
+
+
 def _good(g):
     x_q, xs, w_q, ws = _quantized(g, 4, 32, 8, torch.int8)
     return [x_q, xs, w_q, ws, torch.bfloat16, torch.zeros(8)]
@@ -344,6 +354,9 @@ def test_binding_accepts_valid_arguments(qdtype, gen):
     with pytest.raises(ValueError, match="expected a CUDA tensor for `x_q`"):
         extension().w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws),
                                 to_dlpack(torch.zeros(5)), to_dlpack(out), 0)
+    with pytest.raises(ValueError, match="expected a CUDA tensor for `x_q`"):  # K = 0: row stride 1
+        extension().w8a8_matmul(to_dlpack(x_q[:, :0].contiguous()), to_dlpack(xs), to_dlpack(w_q[:, :0].contiguous()),
+                                to_dlpack(ws), None, to_dlpack(out), 0)
     x = torch.zeros(3, 40)
     with pytest.raises(ValueError, match="expected a CUDA tensor for `x`"):
         extension().quantize_per_token(to_dlpack(x), to_dlpack(torch.empty(3, 40, dtype=qdtype)),
