@@ -413,7 +413,7 @@ def _emulate_gemm_block(xq, wq, m0, n0):
     ws = wq.to(torch.int16) & 0xFF
     acc = torch.zeros(_BM, _BN, dtype=torch.int64)
     writes, lds = [], []
-    to_s8 = lambda b: b - 256 if b > 127 else b  # noqa: E731
+    to_s8 = lambda b: b - 256 if b > 127 else b
     for kt in range((K + _BK - 1) // _BK):
         sa = _load_tile_emu(xs, m0, kt * _BK, M, K, writes)
         sb = _load_tile_emu(ws, n0, kt * _BK, N, K)
