@@ -5,7 +5,13 @@
 //   what mma.sync .row.col wants for 8-bit types, so no transpose anywhere.
 //   - Block tile 128 x 128 x 64 (bytes = elements), 8 warps as 2 (M) x 4 (N), warp tile
 //     64 x 32 = 4 x 4 mma.sync.m16n8k32 per 32-wide k step: s8.s8 -> s32 (exact) or
-//     e4m3.e4m3 -> f32.
+//     e4m3.e4m3 -> f32. On sm_90a only the INT8 one is native (IMMA.16832.S8.S8): ptxas
+//     lowers the e4m3 mma.sync to F2FP.F16.E4M3.UNPACK_B conversions (1.5 per HMMA) +
+//     2 x HMMA.16816.F32 (from zero) + 4 FADD into C (SASS of this file), i.e. FP8 runs
+//     on the fp16 tensor-core rate, never faster than a BF16 mma.sync kernel; Hopper's
+//     FP8 tensor-core rate is reachable only through wgmma. (The per-mma FADD also makes
+//     the fp32 accumulation exact-ish; a native e4m3 mma, sm_89 / sm_120, keeps only
+//     ~13 mantissa bits of C and would need explicit promotion if ever built there.)
 //   - Global -> shared with cp.async.cg (16 B, L2 only) in a kStages = 4 deep ring, so
 //     three k tiles are in flight while one is multiplied. Out-of-range rows and the K tail
 //     are zero-filled by cp.async's src-size operand (0x00 is zero in int8 and e4m3).
@@ -186,7 +192,9 @@ __global__ void __launch_bounds__(kGemmThreads) W8A8GemmKernel(const __grid_cons
 
   // Epilogue: c0, c1 at (row g, cols 2t, 2t+1); c2, c3 at row g + 8.
   OutT* out = static_cast<OutT*>(p.out);
-  const bool vec = (p.n & 1) == 0;
+  // Paired 4-byte stores need an even row length and a 4-byte aligned base (the C++ entry
+  // only requires `out` contiguous: a view at an odd element offset is legal).
+  const bool vec = (p.n & 1) == 0 && is_aligned(p.out, 4);
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int ni = 0; ni < 4; ++ni) {
@@ -227,21 +235,25 @@ struct QuantTraits<int8_t> {
 template <>
 struct QuantTraits<__nv_fp8_storage_t> {
   static constexpr float kMax = 448.f;
-  __device__ static __nv_fp8_storage_t quantize(float v) {
-    return __nv_cvt_float_to_fp8(fminf(fmaxf(v, -448.f), 448.f), __NV_SATFINITE, __NV_E4M3);
-  }
+  // satfinite saturates to +-448 and keeps NaN a NaN (0x7f), as the reference's clamp +
+  // cast does; a clamp with fminf/fmaxf first would turn NaN into -448.
+  __device__ static __nv_fp8_storage_t quantize(float v) { return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3); }
 };
+
+// max that propagates NaN, as torch.amax and torch.clamp do (fmaxf returns the non-NaN
+// operand, which would give a row holding a NaN a finite scale and finite codes).
+__device__ __forceinline__ float fmax_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 
 __device__ __forceinline__ float block_max(float v, float* red) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = fmax_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) red[warp] = v;
   __syncthreads();
   if (warp == 0) {
     v = lane < int(blockDim.x >> 5) ? red[lane] : 0.f;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    for (int o = 16; o > 0; o >>= 1) v = fmax_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
     if (lane == 0) red[0] = v;
   }
   __syncthreads();
@@ -264,13 +276,13 @@ __global__ void __launch_bounds__(kQuantThreads) QuantizePerTokenKernel(const __
       Vec<T, kV> v;
       v.load(x + i);
 #pragma unroll
-      for (int j = 0; j < kV; ++j) amax = fmaxf(amax, fabsf(to_float(v.v[j])));
+      for (int j = 0; j < kV; ++j) amax = fmax_nan(amax, fabsf(to_float(v.v[j])));
     }
   } else {
-    for (int i = threadIdx.x; i < cols; i += kQuantThreads) amax = fmaxf(amax, fabsf(to_float(x[i])));
+    for (int i = threadIdx.x; i < cols; i += kQuantThreads) amax = fmax_nan(amax, fabsf(to_float(x[i])));
   }
   amax = block_max(amax, red);
-  const float scale = fmaxf(amax / QuantTraits<Q>::kMax, kQuantScaleMin);
+  const float scale = fmax_nan(amax / QuantTraits<Q>::kMax, kQuantScaleMin);  // NaN row -> NaN scale
   if (vec) {
 #pragma unroll 4
     for (int i = threadIdx.x * kV; i < cols; i += kQuantThreads * kV) {

@@ -74,6 +74,19 @@ def test_quantize_public_cpu(dtype, qdtype, gen):
     assert bool((q.float().abs().amax(-1)[s > ref.SCALE_MIN] == QMAX[qdtype]).all())
 
 
+@pytest.mark.parametrize("qdtype", QDTYPES)
+def test_reference_scale_is_the_ieee_quotient(qdtype, gen):
+    """scale = fl32(amax / qmax), correctly rounded (the kernels divide). float64 division
+    of two fp32 values rounded once to fp32 is the correctly rounded fp32 quotient."""
+    x = randn((4096, 3), torch.float32, "cpu", gen, 5.0)
+    _, s = ref.quantize_per_token(x, qdtype)
+    exact = (x.abs().amax(-1).double() / QMAX[qdtype]).float()
+    assert torch.equal(s, exact)
+    # The reciprocal product (what CUDA computes for `tensor / python_float`) differs:
+    recip = x.abs().amax(-1) * (torch.tensor(1.0) / QMAX[qdtype])
+    assert not torch.equal(recip, exact)
+
+
 def test_quantize_weight_per_channel(gen):
     w = randn((6, 32), torch.float32, "cpu", gen)
     q, s = quantize_weight_per_channel(w)
@@ -120,6 +133,16 @@ def test_matmul_leading_dims_and_quantized_linear_close_to_float(gen):
         exact = x.double() @ w.double().t()
         rel = float((y.double() - exact).norm() / exact.norm())
         assert rel < (0.02 if qdtype == torch.int8 else 0.08), rel
+
+
+def test_empty_k(gen):
+    """K = 0 (allowed: 0 % 16 == 0): zero codes with scale 1e-10, and y = bias."""
+    q, s = quantize_per_token(torch.zeros(2, 3, 0), torch.int8)
+    assert q.shape == (2, 3, 0) and torch.equal(s, torch.full((2, 3), ref.SCALE_MIN))
+    b = randn((5,), torch.float32, "cpu", gen)
+    y = w8a8_matmul(torch.zeros(2, 3, 0, dtype=torch.int8), torch.ones(2, 3), torch.zeros(5, 0, dtype=torch.int8),
+                    torch.ones(5), torch.float16, b)
+    assert y.shape == (2, 3, 5) and torch.equal(y, b.half().expand(2, 3, 5))
 
 
 def _good(g):
@@ -228,6 +251,22 @@ def test_cuda_matmul_writes_every_output(qdtype, gen, cuda_device):
 
 
 @pytest.mark.gpu
+def test_cuda_matmul_out_at_odd_element_offset(gen, cuda_device):
+    """A contiguous `out` view 2 bytes past an aligned base with even N: the kernel must
+    fall back to scalar stores (paired 4-byte stores would fault as misaligned)."""
+    M, K, N = 5, 64, 40
+    x_q, xs, w_q, ws = _quantized(gen, M, K, N, torch.int8, cuda_device)
+    buf = torch.zeros(M * N + 1, dtype=torch.bfloat16, device=cuda_device)
+    out = buf[1:].view(M, N)
+    extension().w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws), None, to_dlpack(out),
+                            torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    r = _ref64(x_q, xs, w_q, ws)
+    assert_close(out, r, _mm_tol(r, torch.bfloat16))
+    assert buf[0].item() == 0
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("mk", [(1, 4096), (37, 11008), (300, 14336), (5, 100), (3, 7)], ids=lambda s: f"{s[0]}x{s[1]}")
@@ -240,6 +279,40 @@ def test_cuda_quantize_bit_exact(mk, dtype, qdtype, gen, cuda_device):
     assert torch.equal(s, s_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert s[0].item() == pytest.approx(ref.SCALE_MIN)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+def test_cuda_reference_equals_cpu_reference(qdtype, gen, cuda_device):
+    """The reference itself must not depend on the device (CUDA turns `t / python_float`
+    into a reciprocal multiply), or the bit-exact kernel tests compare against the wrong value."""
+    x = randn((512, 64), torch.float32, cuda_device, gen, 4.0)
+    q_gpu, s_gpu = ref.quantize_per_token(x, qdtype)
+    q_cpu, s_cpu = ref.quantize_per_token(x.cpu(), qdtype)
+    assert torch.equal(s_gpu.cpu(), s_cpu)
+    assert torch.equal(q_gpu.cpu().view(torch.uint8), q_cpu.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+def test_cuda_quantize_nan_inf_rows_like_reference(qdtype, gen, cuda_device):
+    """A NaN in a row gives a NaN scale (torch.amax / clamp propagate NaN; fmaxf would drop
+    it and quantize the NaN to -qmax); an inf gives scale inf. Other rows stay bit-exact."""
+    x = randn((6, 520), torch.float32, cuda_device, gen, 4.0)
+    x[1, 7] = float("nan")
+    x[3, 300] = float("inf")
+    q_ref, s_ref = ref.quantize_per_token(x, qdtype)
+    q, s = quantize_per_token(x, qdtype)
+    assert torch.isnan(s[1]) and torch.isnan(s_ref[1])
+    assert torch.isinf(s[3]) and torch.equal(s[3], s_ref[3])
+    good = [0, 2, 4, 5]
+    assert torch.equal(s[good], s_ref[good])
+    assert torch.equal(q[good].view(torch.uint8), q_ref[good].view(torch.uint8))
+    if qdtype == FP8:
+        assert torch.isnan(q[1].float()).all() and torch.isnan(q[3, 300].float())
+        others = torch.ones(520, dtype=torch.bool, device=cuda_device)
+        others[300] = False
+        assert bool((q[3].float()[others] == 0).all())
 
 
 @pytest.mark.gpu
@@ -281,7 +354,117 @@ def test_binding_accepts_valid_arguments(qdtype, gen):
     with pytest.raises(ValueError, match="expected a CUDA tensor for `x_q`"):
         extension().w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws),
                                 to_dlpack(torch.zeros(5)), to_dlpack(out), 0)
+    with pytest.raises(ValueError, match="expected a CUDA tensor for `x_q`"):  # K = 0: row stride 1
+        extension().w8a8_matmul(to_dlpack(x_q[:, :0].contiguous()), to_dlpack(xs), to_dlpack(w_q[:, :0].contiguous()),
+                                to_dlpack(ws), None, to_dlpack(out), 0)
     x = torch.zeros(3, 40)
     with pytest.raises(ValueError, match="expected a CUDA tensor for `x`"):
         extension().quantize_per_token(to_dlpack(x), to_dlpack(torch.empty(3, 40, dtype=qdtype)),
                                        to_dlpack(torch.empty(3)), 0)
+
+
+# --- CPU emulation of the GEMM's index math (csrc/quant/w8a8.cu) ------------------------------
+# Mirrors load_tile (cp.async chunk -> swizzled smem), the ldmatrix_x4 lane addresses and the
+# PTX m16n8k32 8-bit fragment layouts (A: reg r = rows gid + 8 (r & 1), k = 4 tig + 16 (r >> 1)
+# + byte; B: reg r = k 4 tig + 16 r + byte, col gid; C: c_e at row gid + 8 (e >> 1), col
+# 2 tig + (e & 1)) and checks the whole block tile against x_q @ w_q^T, plus bank conflicts.
+
+_BM = _BN = 128
+_BK = 64
+
+
+def _swz(row, chunk):
+    return row * _BK + ((chunk ^ ((row >> 1) & 3)) << 4)
+
+
+def _load_tile_emu(src, r0, k0, rows_valid, K, writes=None):
+    """load_tile for one operand: 256 threads x 2 chunks of 16 B, zero-filled out of range."""
+    smem = bytearray(_BM * _BK)
+    for i in range(2):
+        for tid in range(256):
+            idx = tid + i * 256
+            row, chunk = idx >> 2, idx & 3
+            k = k0 + chunk * 16
+            ok = k < K and r0 + row < rows_valid
+            data = bytes(src[r0 + row, k:k + 16].tolist()) if ok else bytes(16)
+            dst = _swz(row, chunk)
+            smem[dst:dst + 16] = data
+            if writes is not None:
+                writes.append((i, tid, dst))
+    return smem
+
+
+def _ldmatrix_x4_emu(smem, addrs, lds=None):
+    """addrs[lane]: byte address of row (lane & 7) of matrix (lane >> 3). Returns regs[lane][j]
+    as 4-byte lists: lane l gets row l >> 2 of matrix j, bytes 4 (l & 3) .. + 3."""
+    if lds is not None:
+        lds.append(addrs)
+    return [[smem[addrs[8 * j + (l >> 2)] + 4 * (l & 3):][:4] for j in range(4)] for l in range(32)]
+
+
+def _banks16(addr):
+    return {((addr >> 2) + b) % 32 for b in range(4)}
+
+
+def _emulate_gemm_block(xq, wq, m0, n0):
+    M, K = xq.shape
+    N = wq.shape[0]
+    xs = xq.to(torch.int16) & 0xFF  # raw bytes
+    ws = wq.to(torch.int16) & 0xFF
+    acc = torch.zeros(_BM, _BN, dtype=torch.int64)
+    writes, lds = [], []
+    to_s8 = lambda b: b - 256 if b > 127 else b
+    for kt in range((K + _BK - 1) // _BK):
+        sa = _load_tile_emu(xs, m0, kt * _BK, M, K, writes)
+        sb = _load_tile_emu(ws, n0, kt * _BK, N, K)
+        for warp in range(8):
+            wm, wn = (warp >> 2) * 64, (warp & 3) * 32
+            for ks in range(_BK // 32):
+                a = [_ldmatrix_x4_emu(sa, [_swz(wm + mi * 16 + (l & 15), ks * 2 + (l >> 4)) for l in range(32)], lds)
+                     for mi in range(4)]
+                b = [None] * 4
+                for nj in range(2):
+                    r = _ldmatrix_x4_emu(sb, [_swz(wn + nj * 16 + (l & 7) + ((l >> 4) << 3), ks * 2 + ((l >> 3) & 1))
+                                              for l in range(32)], lds)
+                    b[nj * 2] = [[r[l][0], r[l][1]] for l in range(32)]
+                    b[nj * 2 + 1] = [[r[l][2], r[l][3]] for l in range(32)]
+                for mi in range(4):
+                    for ni in range(4):
+                        A = [[0] * 32 for _ in range(16)]
+                        B = [[0] * 8 for _ in range(32)]
+                        for l in range(32):
+                            g, t = l >> 2, l & 3
+                            for rr in range(4):
+                                for by in range(4):
+                                    A[g + 8 * (rr & 1)][4 * t + 16 * (rr >> 1) + by] = to_s8(a[mi][l][rr][by])
+                            for rr in range(2):
+                                for by in range(4):
+                                    B[4 * t + 16 * rr + by][g] = to_s8(b[ni][l][rr][by])
+                        C = torch.tensor(A, dtype=torch.int64) @ torch.tensor(B, dtype=torch.int64)
+                        for l in range(32):  # accumulate through the C fragment ownership
+                            g, t = l >> 2, l & 3
+                            for e in range(4):
+                                row, col = g + 8 * (e >> 1), 2 * t + (e & 1)
+                                acc[wm + mi * 16 + row, wn + ni * 8 + col] += C[row, col]
+    return acc, writes, lds
+
+
+def test_gemm_fragment_mapping_emulated(gen):
+    M, K, N = 70, 80, 100  # one partial block tile, two k tiles (the second half empty: K tail)
+    xq = torch.randint(-127, 128, (M, K), generator=gen, dtype=torch.int8)
+    wq = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8)
+    acc, writes, lds = _emulate_gemm_block(xq, wq, 0, 0)
+    exact = xq.long() @ wq.long().t()
+    assert torch.equal(acc[:M, :N], exact)
+    assert bool((acc[M:] == 0).all()) and bool((acc[:, N:] == 0).all())  # zero-filled rows
+    # ldmatrix: each 8-lane phase (one 8 x 16 B matrix) touches 32 distinct banks.
+    for addrs in lds:
+        for j in range(4):
+            banks = [_banks16(addrs[8 * j + r]) for r in range(8)]
+            assert len(set().union(*banks)) == 32, (j, addrs[8 * j:8 * j + 8])
+    # cp.async writes: each quarter warp (8 x 16 B) covers 32 distinct banks.
+    by_instr = {}
+    for i, tid, dst in writes[:512]:
+        by_instr.setdefault((i, tid >> 3), []).append(dst)
+    for dsts in by_instr.values():
+        assert len(set().union(*(_banks16(d) for d in dsts))) == 32

@@ -85,7 +85,8 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype = torch.int8):
     if x.dim() < 1:
         raise ValueError("expected `x` with at least 1 dim [..., K], got a 0-dim tensor")
     lead, k = x.shape[:-1], x.shape[-1]
-    q, s = torch.ops.inferops.quantize_per_token(x.reshape(-1, k).contiguous(), _DTYPE_CODE[dtype])
+    # lead.numel(), not -1: reshape(-1, 0) is ambiguous and raises for K = 0
+    q, s = torch.ops.inferops.quantize_per_token(x.reshape(lead.numel(), k).contiguous(), _DTYPE_CODE[dtype])
     return q.reshape(*lead, k), s.reshape(lead)
 
 
@@ -176,7 +177,7 @@ def w8a8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
         devs["bias"] = bias
     check_same_device(devs)
     b = None if bias is None else bias.detach().float().contiguous()
-    y = torch.ops.inferops.w8a8_matmul(x_q.reshape(-1, K).contiguous(), x_scale.reshape(-1).contiguous(),
+    y = torch.ops.inferops.w8a8_matmul(x_q.reshape(lead.numel(), K).contiguous(), x_scale.reshape(-1).contiguous(),
                                        w_q.contiguous(), w_scale.contiguous(), b, _OUT_CODE[out_dtype])
     return y.reshape(*lead, N)
 

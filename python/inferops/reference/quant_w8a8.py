@@ -5,7 +5,9 @@ for ``quantize_per_token``):
 
 * symmetric, per row: ``scale = max(amax / qmax, SCALE_MIN)`` in fp32 with
   ``qmax = 127`` (int8) or ``448`` (fp8 e4m3, its largest finite value);
-* ``q = round_half_even(x / scale)`` (IEEE fp32 division), clamped to
+* ``amax / qmax`` and ``x / scale`` are IEEE fp32 divisions on every device (a
+  Python-scalar divisor would make CUDA multiply by its reciprocal instead);
+* ``q = round_half_even(x / scale)``, clamped to
   ``[-qmax, qmax]``; fp8 rounds to nearest even on the cast;
 * the clamp ``SCALE_MIN`` keeps all-zero rows at scale 1e-10 (not 0), so no NaN or
   inf appears and they dequantize to exact zeros.
@@ -46,7 +48,10 @@ def _quantize_rows(xf: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
     """xf: [M, K] float32; returns (q [M, K] dtype, scale [M] float32)."""
     qm = _QMAX[dtype]
     amax = xf.abs().amax(dim=-1) if xf.shape[-1] > 0 else xf.new_zeros(xf.shape[:-1])
-    scale = torch.clamp(amax / qm, min=SCALE_MIN)
+    # Divide by a tensor, not the Python float: on CUDA, `tensor / scalar` is computed as
+    # `tensor * (1 / scalar)` (ATen's div_true_kernel_cuda), which differs from the IEEE
+    # quotient by one ulp for ~5% (127) / ~50% (448) of amax values; the kernels divide.
+    scale = torch.clamp(amax / torch.full_like(amax, qm), min=SCALE_MIN)
     y = xf / scale[:, None]
     if dtype == torch.int8:
         q = torch.round(y).clamp(-qm, qm).to(torch.int8)
