@@ -153,6 +153,21 @@ def test_binding_rejects_bad_order_before_launch():
                                       to_dlpack(out[:, :48].contiguous()), to_dlpack(s), 12, 0)
 
 
+@pytest.mark.skipif(extension() is None, reason="inferops._C not importable")
+def test_binding_wants_fragment_words_for_large_orders():
+    """m = 108 / 344 take the tensor-core sign words, not the int8 [m, m] matrix."""
+    x = torch.zeros(2, 344 * 8, dtype=torch.bfloat16)
+    out, s = torch.empty(2, 344 * 8, dtype=torch.int8), torch.empty(2)
+    with pytest.raises((TypeError, ValueError), match="hm"):
+        extension().hadamard_quantize(to_dlpack(x), to_dlpack(dense_factor(344)), to_dlpack(out), to_dlpack(s), 344, 0)
+    words = dense_factor_fragments(344)
+    with pytest.raises((TypeError, ValueError), match="hm"):
+        extension().hadamard_quantize(to_dlpack(x), to_dlpack(words[:, :3].contiguous()), to_dlpack(out),
+                                      to_dlpack(s), 344, 0)
+    with pytest.raises(ValueError, match="expected a CUDA tensor for `x`"):  # right operand: past every check
+        extension().hadamard_quantize(to_dlpack(x), to_dlpack(words), to_dlpack(out), to_dlpack(s), 344, 0)
+
+
 def test_opcheck_and_compile_cpu(gen):
     x = randn((3, 40), torch.bfloat16, "cpu", gen)
     torch.library.opcheck(torch.ops.inferops.hadamard_quantize.default, (x, "none"))
