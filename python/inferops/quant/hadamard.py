@@ -13,8 +13,9 @@ Construction (deterministic, cached, built in Python with integer arithmetic):
   on every machine.
 * ``n = m * 2^k``: ``H_n = kron(H_m, H_{2^k})``. Index ``i = a * 2^k + b``: a row ``x``
   viewed as ``X [m, 2^k]`` maps to ``H_m^T X H_{2^k}``, which is what the kernel
-  computes (fast Walsh-Hadamard transform along ``b``, then the dense ``m x m``
-  factor along ``a``).
+  computes (fast Walsh-Hadamard transform along ``b`` and the dense ``m x m`` factor
+  along ``a``; the factors commute: m <= 28 applies the FWHT first, m = 108 / 344 the
+  dense factor first, on tensor cores).
 
 11008 (Llama-2 7B intermediate size) = 172 * 64 in the usual QuaRot tables; an
 order-172 Hadamard matrix needs Williamson-type constructions, so here
