@@ -1,12 +1,16 @@
 """Benchmark hadamard_quantize (online Hadamard + per-token quantization) against a plain copy
 of x (``x.clone()``) and the PyTorch reference, in the same run, at the hidden and
 intermediate sizes of common models: n = 4096, 5120 (20*256), 8192, 11008 (344*32),
-13824 (108*128), 14336 (28*512), 28672 (28*1024); M = 16 and 4096 tokens, bf16 input.
+13824 (108*128), 14336 (28*512), 28672 (28*1024), plus 27648 (108*256); M = 1, 16 and
+4096 tokens, bf16 input. Reported: time, GB/s against the measured copy ceiling, the ratio
+to x.clone() timed in the same run, and for m = 108 / 344 the tensor-core FLOP/s of the
+dense step (2 * m16 FLOP per element, m16 = m rounded up to 16).
 
 Napkin math: the op reads 2n bytes and writes n (int8 / fp8) + 4 bytes per token, less
 than the clone's 2n + 2n, so a memory-bound kernel would beat the copy; the FWHT costs
-n log2(n) adds and the dense factor m * n FMAs per token on CUDA cores (m = 344 at 11008:
-3.8 M FMAs per token, which makes that size compute bound: see docs/quant.md).
+n log2(n) adds, the dense factor m * n FMAs per token on CUDA cores for m <= 28 and
+2 * m16 * n FLOP on tensor cores (mma.sync) for m = 108 / 344 (11008, M = 4096: 31 GFLOP,
+~50 us at 60% of the mma.sync peak vs ~60 us for the copy: see docs/quant.md).
 
 Target (issue 5): within 1.3x of a plain copy of x.
 
@@ -29,9 +33,9 @@ from inferops.reference import quant_w8a8 as ref
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 Run = importlib.import_module("_common").Run  # bench/_common.py (not a package)
 
-SIZES = [4096, 5120, 8192, 11008, 13824, 14336, 28672]
-MS = [16, 4096]
-QUICK_SIZES = [4096, 5120]
+SIZES = [4096, 5120, 8192, 11008, 13824, 14336, 28672, 27648]
+MS = [1, 16, 4096]
+QUICK_SIZES = [4096, 11008]
 QUICK_MS = [16]
 FP8 = torch.float8_e4m3fn
 
@@ -55,8 +59,10 @@ def main(argv=None) -> int:
                 gbps = nbytes / (t.median_us * 1e-6) / 1e9
                 pct = 100 * gbps / copy_gbps if copy_gbps else None
                 sizes = f"M={M} n={n} (m={m} x 2^{p.bit_length() - 1}) -> {qname}"
+                tflops = 2 * ((m + 15) // 16 * 16) * M * n / (t.median_us * 1e-6) / 1e12 if m > 28 else None
                 line = (f"  {sizes:40s}: {t.median_us:9.1f} us {gbps:7.1f} GB/s"
-                        + (f" ({pct:5.1f}% of copy)" if pct else ""))
+                        + (f" ({pct:5.1f}% of copy)" if pct else "")
+                        + (f" {tflops:6.1f} TFLOP/s (mma)" if tflops else ""))
                 bases = [("x.clone()", t_copy)] + ([("torch_reference (eager)", t_ref)] if qd == torch.int8 else [])
                 for bname, tb in bases:
                     ratio = t.median_us / tb.median_us  # time relative to the baseline
@@ -66,7 +72,7 @@ def main(argv=None) -> int:
                     results.add(family="quant", op="hadamard_quantize",
                                 backend=kernel_backend("hadamard_quantize", dev), sizes=sizes, dtype="bfloat16",
                                 bytes=nbytes, time_us=t.median_us, timing=t.method, gbps=gbps, pct_of_ceiling=pct,
-                                ceiling="copy_gbps", baseline=bname, baseline_time_us=tb.median_us,
+                                ceiling="copy_gbps", tflops=tflops, baseline=bname, baseline_time_us=tb.median_us,
                                 speedup_vs_baseline=tb.median_us / t.median_us, target=target, met=met)
                     line += f" | {bname.split(' ')[0]} {tb.median_us:8.1f} us (x{ratio:.2f} of its time)"
                 print(line)

@@ -3,31 +3,54 @@
 // HadamardQuantizeKernel<T, kM, OutT>: one block (256 threads) per token row of n = kM * P
 // elements (P = 2^k >= 8). The row x, viewed as X [kM, P], becomes
 // Y = H_m^T X H_P / sqrt(n)  ( = x @ kron(H_m, H_P) / sqrt(n) ), then is quantized per token.
+// The two factors commute; the order depends on the path.
+//
+// kM = 1, 12, 20, 28 (CUDA cores, FWHT first):
 //   1. Load: each thread takes 8 consecutive elements (one 16-byte load; kBatch = 4 such
 //      loads issued before use) and runs the first three FWHT stages in registers; stages
 //      h = 8 .. min(P, 256) / 2 run between lanes of a warp with __shfl_xor (a warp owns
 //      256 consecutive elements, and butterflies never leave a P-aligned chunk). The fp32
 //      row then goes to shared memory.
 //   2. Stages h >= 256 in shared memory, one __syncthreads each (log2(P) - 8 of them).
-//   3. Dense factor over the kM chunks, Y[c, d] = sum_a H_m[a, c] X[a, d], on CUDA cores:
-//      kM * n operations per row (kM = 28 at n = 14336: 0.4 M; kM = 344 at n = 11008:
-//      3.8 M, which makes 11008 compute bound, ~30x a copy of x by napkin math (see
-//      docs/quant.md); tensor cores would be the next step). kM <= 28: a thread owns whole columns d (kM values in
-//      registers) and H_m comes in the kernel parameters (HadamardSmallFactor): fully
-//      unrolled, each FMA reads its +-1 from the constant cache, no shared-memory load
-//      competes with the FMAs; the result is written in place. kM = 108 / 344: work items
-//      are (4 outputs, column) pairs so all 256 threads are busy even when P = 32; H_m is
-//      kept as int8 in shared memory (344^2 = 116 KiB; fp32 would not fit) and applied by
-//      flipping the sign bit of x (shift + LOP3 + FADD: int8 -> float conversions run at
-//      a quarter of the FMA rate); the result goes to a second fp32 buffer.
+//   3. Dense factor Y[c, d] = sum_a H_m[a, c] X[a, d]: a thread owns whole columns d (kM
+//      values in registers); H_m comes in the kernel parameters (HadamardSmallFactor), so
+//      each fully unrolled FMA reads its +-1 from the constant cache (kM FMAs per element:
+//      28 at 14336 / 28672). Result written in place.
 //   4. amax of the scaled result (block reduction), scale = max(amax / qmax, 1e-10), and
 //      the quantized (or rounded fp16/bf16) row written with 8-element vector stores.
-// Shared memory (dynamic): kM <= 28: 4 n bytes (28672: 112 KiB);
-//                         kM > 28:  8 n + kM^2 bytes (11008 = 344 * 32: 202 KiB).
+//   Shared memory: 4 n bytes (28672: 112 KiB).
+//
+// kM = 108, 344 (tensor cores, dense factor FIRST on the raw fp16/bf16 input):
+//   0. Stage the A-fragment sign words of H_m^T (see below) and the raw row X as T in
+//      shared memory, [m16][S] (m16 = kM rounded up to 16, rows kM..m16-1 zero, row stride
+//      S = P + 8 (P = 8: 24) so ldmatrix phases are bank-conflict free).
+//   1. Z = H_m^T X with mma.sync m16n8k16 (A = H_m^T [m16, m16], B = X [m16, P], fp32
+//      accumulation): H's entries are +-1 and X's are fp16/bf16, so every product is exact
+//      and only the fp32 accumulation rounds. A warp block is one 16-row tile of Z times
+//      4 n8-tiles (32 columns; P = 8 / 16: 1 n-tile pair, the extra columns are dropped);
+//      B fragments come from ldmatrix.x4.trans (X is k-major in shared memory). Z (fp32)
+//      goes to a [kM][P] buffer. 2 * m16 FLOP per element (344: 704).
+//   2. FWHT of Z along P as in steps 1-2 above, reading Z from shared memory.
+//   3. 1/sqrt(n), amax, scale and write as in step 4 above.
+//   A fragments: the m16n8k16 A tile holds 8 values per lane in 4 registers,
+//   reg i = (A[r_i][k_i], A[r_i][k_i + 1]) with r = g, g + 8, g, g + 8 and k = 2q, 2q, 2q + 8,
+//   2q + 8 (i = 0..3; g = lane / 4, q = lane % 4). Each value is +-1, so one sign bit is
+//   enough: word [ct][kw][lane] covers the 4 k-tiles kt = 4 kw + t; the sign of the low
+//   (high) half of reg i of k-tile t is bit 15 - (4 t + i) (31 - (4 t + i)), and
+//   reg = ONE | ((word << (4 t + i)) & 0x80008000) with ONE = two fp16/bf16 1.0s.
+//   Padded entries (row or column >= kM) are +1: padded rows of Z are not stored, padded
+//   columns multiply the zero rows of X. H_m^T as fp16 would need 242 KiB at m = 344; the
+//   sign words take 16.5 KiB.
+//   Shared memory: 4 n + 2 m16 S + 128 (m16 / 16) ceil(m16 / 64) bytes (11008: 87 KiB,
+//   13824: 86 KiB, 27648 = 108 * 256: 168 KiB, 22016 = 344 * 64: 152 KiB).
+//
 // Rotation values stay fp32 until the final rounding; results differ from the PyTorch
 // reference only by fp32 summation order and the 1/sqrt(n) multiply (tests allow one
 // quantization step at rounding boundaries).
 #include <cuda_fp8.h>
+
+#include <cstring>
+#include <type_traits>
 
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
@@ -79,47 +102,168 @@ __device__ __forceinline__ float block_max(float v, float* red) {
   return red[0];
 }
 
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Tensor-core dense step (kM > kRegMaxM): zs[c * P + d] = sum_a H_m[a, c] X[a, d] for c < kM,
+// from xb = X as T [m16][S] (rows >= kM zero) and hw = A-fragment sign words (see the top).
+template <typename T, int kM>
+__device__ __forceinline__ void dense_factor_tc(const T* xb, const uint32_t* hw, float* zs, int P, int S) {
+  constexpr int kM16 = hadamard_tc_pad(kM), kCT = kM16 / 16, kKW = hadamard_tc_words(kM);
+  constexpr uint32_t kOne = std::is_same_v<T, __half> ? 0x3C003C00u : 0x3F803F80u;  // 1.0, 1.0
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+  const int nt_total = P / 8;
+  const int npairs = nt_total >= 4 ? 2 : 1;          // n-tile pairs per warp block
+  const int nblocks = nt_total >= 4 ? nt_total / 4 : 1;  // warp blocks along n
+  // ldmatrix.x4.trans: lanes 8j .. 8j + 7 address the rows of 8x8 matrix j = (k half, n half)
+  // = (j & 1, j >> 1): row k0 + (lane & 15), columns n0 + (lane >> 4) * 8 .. + 7. Register j
+  // then holds B[k0 + 8 (j & 1) + 2q, +1][n0 + 8 (j >> 1) + g]: (b0 b1, b2 b3) of n-tile 0
+  // are registers 0, 1 and of n-tile 1 registers 2, 3.
+  const uint32_t lane_addr =
+      static_cast<uint32_t>(__cvta_generic_to_shared(xb)) + ((lane & 15) * S + (lane >> 4) * 8) * int(sizeof(T));
+  for (int blk = warp; blk < kCT * nblocks; blk += kThreads / 32) {
+    const int ct = blk / nblocks, nt0 = (blk % nblocks) * 4;
+    float acc[4][4] = {};
+    const uint32_t* wp = hw + ct * kKW * 32 + lane;
+#pragma unroll
+    for (int kw = 0; kw < kKW; ++kw) {
+      const uint32_t w = wp[kw * 32];
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const int kt = kw * 4 + t;
+        if (kt < kCT) {
+          uint32_t a[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[i] = kOne | ((w << (4 * t + i)) & 0x80008000u);
+#pragma unroll
+          for (int pp = 0; pp < 2; ++pp) {
+            if (pp < npairs) {
+              uint32_t b[4];
+              ldmatrix_x4_trans(b, lane_addr + (kt * 16 * S + (nt0 + 2 * pp) * 8) * int(sizeof(T)));
+              mma_16816<T>(acc[2 * pp], a, b[0], b[1]);
+              mma_16816<T>(acc[2 * pp + 1], a, b[2], b[3]);
+            }
+          }
+        }
+      }
+    }
+    // C fragment: (c0, c1) at row g, columns 2q, 2q + 1; (c2, c3) at row g + 8.
+    const int c0 = ct * 16 + g;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int nt = nt0 + j;
+      if (j < 2 * npairs && nt < nt_total) {
+        const int d = nt * 8 + 2 * q;
+        if (c0 < kM) *reinterpret_cast<float2*>(zs + c0 * P + d) = make_float2(acc[j][0], acc[j][1]);
+        if (c0 + 8 < kM) *reinterpret_cast<float2*>(zs + (c0 + 8) * P + d) = make_float2(acc[j][2], acc[j][3]);
+      }
+    }
+  }
+}
+
 template <typename T, int kM, typename OutT>
 __global__ void __launch_bounds__(kThreads)
     HadamardQuantizeKernel(const __grid_constant__ HadamardParams p, const __grid_constant__ HadamardSmallFactor f) {
+  constexpr bool kTc = kM > kRegMaxM;  // dense factor on tensor cores
   extern __shared__ __align__(16) float smem[];
   __shared__ float red[32];
   const int n = p.n;
-  const int P = n / kM;
+  const int P = 1 << p.log2_p;
   float* xs = smem;  // [n] fp32 row
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(p.x) + row * n;
   const int lane = threadIdx.x & 31;
+  const int groups = n / 8;
 
-  // Stage H_m for the large orders (before the first barrier below).
-  float* ys = xs + n;                                    // kM > 28: [n] fp32 result
-  int8_t* hs_i = reinterpret_cast<int8_t*>(xs + 2 * n);  // kM > 28: [kM][kM] int8
-  if constexpr (kM > kRegMaxM) {
-    for (int i = threadIdx.x * 16; i < kM * kM; i += kThreads * 16) {  // kM^2 % 16 == 0 for 108, 344
-      *reinterpret_cast<uint4*>(hs_i + i) = *reinterpret_cast<const uint4*>(p.hm + i);
+  if constexpr (kTc) {
+    // 0. Stage the sign words and the raw row (T) with its zero pad rows.
+    constexpr int kM16 = hadamard_tc_pad(kM);
+    constexpr int kWords = 32 * (kM16 / 16) * hadamard_tc_words(kM);
+    const int S = hadamard_tc_stride(P);
+    T* xb = reinterpret_cast<T*>(xs + n);                          // [m16][S]
+    uint32_t* hw = reinterpret_cast<uint32_t*>(xb + kM16 * S);     // [m16 / 16][words][32]
+    for (int i = threadIdx.x; i < kWords / 4; i += kThreads) {
+      reinterpret_cast<uint4*>(hw)[i] = reinterpret_cast<const uint4*>(p.hm_frag)[i];
     }
+    const int gpr = P / 8;  // 8-element groups per row of X
+    for (int i = threadIdx.x; i < (kM16 - kM) * gpr; i += kThreads) {
+      *reinterpret_cast<uint4*>(xb + (kM + i / gpr) * S + (i % gpr) * 8) = make_uint4(0u, 0u, 0u, 0u);
+    }
+    for (int g0 = threadIdx.x; g0 < groups; g0 += kBatch * kThreads) {
+      Vec<T, 8> in[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (g0 + u * kThreads < groups) in[u].load(x + int64_t(g0 + u * kThreads) * 8);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int g = g0 + u * kThreads;
+        if (g < groups) {
+          // Group g = elements 8 g .. 8 g + 7 = X[a, d .. d + 7] (P >= 8: never split).
+          uint4 raw;
+          memcpy(&raw, in[u].v, 16);
+          *reinterpret_cast<uint4*>(xb + (g >> (p.log2_p - 3)) * S + (g & (gpr - 1)) * 8) = raw;
+        }
+      }
+    }
+    __syncthreads();
+    // 1. Z = H_m^T X into xs.
+    dense_factor_tc<T, kM>(xb, hw, xs, P, S);
+    __syncthreads();
   }
 
-  // 1. Registers + shuffles: stages h = 1 .. min(P, 256) / 2. Loads are issued kBatch at a
-  //    time before any of them is used, so each thread keeps kBatch 16-byte loads in flight
-  //    (a long row leaves room for only 2-4 blocks per SM: without batching that is too
-  //    little memory-level parallelism to approach HBM bandwidth).
-  const int groups = n / 8;
+  // FWHT (kTc: of Z, from shared memory; otherwise of x, from global memory).
+  // Registers + shuffles: stages h = 1 .. min(P, 256) / 2. Global loads are issued kBatch at
+  // a time before any of them is used, so each thread keeps kBatch 16-byte loads in flight
+  // (a long row leaves room for only 2-4 blocks per SM: without batching that is too
+  // little memory-level parallelism to approach HBM bandwidth).
   const int h_warp = P < 256 ? P : 256;
   for (int g0 = threadIdx.x & ~31; g0 < groups; g0 += kBatch * kThreads) {  // warp-uniform loop
     Vec<T, 8> in[kBatch];
+    if constexpr (!kTc) {
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int g = g0 + u * kThreads + lane;
-      if (g < groups) in[u].load(x + int64_t(g) * 8);
+      for (int u = 0; u < kBatch; ++u) {
+        const int g = g0 + u * kThreads + lane;
+        if (g < groups) in[u].load(x + int64_t(g) * 8);
+      }
     }
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       if (g0 + u * kThreads >= groups) break;  // warp-uniform: the shuffles need every lane
       const int g = g0 + u * kThreads + lane;
       float v[8];
+      if constexpr (kTc) {
+        float4 z0 = make_float4(0.f, 0.f, 0.f, 0.f), z1 = z0;
+        if (g < groups) {
+          z0 = reinterpret_cast<const float4*>(xs + int64_t(g) * 8)[0];
+          z1 = reinterpret_cast<const float4*>(xs + int64_t(g) * 8)[1];
+        }
+        v[0] = z0.x, v[1] = z0.y, v[2] = z0.z, v[3] = z0.w, v[4] = z1.x, v[5] = z1.y, v[6] = z1.z, v[7] = z1.w;
+      } else {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = g < groups ? to_float(in[u].v[j]) : 0.f;
+        for (int j = 0; j < 8; ++j) v[j] = g < groups ? to_float(in[u].v[j]) : 0.f;
+      }
 #pragma unroll
       for (int h = 1; h < 8; h <<= 1) {
 #pragma unroll
@@ -140,7 +284,7 @@ __global__ void __launch_bounds__(kThreads)
           v[j] = upper ? o - v[j] : v[j] + o;
         }
       }
-      if (g < groups) {
+      if (g < groups) {  // in place for kTc: only this thread reads group g
         float4* dst = reinterpret_cast<float4*>(xs + int64_t(g) * 8);
         dst[0] = make_float4(v[0], v[1], v[2], v[3]);
         dst[1] = make_float4(v[4], v[5], v[6], v[7]);
@@ -149,7 +293,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  // 2. Shared-memory stages h = 256 .. P / 2 (pairs never cross a P-aligned chunk).
+  // Shared-memory stages h = 256 .. P / 2 (pairs never cross a P-aligned chunk).
   for (int h = 256; h < P; h <<= 1) {
     for (int t = threadIdx.x; t < n / 2; t += kThreads) {
       const int i = (t / h) * 2 * h + (t % h);
@@ -160,17 +304,16 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
 
-  // 3. Dense factor and 1/sqrt(n); amax of the result.
+  // Dense factor (kM <= 28) and 1/sqrt(n); amax of the result.
   const float inv = p.inv_sqrt_n;
   float amax = 0.f;
-  const float* res = xs;
-  if constexpr (kM == 1) {
+  if constexpr (kM == 1 || kTc) {
     for (int i = threadIdx.x; i < n; i += kThreads) {
       const float y = xs[i] * inv;
       xs[i] = y;
       amax = fmaxf(amax, fabsf(y));
     }
-  } else if constexpr (kM <= kRegMaxM) {
+  } else {
     for (int d = threadIdx.x; d < P; d += kThreads) {
       float col[kM];
 #pragma unroll
@@ -185,36 +328,12 @@ __global__ void __launch_bounds__(kThreads)
         amax = fmaxf(amax, fabsf(y));
       }
     }
-  } else {
-    constexpr int kCB = 4;  // outputs per work item
-    const int items = (kM / kCB) * P;
-    for (int it = threadIdx.x; it < items; it += kThreads) {
-      const int cb = it / P, d = it % P;
-      float acc[kCB] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 4
-      for (int a = 0; a < kM; ++a) {
-        // Byte j of w is H_m[a][4 cb + j] (0x01 or 0xff); its bit 7 becomes x's sign flip.
-        const uint32_t xb = __float_as_uint(xs[a * P + d]);
-        const uint32_t w = *reinterpret_cast<const uint32_t*>(hs_i + a * kM + cb * kCB);
-        acc[0] += __uint_as_float(xb ^ ((w << 24) & 0x80000000u));
-        acc[1] += __uint_as_float(xb ^ ((w << 16) & 0x80000000u));
-        acc[2] += __uint_as_float(xb ^ ((w << 8) & 0x80000000u));
-        acc[3] += __uint_as_float(xb ^ (w & 0x80000000u));
-      }
-#pragma unroll
-      for (int j = 0; j < kCB; ++j) {
-        const float y = acc[j] * inv;
-        ys[(cb * kCB + j) * P + d] = y;
-        amax = fmaxf(amax, fabsf(y));
-      }
-    }
-    res = ys;
   }
 
-  // 4. Scale and write.
+  // Scale and write.
   float scale = 1.f;
   if constexpr (OutTraits<OutT>::kQuant) {
-    amax = block_max(amax, red);  // includes the barrier that publishes `res`
+    amax = block_max(amax, red);  // includes the barrier that publishes xs
     scale = fmaxf(amax / OutTraits<OutT>::kMax, kQuantScaleMin);
     if (threadIdx.x == 0) p.scale[row] = scale;
   } else {
@@ -222,8 +341,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   OutT* out = static_cast<OutT*>(p.out) + row * n;
   for (int g = threadIdx.x; g < groups; g += kThreads) {
-    const float4 r0 = reinterpret_cast<const float4*>(res + int64_t(g) * 8)[0];
-    const float4 r1 = reinterpret_cast<const float4*>(res + int64_t(g) * 8)[1];
+    const float4 r0 = reinterpret_cast<const float4*>(xs + int64_t(g) * 8)[0];
+    const float4 r1 = reinterpret_cast<const float4*>(xs + int64_t(g) * 8)[1];
     const float r[8] = {r0.x, r0.y, r0.z, r0.w, r1.x, r1.y, r1.z, r1.w};
     Vec<OutT, 8> o;
 #pragma unroll
@@ -232,7 +351,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int smem_bytes(int m, int n) { return m <= kRegMaxM ? 4 * n : 8 * n + m * m; }
+int smem_bytes(int m, int n) { return static_cast<int>(hadamard_smem_bytes(m, n / m)); }
 
 template <typename T, typename OutT>
 void launch_typed(const HadamardParams& p, const HadamardSmallFactor& f, int device, cudaStream_t stream) {

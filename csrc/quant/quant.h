@@ -45,13 +45,17 @@ struct QuantizeParams {
 constexpr float kQuantScaleMin = 1e-10f;
 
 // hadamard_quantize: x [M, n] fp16/bf16 contiguous, n = m * p (p = 2^k >= 8, m = 1 or a
-// dense order); hm [m, m] int8 +-1 (H_m, row a = input chunk a): a host tensor for
-// m <= kHadamardParamMaxM (copied into the kernel parameters, see HadamardSmallFactor),
-// a device tensor for larger m, null when m == 1; out [M, n] int8 / fp8 / x's dtype;
-// scale [M] fp32 (quantized outputs only). out_row = quant(x_row @ kron(H_m, H_p) / sqrt(n)).
+// dense order); out [M, n] int8 / fp8 / x's dtype; scale [M] fp32 (quantized outputs
+// only). out_row = quant(x_row @ kron(H_m, H_p) / sqrt(n)). The dense factor `hm`:
+//  * m <= kHadamardParamMaxM: int8 +-1 [m, m] host tensor (H_m, row a = input chunk a),
+//    copied into the kernel parameters (HadamardSmallFactor);
+//  * m > kHadamardParamMaxM (108, 344): int32 device tensor [m16 / 16, hadamard_tc_words(m), 32]
+//    of tensor-core A-fragment sign words for H_m^T (m16 = m rounded up to 16; layout in
+//    hadamard.cu, built by python/inferops/quant/hadamard.py: dense_factor_fragments);
+//  * null when m == 1.
 struct HadamardParams {
   const void* x;
-  const int8_t* hm;
+  const uint32_t* hm_frag;  // m > kHadamardParamMaxM only
   void* out;
   float* scale;
   int64_t rows;
@@ -67,6 +71,21 @@ constexpr int kHadamardParamMaxM = 28;
 struct HadamardSmallFactor {
   float h[kHadamardParamMaxM * kHadamardParamMaxM];  // [m][m] row-major, 3136 bytes
 };
+
+// Tensor-core path (m > kHadamardParamMaxM): m padded to a multiple of 16 (the mma tile),
+// one 32-bit sign word per (16-row tile of H_m^T, 4 k-tiles, lane).
+constexpr int hadamard_tc_pad(int m) { return (m + 15) / 16 * 16; }
+constexpr int hadamard_tc_words(int m) { return (hadamard_tc_pad(m) / 16 + 3) / 4; }
+// Row stride (elements) of the staged fp16/bf16 row [m16][stride]: 16 * stride / 8 bytes
+// odd, so the 8 rows an ldmatrix phase reads fall in distinct bank groups.
+constexpr int hadamard_tc_stride(int p) { return p + (p == 8 ? 16 : 8); }
+// Dynamic shared memory of the kernel for a row of n = m * p (the Python wrapper mirrors it).
+constexpr int64_t hadamard_smem_bytes(int m, int64_t p) {
+  return m <= kHadamardParamMaxM
+             ? 4 * m * p
+             : 4 * m * p + 2 * int64_t(hadamard_tc_pad(m)) * hadamard_tc_stride(int(p)) +
+                   4 * 32 * int64_t(hadamard_tc_pad(m) / 16) * hadamard_tc_words(m);
+}
 
 void w8a8_matmul(const TensorView& x_q, const TensorView& x_scale, const TensorView& w_q,
                  const TensorView& w_scale, const TensorView* bias, const TensorView& out,

@@ -126,9 +126,14 @@ void hadamard_quantize(const TensorView& x, const TensorView* hm, const TensorVi
                      "expected n = m * 2^k with 2^k >= 8 and n <= 32768 for `x` (m = ", m, "), got n = ", n);
   HadamardSmallFactor factor{};
   if (m > 1) {
-    INFEROPS_CHECK_ARG(hm != nullptr, "expected the dense factor `hm` [", m, ", ", m, "] for m = ", m);
-    hm->expect_dtype("hm", DType::kInt8);
-    hm->expect_shape("hm", {m, m});
+    INFEROPS_CHECK_ARG(hm != nullptr, "expected the dense factor `hm` for m = ", m);
+    if (m > kHadamardParamMaxM) {  // tensor-core A-fragment sign words (hadamard.cu)
+      hm->expect_dtype("hm", DType::kInt32);
+      hm->expect_shape("hm", {hadamard_tc_pad(m) / 16, hadamard_tc_words(m), 32});
+    } else {
+      hm->expect_dtype("hm", DType::kInt8);
+      hm->expect_shape("hm", {m, m});
+    }
     hm->expect_contiguous("hm");
     if (m <= kHadamardParamMaxM) {
       INFEROPS_CHECK_ARG(hm->device_kind() == DeviceKind::kCPU, "expected a CPU tensor for `hm` (m = ", m,
@@ -140,7 +145,8 @@ void hadamard_quantize(const TensorView& x, const TensorView* hm, const TensorVi
       }
     }
   }
-  INFEROPS_CHECK_ARG(aligned16(x) && aligned16(out), "expected 16-byte aligned `x` and `out`");
+  INFEROPS_CHECK_ARG(aligned16(x) && aligned16(out) && (m <= kHadamardParamMaxM || aligned16(*hm)),
+                     "expected 16-byte aligned `x`, `out` and `hm`");
   x.expect_cuda("x");
   out.expect_same_device("out", x, "x");
   scale.expect_same_device("scale", x, "x");
@@ -149,7 +155,7 @@ void hadamard_quantize(const TensorView& x, const TensorView* hm, const TensorVi
   while ((int64_t(m) << (log2_p + 1)) <= n) ++log2_p;
   HadamardParams p{};
   p.x = x.data();
-  p.hm = (m > kHadamardParamMaxM && hm) ? hm->data_as<const int8_t>() : nullptr;
+  p.hm_frag = (m > kHadamardParamMaxM && hm) ? static_cast<const uint32_t*>(hm->data()) : nullptr;
   p.out = out.data();
   p.scale = quantized ? scale.data_as<float>() : nullptr;
   p.rows = M;

@@ -13,8 +13,9 @@ Construction (deterministic, cached, built in Python with integer arithmetic):
   on every machine.
 * ``n = m * 2^k``: ``H_n = kron(H_m, H_{2^k})``. Index ``i = a * 2^k + b``: a row ``x``
   viewed as ``X [m, 2^k]`` maps to ``H_m^T X H_{2^k}``, which is what the kernel
-  computes (fast Walsh-Hadamard transform along ``b``, then the dense ``m x m``
-  factor along ``a``).
+  computes (fast Walsh-Hadamard transform along ``b`` and the dense ``m x m`` factor
+  along ``a``; the factors commute: m <= 28 applies the FWHT first, m = 108 / 344 the
+  dense factor first, on tensor cores).
 
 11008 (Llama-2 7B intermediate size) = 172 * 64 in the usual QuaRot tables; an
 order-172 Hadamard matrix needs Williamson-type constructions, so here
@@ -42,6 +43,7 @@ __all__ = [
     "DENSE_ORDERS",
     "MAX_HADAMARD_N",
     "dense_factor",
+    "dense_factor_fragments",
     "hadamard_factorization",
     "hadamard_matrix",
     "hadamard_quantize",
@@ -184,15 +186,57 @@ def hadamard_matrix(n: int, *, dtype: torch.dtype = torch.float64, normalized: b
     return h / math.sqrt(n) if normalized else h
 
 
+def _tc_pad(m: int) -> int:
+    return (m + 15) // 16 * 16
+
+
+def _tc_stride(p: int) -> int:
+    return p + (16 if p == 8 else 8)
+
+
+def dense_factor_fragments(m: int) -> torch.Tensor:
+    """``H_m^T`` as tensor-core A-fragment sign words (int32 ``[m16 / 16, ceil(m16 / 64), 32]``,
+    ``m16`` = m rounded up to 16), the operand of the CUDA kernel for m = 108 and 344.
+
+    For the mma.sync m16n8k16 A tile (rows c, columns k) of row tile ``ct`` and k-tile
+    ``kt = 4 kw + t``, lane ``l`` (``g = l // 4``, ``q = l % 4``) holds 4 registers of two
+    values: register ``i`` = ``A[r_i, k_i]``, ``A[r_i, k_i + 1]`` with ``r = (g, g + 8, g, g + 8)``
+    and ``k = (2q, 2q, 2q + 8, 2q + 8)``. Word ``[ct, kw, l]`` has the sign of the first (second)
+    value at bit ``15 - (4 t + i)`` (``31 - (4 t + i)``); ``A[c, k] = H_m[k, c]``, +1 where padded.
+    The kernel rebuilds register i as ``ONE | ((word << (4 t + i)) & 0x80008000)``.
+    """
+    h = _dense_factor(m).long()
+    m16 = _tc_pad(m)
+    ht = torch.ones(m16, m16, dtype=torch.long)
+    ht[:m, :m] = h.t()  # A[c, k] = H_m[k, c]
+    neg = (ht < 0).long()
+    n_ct, n_kw = m16 // 16, (m16 // 16 + 3) // 4
+    lane = torch.arange(32)
+    g, q = lane // 4, lane % 4
+    words = torch.zeros(n_ct, n_kw, 32, dtype=torch.long)
+    for ct in range(n_ct):
+        for kt in range(m16 // 16):
+            kw, t = divmod(kt, 4)
+            for i, (dr, dk) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
+                r = ct * 16 + g + dr
+                k = kt * 16 + 2 * q + dk
+                shift = 4 * t + i
+                words[ct, kw] |= neg[r, k] << (15 - shift)
+                words[ct, kw] |= neg[r, k + 1] << (31 - shift)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # as int32 bit patterns
+    return words.to(torch.int32)
+
+
 def _dense_factor_for_kernel(m: int, device: torch.device) -> torch.Tensor:
-    """``H_m`` as int8 ``[m, m]`` where the kernel wants it: on the host for m <= 28 (copied
-    into the kernel parameters at launch), on ``device`` (cached per device) above."""
+    """The ``hm`` operand of the kernel: ``H_m`` int8 ``[m, m]`` on the host for m <= 28
+    (copied into the kernel parameters at launch); for m = 108, 344 the tensor-core sign
+    words (:func:`dense_factor_fragments`) on ``device`` (cached per device)."""
     return _dense_factor(m) if m <= 28 else _dense_factor_cached(m, str(device))
 
 
 @functools.cache
 def _dense_factor_cached(m: int, device: str) -> torch.Tensor:
-    return _dense_factor(m).to(device).contiguous()
+    return dense_factor_fragments(m).to(device).contiguous()
 
 
 # --- public ops ----------------------------------------------------------------------------
@@ -216,11 +260,14 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_smem_bytes(n: int) -> int:
-    """Shared memory the CUDA kernel needs for one row of size ``n`` (see csrc/quant/hadamard.cu)."""
-    m, _ = hadamard_factorization(n)
+    """Shared memory the CUDA kernel needs for one row of size ``n`` (mirrors
+    ``hadamard_smem_bytes`` in csrc/quant/quant.h)."""
+    m, p = hadamard_factorization(n)
     if m <= 28:
         return 4 * n  # fp32 row (H_m travels in the kernel parameters)
-    return 8 * n + m * m  # fp32 row, fp32 output of the dense factor, int8 H_m
+    m16 = _tc_pad(m)
+    # fp32 row, the fp16/bf16 row [m16][stride] for ldmatrix, the A-fragment sign words
+    return 4 * n + 2 * m16 * _tc_stride(p) + 4 * 32 * (m16 // 16) * ((m16 // 16 + 3) // 4)
 
 
 def _kernel_ok(n: int, device: torch.device) -> bool:
