@@ -81,21 +81,28 @@ template <>
 struct OutTraits<__nv_fp8_storage_t> {
   static constexpr bool kQuant = true;
   static constexpr float kMax = 448.f;
+  // satfinite saturates to +-448 and keeps NaN a NaN, as the reference's clamp + cast;
+  // clamping with fminf/fmaxf first would turn NaN into -448.
   __device__ static __nv_fp8_storage_t convert(float v) {
-    return __nv_cvt_float_to_fp8(fminf(fmaxf(v, -448.f), 448.f), __NV_SATFINITE, __NV_E4M3);
+    return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
   }
 };
 
+// max that propagates NaN, as torch.amax / clamp do (fmaxf returns the non-NaN operand:
+// a row holding a NaN would get a finite scale and finite codes). Same rule as
+// quantize_per_token (w8a8.cu).
+__device__ __forceinline__ float fmax_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
 __device__ __forceinline__ float block_max(float v, float* red) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = fmax_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) red[warp] = v;
   __syncthreads();
   if (warp == 0) {
     v = lane < kThreads / 32 ? red[lane] : 0.f;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    for (int o = 16; o > 0; o >>= 1) v = fmax_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
     if (lane == 0) red[0] = v;
   }
   __syncthreads();
@@ -311,7 +318,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = threadIdx.x; i < n; i += kThreads) {
       const float y = xs[i] * inv;
       xs[i] = y;
-      amax = fmaxf(amax, fabsf(y));
+      amax = fmax_nan(amax, fabsf(y));
     }
   } else {
     for (int d = threadIdx.x; d < P; d += kThreads) {
@@ -325,7 +332,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int a = 0; a < kM; ++a) acc = fmaf(f.h[a * kM + c], col[a], acc);
         const float y = acc * inv;
         xs[c * P + d] = y;  // this thread is the only reader of column d
-        amax = fmaxf(amax, fabsf(y));
+        amax = fmax_nan(amax, fabsf(y));
       }
     }
   }
@@ -334,7 +341,7 @@ __global__ void __launch_bounds__(kThreads)
   float scale = 1.f;
   if constexpr (OutTraits<OutT>::kQuant) {
     amax = block_max(amax, red);  // includes the barrier that publishes xs
-    scale = fmaxf(amax / OutTraits<OutT>::kMax, kQuantScaleMin);
+    scale = fmax_nan(amax / OutTraits<OutT>::kMax, kQuantScaleMin);  // NaN row -> NaN scale
     if (threadIdx.x == 0) p.scale[row] = scale;
   } else {
     __syncthreads();

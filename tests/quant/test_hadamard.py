@@ -452,3 +452,19 @@ def test_cuda_graph_capture(n, gen, cuda_device):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [4096, 14336, 11008])  # FWHT only, scalar dense factor, tensor-core factor
+@pytest.mark.parametrize("qdtype", [torch.int8, FP8])
+def test_cuda_nan_row_gives_nan_scale(n, qdtype, gen, cuda_device):
+    """A NaN anywhere in a token spreads over its rotated row: its scale is NaN (as the
+    reference's amax), never a finite scale with finite codes; other tokens are unaffected."""
+    x = randn((3, n), torch.bfloat16, cuda_device, gen)
+    x[1, 5] = float("nan")
+    q, s = hadamard_quantize(x, qdtype)
+    assert torch.isnan(s[1]) and torch.isfinite(s[[0, 2]]).all()
+    q_ok, s_ok = hadamard_quantize(x[[0, 2]], qdtype)
+    assert torch.equal(s[[0, 2]], s_ok) and torch.equal(q[[0, 2]].view(torch.uint8), q_ok.view(torch.uint8))
+    if qdtype == FP8:
+        assert torch.isnan(q[1].float()).all()
