@@ -10,7 +10,8 @@
 # GPU test selection (skip with INFEROPS_SKIP_SANITIZER=1: with every family
 # built, a first run without it fits a 15-minute lease better; run it second).
 # INFEROPS_GPU_STEPS picks steps (comma list of main,tests,bench,cpp,sanitizer;
-# default all), e.g. tests in a first call and bench in a second. Everything goes
+# default all), e.g. tests in a first call and bench in a second; INFEROPS_GPU_TESTS
+# narrows the GPU tests (pytest paths/-k words, default "tests"), e.g. "tests/quant tests/tp". Everything goes
 # under RESULTS_DIR (at most 8 files, flat, so the device tool brings them all
 # back); a short table is printed last. Exit code: non-zero if a step failed.
 set -uo pipefail
@@ -54,7 +55,8 @@ want main && step main_job main.log 300 $PY -m inferops
 # A hung kernel must not eat the lease: per-test limit when pytest-timeout is there.
 per_test=()
 $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 240)
-want tests && step pytest_gpu pytest.log 900 $PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider "${per_test[@]}"
+read -r -a test_paths <<< "${INFEROPS_GPU_TESTS:-tests}"
+want tests && step pytest_gpu pytest.log 900 $PY -m pytest -m gpu "${test_paths[@]}" -q -rfEs -p no:cacheprovider "${per_test[@]}"
 want bench && step bench bench.log 900 $PY bench/run_all.py --results-dir "$DIR" --compile-baseline
 if want cpp && [ -x .gpu/bin/bench_merge_states ]; then
   for dt in bf16 fp16 fp32; do
