@@ -27,7 +27,9 @@
 //   1. Z = H_m^T X with mma.sync m16n8k16 (A = H_m^T [m16, m16], B = X [m16, P], fp32
 //      accumulation): H's entries are +-1 and X's are fp16/bf16, so every product is exact
 //      and only the fp32 accumulation rounds. A warp block is one 16-row tile of Z times
-//      4 n8-tiles (32 columns; P = 8 / 16: 1 n-tile pair, the extra columns are dropped);
+//      4 n8-tiles (32 columns; P = 8 / 16: 1 n-tile pair; at P = 8 its second n-tile reads
+//      columns 8..15 of the stride padding, never written, and is dropped: a B column only
+//      feeds the same C column, so garbage or NaN there cannot reach a stored value);
 //      B fragments come from ldmatrix.x4.trans (X is k-major in shared memory). Z (fp32)
 //      goes to a [kM][P] buffer. 2 * m16 FLOP per element (344: 704).
 //   2. FWHT of Z along P as in steps 1-2 above, reading Z from shared memory.

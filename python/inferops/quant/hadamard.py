@@ -154,7 +154,7 @@ def supported_hadamard_sizes() -> str:
 def hadamard_factorization(n: int) -> tuple[int, int]:
     """``(m, p)`` with ``n = m * p``, ``p`` a power of two and ``m`` 1 or a dense order.
 
-    The largest power of two is taken (``m`` the odd-free cofactor in DENSE_ORDERS).
+    The power-of-two part is taken whole (``m`` = n / p must be 1 or in DENSE_ORDERS).
     Raises ValueError naming the supported sizes otherwise.
     """
     if not isinstance(n, int) or isinstance(n, bool):
