@@ -22,6 +22,7 @@ from inferops.quant.hadamard import (
     dense_factor_fragments,
     hadamard_factorization,
     kernel_smem_bytes,
+    prepare_hadamard,
 )
 from inferops.reference import quant_w8a8 as ref
 from inferops.testing import Tolerance, assert_close, poison_, randn
@@ -468,3 +469,27 @@ def test_cuda_nan_row_gives_nan_scale(n, qdtype, gen, cuda_device):
     assert torch.equal(s[[0, 2]], s_ok) and torch.equal(q[[0, 2]].view(torch.uint8), q_ok.view(torch.uint8))
     if qdtype == FP8:
         assert torch.isnan(q[1].float()).all()
+
+
+def test_prepare_hadamard_validates_and_is_a_noop_on_cpu():
+    prepare_hadamard(11008, "cpu")
+    with pytest.raises(ValueError, match="Hadamard size"):
+        prepare_hadamard(100, "cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_first_call_inside_graph_capture_after_prepare(gen, cuda_device):
+    """prepare_hadamard copies the m = 344 sign words up front, so the very first
+    hadamard_quantize call on the device can be captured (a host copy inside a capture fails)."""
+    from inferops.quant import hadamard as hmod
+
+    hmod._dense_factor_cached.cache_clear()
+    prepare_hadamard(11008, cuda_device)
+    x = randn((4, 11008), torch.bfloat16, cuda_device, gen)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        q, s = hadamard_quantize(x, torch.int8)
+    g.replay()
+    torch.cuda.synchronize()
+    q_ref, s_ref = ref.hadamard_quantize(x, torch.int8)
+    assert_close(s, s_ref.double(), Tolerance(atol=1e-12, rtol=1e-5))

@@ -10,6 +10,7 @@ from .hadamard import (
     hadamard_matrix,
     hadamard_quantize,
     hadamard_transform,
+    prepare_hadamard,
     supported_hadamard_sizes,
 )
 from .int4 import Int4Weight, dequantize, pack_int4, pack_int4_quantized, unpack
@@ -24,7 +25,7 @@ __all__ = [
     # W8A8
     "quantize_per_token", "quantize_weight_per_channel", "w8a8_matmul",
     # Hadamard and rotations
-    "hadamard_quantize", "hadamard_transform", "hadamard_matrix", "hadamard_factorization",
+    "hadamard_quantize", "hadamard_transform", "hadamard_matrix", "hadamard_factorization", "prepare_hadamard",
     "supported_hadamard_sizes", "fuse_rotation", "rotate_input", "random_hadamard_matrix",
     # modules
     "FORMATS", "QuantLinear", "quantize_model_",

@@ -48,6 +48,7 @@ __all__ = [
     "hadamard_matrix",
     "hadamard_quantize",
     "hadamard_transform",
+    "prepare_hadamard",
     "supported_hadamard_sizes",
 ]
 
@@ -237,6 +238,18 @@ def _dense_factor_for_kernel(m: int, device: torch.device) -> torch.Tensor:
 @functools.cache
 def _dense_factor_cached(m: int, device: str) -> torch.Tensor:
     return dense_factor_fragments(m).to(device).contiguous()
+
+
+def prepare_hadamard(n: int, device: torch.device | str) -> None:
+    """Build and cache on ``device`` what :func:`hadamard_quantize` needs for size ``n`` (the
+    tensor-core sign words for m = 108 / 344, copied to the device once), so that the first
+    call may be inside a CUDA-graph capture. Validates ``n``. No-op on CPU devices."""
+    m, _ = hadamard_factorization(n)
+    device = torch.device(device)
+    if device.type == "cuda" and m > 28:
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        _dense_factor_cached(m, str(device))
 
 
 # --- public ops ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .hadamard import hadamard_factorization, hadamard_matrix, hadamard_quantize
+from .hadamard import hadamard_factorization, hadamard_matrix, hadamard_quantize, prepare_hadamard
 from .int4 import Int4Weight, pack_int4
 from .w4a16 import w4a16_matmul
 from .w8a8 import quantize_per_token, quantize_weight_per_channel, w8a8_matmul
@@ -96,6 +96,7 @@ class QuantLinear(nn.Module):
         w64 = w.to(torch.float64)
         if hadamard:  # x W^T = (x H/sqrt(n)) (W H/sqrt(n))^T since H H^T = n I
             w64 = w64 @ hadamard_matrix(linear.in_features, normalized=True).to(w.device)
+            prepare_hadamard(linear.in_features, w.device)  # so a first call may be graph-captured
         if format == "w4a16":
             m._set_int4(pack_int4(w64.to(torch.float32), group_size, symmetric, dtype=dtype))
         else:
