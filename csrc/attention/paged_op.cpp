@@ -114,6 +114,7 @@ PagedDecodeParams decode_params(const TensorView& q, const TensorView& k_cache,
   INFEROPS_CHECK_ARG(hq / hkv * (d / 8) <= 1024, "GQA group of ", hq / hkv,
                      " query heads per kv head is too large for head_dim ", d);
   INFEROPS_CHECK_ARG(batch <= 65535, "expected batch <= 65535, got ", batch);
+  INFEROPS_CHECK_ARG(hkv <= 65535, "expected num_kv_heads <= 65535, got ", hkv);  // grid.y
   out.expect_shape("out", {batch, hq, d});
   lse.expect_shape("lse", {batch, hq});
   lse.expect_contiguous("lse");
@@ -175,6 +176,10 @@ void check_partials(const TensorView& partial_out, const TensorView& partial_lse
   partial_lse.expect_shape("partial_lse", {splits, batch, hq});
   partial_out.expect_contiguous("partial_out");
   partial_lse.expect_contiguous("partial_lse");
+  partial_out.expect_writable("partial_out");
+  partial_lse.expect_writable("partial_lse");
+  // The decode kernel stores and MergeSplitsKernel loads partial_out as float4.
+  INFEROPS_CHECK_ARG(aligned16(partial_out), "expected a 16-byte aligned `partial_out`");
   partial_out.expect_same_device("partial_out", q, "q");
   partial_lse.expect_same_device("partial_lse", q, "q");
 }
