@@ -3,6 +3,7 @@
 // whether or not CUDA code was built. Index *values* (page ids, positions,
 // lengths) live on the device; the Python layer checks them before launching,
 // and the kernels never access memory outside the cache whatever they hold.
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -203,8 +204,11 @@ void paged_decode(const TensorView& q, const TensorView& k_cache, const TensorVi
   p.num_splits = num_splits;
   const int64_t max_len = int64_t(p.max_pages) * p.page_size;
   const int64_t tiles = (max_len + kDecodeTileTokens - 1) / kDecodeTileTokens;
-  p.tokens_per_split =
-      static_cast<int32_t>((tiles + num_splits - 1) / num_splits * kDecodeTileTokens);
+  // Clamped to int32: only a single split over a table of >= 2^31 - 15 tokens
+  // reaches the clamp, and INT32_MAX still covers every token there.
+  const int64_t tokens_per_split = (tiles + num_splits - 1) / num_splits * kDecodeTileTokens;
+  p.tokens_per_split = static_cast<int32_t>(
+      std::min<int64_t>(tokens_per_split, std::numeric_limits<int32_t>::max()));
   INFEROPS_LAUNCH_CUDA("paged_decode", stream, {
     launch_paged_decode(p, q.dtype(), q.device_id(), stream);
   });
