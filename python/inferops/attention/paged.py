@@ -298,7 +298,8 @@ def paged_decode(
             in the cache as the sequence's last tokens (``seq_lens`` includes them);
             query ``j`` of ``n`` attends to tokens ``[0, seq_len - n + j]`` (causal
             among the new tokens). Each query token currently reads its KV on its own
-            (no reuse across a sequence's new tokens).
+            (no reuse across a sequence's new tokens), as its own row of the kernel's
+            grid: on the GPU at most 65535 query rows in total (as for ``batch``).
         validate: check ``seq_lens``, ``qo_indptr`` and the page ids they need (one
             device sync).
 
