@@ -268,6 +268,10 @@ def test_append_bad_indices(gen):
         call(0, 4)
     with pytest.raises(ValueError, match=r"maps to page id 9, out of range \[0, 4\)"):
         call(1, 3)
+    for empty in (bt[:0], bt[:, :0]):  # no rows / no pages: a ValueError, not an IndexError
+        with pytest.raises(ValueError, match="out of range"):
+            append_kv(kc, vc, k, k, empty, torch.tensor([0], dtype=torch.int32),
+                      torch.tensor([0], dtype=torch.int32))
     with pytest.raises(TypeError, match=r"float16 for `k`, got float32"):
         append_kv(kc, vc, k.float(), k, bt, torch.tensor([0], dtype=torch.int32),
                   torch.tensor([0], dtype=torch.int32))

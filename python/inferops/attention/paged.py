@@ -179,7 +179,10 @@ def _check_append_indices(block_tables, seq_ids, positions, num_pages, page_size
     bad_seq = (s < 0) | (s >= batch)
     bad_pos = (p < 0) | (p >= max_pages * page_size)
     ok = ~(bad_seq | bad_pos)
-    pages = block_tables.long()[torch.where(ok, s, 0), torch.where(ok, p // page_size, 0)]
+    if block_tables.numel() == 0:  # no row or no page: every token is out of range above
+        pages = torch.zeros_like(s)
+    else:
+        pages = block_tables.long()[torch.where(ok, s, 0), torch.where(ok, p // page_size, 0)]
     bad_page = ok & ((pages < 0) | (pages >= num_pages))
     a, b, c = torch.stack([bad_seq.any(), bad_pos.any(), bad_page.any()]).tolist()
     if a:
