@@ -74,9 +74,13 @@ __global__ void __launch_bounds__(1024) PagedDecodeKernel(const __grid_constant_
   const int max_len = p.max_pages * p.page_size;
   const int seq_len = min(max(p.seq_lens[b], 0), max_len);
   const int start = p.kv_start ? min(max(p.kv_start[b], 0), seq_len) : 0;
-  const int begin = start + split * p.tokens_per_split;
-  const int end = min(seq_len, begin + p.tokens_per_split);
-  const int num_tiles = end > begin ? (end - begin + kTile - 1) / kTile : 0;
+  // 64-bit: start + split * tokens_per_split exceeds 2^31 for the last splits
+  // of a block table near the 2^31-token limit; begin fits in int whenever the
+  // split is non-empty (begin < end <= seq_len).
+  const int64_t begin64 = start + int64_t(split) * p.tokens_per_split;
+  const int end = int(min(int64_t(seq_len), begin64 + p.tokens_per_split));
+  const int num_tiles = end > begin64 ? (end - int(begin64) + kTile - 1) / kTile : 0;
+  const int begin = num_tiles > 0 ? int(begin64) : 0;
   const int32_t* bt = p.block_tables + int64_t(b) * p.bt_stride;
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);

@@ -62,7 +62,8 @@ struct PagedDecodeParams {
   int32_t num_pages;
   int32_t max_pages;
   int32_t num_splits;
-  int32_t tokens_per_split;  // multiple of the kernel's tile; split s covers [s*t, (s+1)*t)
+  int32_t tokens_per_split;  // multiple of the kernel's tile (or INT32_MAX); split s covers
+                             // [kv_start + s*t, kv_start + (s+1)*t)
   float scale;               // softmax scale applied to q.k
 };
 

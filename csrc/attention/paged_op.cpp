@@ -3,6 +3,7 @@
 // whether or not CUDA code was built. Index *values* (page ids, positions,
 // lengths) live on the device; the Python layer checks them before launching,
 // and the kernels never access memory outside the cache whatever they hold.
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -114,6 +115,7 @@ PagedDecodeParams decode_params(const TensorView& q, const TensorView& k_cache,
   INFEROPS_CHECK_ARG(hq / hkv * (d / 8) <= 1024, "GQA group of ", hq / hkv,
                      " query heads per kv head is too large for head_dim ", d);
   INFEROPS_CHECK_ARG(batch <= 65535, "expected batch <= 65535, got ", batch);
+  INFEROPS_CHECK_ARG(hkv <= 65535, "expected num_kv_heads <= 65535, got ", hkv);  // grid.y
   out.expect_shape("out", {batch, hq, d});
   lse.expect_shape("lse", {batch, hq});
   lse.expect_contiguous("lse");
@@ -175,6 +177,10 @@ void check_partials(const TensorView& partial_out, const TensorView& partial_lse
   partial_lse.expect_shape("partial_lse", {splits, batch, hq});
   partial_out.expect_contiguous("partial_out");
   partial_lse.expect_contiguous("partial_lse");
+  partial_out.expect_writable("partial_out");
+  partial_lse.expect_writable("partial_lse");
+  // The decode kernel stores and MergeSplitsKernel loads partial_out as float4.
+  INFEROPS_CHECK_ARG(aligned16(partial_out), "expected a 16-byte aligned `partial_out`");
   partial_out.expect_same_device("partial_out", q, "q");
   partial_lse.expect_same_device("partial_lse", q, "q");
 }
@@ -198,8 +204,11 @@ void paged_decode(const TensorView& q, const TensorView& k_cache, const TensorVi
   p.num_splits = num_splits;
   const int64_t max_len = int64_t(p.max_pages) * p.page_size;
   const int64_t tiles = (max_len + kDecodeTileTokens - 1) / kDecodeTileTokens;
-  p.tokens_per_split =
-      static_cast<int32_t>((tiles + num_splits - 1) / num_splits * kDecodeTileTokens);
+  // Clamped to int32: only a single split over a table of >= 2^31 - 15 tokens
+  // reaches the clamp, and INT32_MAX still covers every token there.
+  const int64_t tokens_per_split = (tiles + num_splits - 1) / num_splits * kDecodeTileTokens;
+  p.tokens_per_split = static_cast<int32_t>(
+      std::min<int64_t>(tokens_per_split, std::numeric_limits<int32_t>::max()));
   INFEROPS_LAUNCH_CUDA("paged_decode", stream, {
     launch_paged_decode(p, q.dtype(), q.device_id(), stream);
   });

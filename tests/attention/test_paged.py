@@ -268,6 +268,10 @@ def test_append_bad_indices(gen):
         call(0, 4)
     with pytest.raises(ValueError, match=r"maps to page id 9, out of range \[0, 4\)"):
         call(1, 3)
+    for empty in (bt[:0], bt[:, :0]):  # no rows / no pages: a ValueError, not an IndexError
+        with pytest.raises(ValueError, match="out of range"):
+            append_kv(kc, vc, k, k, empty, torch.tensor([0], dtype=torch.int32),
+                      torch.tensor([0], dtype=torch.int32))
     with pytest.raises(TypeError, match=r"float16 for `k`, got float32"):
         append_kv(kc, vc, k.float(), k, bt, torch.tensor([0], dtype=torch.int32),
                   torch.tensor([0], dtype=torch.int32))
@@ -457,3 +461,112 @@ def test_cuda_paged_decode_poisoned_outputs(num_splits, gen, cuda_device):
     eo, el = ref.paged_decode(q.double(), kc.double(), vc.double(), bt, sl, compute_dtype=torch.float64)
     assert_close(out, eo, torch.bfloat16)
     assert_close(lse, el, LSE_TOLERANCE)
+
+
+# --- emulation of the CUDA decode kernel's schedule (CPU) ---------------------------------
+
+
+def emulate_cuda_paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits,
+                              kv_start=None):
+    """float32 model of PagedDecodeKernel + MergeSplitsKernel (csrc/attention/paged_decode.cu).
+
+    Follows the kernel's schedule, not its threads: the host's tokens_per_split, the
+    per-block split range [kv_start + s*t, ...), tiles of 16 tokens, each tz row's
+    online softmax in the log2 domain (rescale only when the max grows), the merge
+    of the bdz row states, the log2 -> ln LSE, and the LSE merge of the splits that
+    skips empty (-inf) ones. Catches schedule/numerics mistakes (split/page/tile
+    boundaries, empty splits, GQA mapping) without a GPU.
+    """
+    f32 = torch.float32
+    B, Hq, D = q.shape
+    _, ps, Hkv, _ = k_cache.shape
+    G = Hq // Hkv
+    tile = 16
+    kbdx = D // 8
+    bdz = max(1, min(128 // (kbdx * G), tile))
+    max_len = block_tables.shape[1] * ps
+    tiles = -(-max_len // tile)
+    tps = min(-(-tiles // num_splits) * tile, 2**31 - 1)
+    log2e = torch.tensor(1.4426950408889634, dtype=f32)
+    ln2 = torch.tensor(0.6931471805599453, dtype=f32)
+    part_o = torch.zeros(num_splits, B, Hq, D, dtype=f32)
+    part_l = torch.full((num_splits, B, Hq), NEG_INF, dtype=f32)
+    for b in range(B):
+        seq_len = min(max(int(seq_lens[b]), 0), max_len)
+        start = 0 if kv_start is None else min(max(int(kv_start[b]), 0), seq_len)
+        for split in range(num_splits):
+            begin = start + split * tps
+            end = min(seq_len, begin + tps)
+            toks = list(range(begin, end))
+            for kvh in range(Hkv):
+                rows = [(int(block_tables[b, t // ps]), t % ps) for t in toks]
+                for g in range(G):
+                    h = kvh * G + g
+                    qs = q[b, h].to(f32) * (torch.tensor(scale, dtype=f32) * log2e)
+                    states = []
+                    for tz in range(bdz):
+                        m, l, acc = torch.tensor(NEG_INF), torch.tensor(0.0), torch.zeros(D, dtype=f32)
+                        for i in range(tz, len(toks), 1):
+                            if (i % tile) % bdz != tz:  # token j of a tile goes to tz = j % bdz
+                                continue
+                            page, slot = rows[i]
+                            s = (qs * k_cache[page, slot, kvh].to(f32)).sum()
+                            if s > m:
+                                corr = torch.exp2(m - s)
+                                l, acc, m = l * corr, acc * corr, s
+                            p = torch.exp2(s - m)
+                            l = l + p
+                            acc = acc + p * v_cache[page, slot, kvh].to(f32)
+                        states.append((torch.tensor(NEG_INF) if l == 0 else m, l, acc))
+                    M = max(st[0] for st in states)
+                    l = sum(((0.0 if st[0] == NEG_INF else torch.exp2(st[0] - M)) * st[1]
+                             for st in states), torch.tensor(0.0))
+                    acc = sum(((0.0 if st[0] == NEG_INF else torch.exp2(st[0] - M)) * st[2]
+                               for st in states), torch.zeros(D, dtype=f32))
+                    if l != 0:
+                        part_o[split, b, h] = acc / l
+                        part_l[split, b, h] = (M + torch.log2(l)) * ln2
+    M = part_l.max(0).values
+    w = torch.where(part_l == NEG_INF, 0.0, torch.exp(part_l - M))  # skipped splits
+    W = w.sum(0)
+    out = torch.where(W[..., None] == 0, 0.0,
+                      (w[..., None] * part_o).sum(0) / torch.where(W == 0, 1.0, W)[..., None])
+    lse = torch.where(W == 0, NEG_INF, M + torch.log(torch.where(W == 0, 1.0, W)))
+    return out, lse
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(batch=3, hq=6, hkv=2, d=64, page_size=5, seq_lens=[37, 0, 16]),  # G 3: bdz 5, partial pages
+        dict(batch=2, hq=7, hkv=1, d=128, page_size=16, seq_lens=[50, 17]),  # G 7: bdz 1
+        dict(batch=1, hq=2, hkv=2, d=64, page_size=1, seq_lens=[33]),  # G 1: bdz 16
+    ],
+    ids=_case_id,
+)
+def test_emulated_cuda_schedule_matches_oracle(case, num_splits, gen):
+    q, kc, vc, bt, sl = make_case(gen, **case, dtype=torch.float32)
+    scale = case["d"] ** -0.5
+    out, lse = emulate_cuda_paged_decode(q, kc, vc, bt, sl, scale, num_splits)
+    eo, el = dense_oracle(q, kc, vc, bt, sl)
+    assert_close(out, eo.float(), torch.float32)
+    assert_close(lse, el.float(), LSE_TOLERANCE)
+    empty = sl == 0
+    assert (out[empty] == 0).all() and (lse[empty] == NEG_INF).all()
+    # kv_start (suffix decode) equals decode over the suffix tokens only
+    start = torch.tensor([min(7, int(n)) for n in sl], dtype=torch.int32)
+    out_s, lse_s = emulate_cuda_paged_decode(q, kc, vc, bt, sl, scale, num_splits, kv_start=start)
+    for b in range(case["batch"]):
+        n, s0 = int(sl[b]), int(start[b])
+        if n == s0:
+            assert (out_s[b] == 0).all() and (lse_s[b] == NEG_INF).all()
+            continue
+        idx = [(int(bt[b, t // case["page_size"]]), t % case["page_size"]) for t in range(s0, n)]
+        k = torch.stack([kc[p, s] for p, s in idx]).double()
+        v = torch.stack([vc[p, s] for p, s in idx]).double()
+        G = case["hq"] // case["hkv"]
+        for h in range(case["hq"]):
+            sc = (k[:, h // G] @ q[b, h].double()) * scale
+            assert_close(out_s[b, h], (torch.softmax(sc, 0) @ v[:, h // G]).float(), torch.float32)
+            assert_close(lse_s[b, h], torch.logsumexp(sc, 0).float(), LSE_TOLERANCE)

@@ -179,7 +179,10 @@ def _check_append_indices(block_tables, seq_ids, positions, num_pages, page_size
     bad_seq = (s < 0) | (s >= batch)
     bad_pos = (p < 0) | (p >= max_pages * page_size)
     ok = ~(bad_seq | bad_pos)
-    pages = block_tables.long()[torch.where(ok, s, 0), torch.where(ok, p // page_size, 0)]
+    if block_tables.numel() == 0:  # no row or no page: every token is out of range above
+        pages = torch.zeros_like(s)
+    else:
+        pages = block_tables.long()[torch.where(ok, s, 0), torch.where(ok, p // page_size, 0)]
     bad_page = ok & ((pages < 0) | (pages >= num_pages))
     a, b, c = torch.stack([bad_seq.any(), bad_pos.any(), bad_page.any()]).tolist()
     if a:
@@ -298,7 +301,8 @@ def paged_decode(
             in the cache as the sequence's last tokens (``seq_lens`` includes them);
             query ``j`` of ``n`` attends to tokens ``[0, seq_len - n + j]`` (causal
             among the new tokens). Each query token currently reads its KV on its own
-            (no reuse across a sequence's new tokens).
+            (no reuse across a sequence's new tokens), as its own row of the kernel's
+            grid: on the GPU at most 65535 query rows in total (as for ``batch``).
         validate: check ``seq_lens``, ``qo_indptr`` and the page ids they need (one
             device sync).
 
