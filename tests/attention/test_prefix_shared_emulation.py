@@ -208,3 +208,19 @@ def test_emulated_multi_token(gen, monkeypatch):
     assert_close(out, eo, torch.float16)
     assert_close(lse, el, LSE_TOLERANCE)
 
+
+
+def test_multi_token_queries_inside_the_shared_prefix(gen, monkeypatch):
+    """Query tokens at positions inside the shared prefix would see the whole prefix in
+    the shared kernel (it has no per-row causal limit): the emulation shows the
+    mismatch, and validation must refuse such calls."""
+    pre = torch.randint(0, 1000, (32,), generator=gen).tolist()
+    plan, cache, lay = _batch(gen, [pre, list(pre)], 16, 4, 2, 64)
+    assert lay.shared_lens.tolist() == [32, 32]  # the whole prompt is shared
+    qo = np.array([2, 1])  # request 0's first query token is position 30: sees 31 keys
+    q = torch.randn(3, 4, 64, generator=gen).half()
+    out, _, _ = run_emulated(monkeypatch, q, cache.k, cache.v, lay, qo_lens=qo, validate=False)
+    eo, _ = _multi_token_expected(q, cache, lay, qo)
+    assert not torch.allclose(out[0].double(), eo[0], atol=1e-2)  # device math is non-causal here
+    with pytest.raises(ValueError, match="inside its shared prefix"):
+        run_emulated(monkeypatch, q, cache.k, cache.v, lay, qo_lens=qo)
