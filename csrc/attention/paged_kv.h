@@ -85,6 +85,8 @@ struct SharedPrefixParams {
   float* partial_lse;              // [num_splits, batch, num_q_heads]
   int64_t q_stride[2];
   int32_t num_work;
+  int32_t num_groups;              // group_indptr.size(0) - 1: work items naming others are skipped
+  int32_t num_group_pages;         // group_pages.size(0): indptr entries are clamped to it
   int32_t batch;
   int32_t num_q_heads;
   int32_t num_kv_heads;

@@ -248,6 +248,16 @@ void prefix_shared_decode(const TensorView& q, const TensorView& k_cache,
   work.expect_contiguous("work");
   work.expect_same_device("work", q, "q");
   INFEROPS_CHECK_ARG(work.size(0) <= std::numeric_limits<int32_t>::max(), "too many work items");
+  INFEROPS_CHECK_ARG(group_indptr.size(0) >= 1 &&
+                         group_indptr.size(0) <= std::numeric_limits<int32_t>::max(),
+                     "expected `group_indptr` of length num_groups + 1 >= 1");
+  // The kernel counts shared keys in int32 (plus one 64-key tile of slack).
+  INFEROPS_CHECK_ARG(group_pages.size(0) * k_cache.size(1) <= std::numeric_limits<int32_t>::max() - 64,
+                     "group_pages x page_size exceeds 2^31 - 65 tokens");
+  // The shared kernel writes partial_out with 16-byte float4 stores.
+  INFEROPS_CHECK_ARG(aligned16(partial_out), "expected 16-byte aligned `partial_out`");
+  partial_out.expect_writable("partial_out");
+  partial_lse.expect_writable("partial_lse");
 
   SharedPrefixParams sp{};
   sp.q = dp.q;
@@ -262,6 +272,8 @@ void prefix_shared_decode(const TensorView& q, const TensorView& k_cache,
   sp.q_stride[0] = dp.q_stride[0];
   sp.q_stride[1] = dp.q_stride[1];
   sp.num_work = static_cast<int32_t>(work.size(0));
+  sp.num_groups = static_cast<int32_t>(group_indptr.size(0) - 1);
+  sp.num_group_pages = static_cast<int32_t>(group_pages.size(0));
   sp.batch = dp.batch;
   sp.num_q_heads = dp.num_q_heads;
   sp.num_kv_heads = dp.num_kv_heads;

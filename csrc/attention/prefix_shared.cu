@@ -80,10 +80,16 @@ __global__ void __launch_bounds__(kThreads, 1) SharedPrefixKernel(const __grid_c
   const int group = p.work[2 * blockIdx.x], row0 = p.work[2 * blockIdx.x + 1];
   const int kv_head = blockIdx.y, split = blockIdx.z;
   const int G = p.num_q_heads / p.num_kv_heads;
+  // Bad metadata (raw binding) must not turn into out-of-bounds accesses:
+  // skip unknown groups, clamp requests to the batch and pages to group_pages
+  // (the whole block returns together, before any barrier).
+  if (group < 0 || group >= p.num_groups || row0 < 0) return;
   const int first = p.group_indptr[group];
-  const int rows = (p.group_indptr[group + 1] - first) * G;  // query rows of the group
   const int page0 = p.group_page_indptr[group];
-  const int shared_len = (p.group_page_indptr[group + 1] - page0) * p.page_size;
+  if (first < 0 || page0 < 0) return;
+  const int rows = max(0, min(p.group_indptr[group + 1], p.batch) - first) * G;  // query rows
+  const int shared_len = max(0, min(p.group_page_indptr[group + 1], p.num_group_pages) - page0) *
+                         p.page_size;  // <= 2^31 - 1 - kKeys (host check)
   const int tiles_total = (shared_len + kKeys - 1) / kKeys;
   const int tiles_per_split = (tiles_total + p.num_splits - 1) / p.num_splits;
   const int tile_begin = split * tiles_per_split;

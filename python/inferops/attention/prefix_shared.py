@@ -124,7 +124,8 @@ def prefix_shared_decode(
             ``[sum(qo_lens), num_q_heads, head_dim]``, request by request. The new
             tokens' K/V must be in the cache already (``seq_lens`` counts them) and
             they attend causally among themselves; all of them share the group's
-            prefix read (each suffix is read per query token).
+            prefix read (each suffix is read per query token), so each request's
+            first query token must be at position >= its shared length - 1.
         scale: softmax scale, default ``head_dim ** -0.5``.
         validate: check lengths and page ids (one device sync); pass False in
             CUDA-graph capture (the split factors depend only on the layout).
@@ -178,6 +179,17 @@ def prefix_shared_decode(
         _, seq_lens = expand_queries(qo_indptr, seq_lens, B)
         block_tables = block_tables.index_select(0, rows)
         shared_lens = shared_lens.index_select(0, rows)
+        if validate and B > 0:
+            # The shared kernel gives every query row of a group the whole shared
+            # prefix (no per-row causal limit): a query token whose causal length is
+            # shorter than the prefix would silently see later prefix tokens.
+            inside = seq_lens < shared_lens
+            if bool(inside.any()):
+                j = int(inside.nonzero()[0])
+                raise ValueError(
+                    f"query row {j} (request {int(rows[j])}) is at position {int(seq_lens[j]) - 1}, "
+                    f"inside its shared prefix ({int(shared_lens[j])} tokens): multi-token queries "
+                    "must start at or after position shared_len - 1")
     sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
         if q.is_cuda else 132
     shared_tiles = layout.max_shared_pages * page_size // SHARED_KEYS
