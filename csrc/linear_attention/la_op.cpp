@@ -43,6 +43,8 @@ void simplified_linear_attention(const TensorView& q, const TensorView& k, const
                      ", got (", h, ", ", w, ")");
   INFEROPS_CHECK_ARG(N <= std::numeric_limits<int32_t>::max() && B * H <= std::numeric_limits<int32_t>::max(),
                      "too many tokens or heads for `q`");
+  // The output kernel's grid.y is one block per 32 tokens (limit 65535).
+  INFEROPS_CHECK_ARG((N + 31) / 32 <= 65535, "expected at most ", int64_t(65535) * 32, " tokens for `q`, got ", N);
   dwc_weight.expect_dtype("dwc_weight", DType::kFloat32);
   dwc_weight.expect_shape("dwc_weight", {d, 1, 5, 5});
   dwc_weight.expect_contiguous("dwc_weight");
