@@ -115,8 +115,11 @@ void causal_linear_attention(const TensorView& q, const TensorView& k, const Ten
     cu_seqlens->expect_contiguous("cu_seqlens");
     INFEROPS_CHECK_ARG(B == 1, "expected batch 1 for `q` with cu_seqlens (sequences packed along T), got ", B);
     num_seqs = cu_seqlens->size(0) - 1;
-    INFEROPS_CHECK_ARG(num_seqs >= 0 && num_seqs <= 65535, "expected 1..65536 entries in `cu_seqlens`");
+    INFEROPS_CHECK_ARG(num_seqs >= 0, "expected 1..65536 entries in `cu_seqlens`");
   }
+  // One block row per sequence in grid.z (limit 65535), with or without cu_seqlens.
+  INFEROPS_CHECK_ARG(num_seqs <= 65535, "expected at most 65535 sequences (batch, or entries of `cu_seqlens` - 1), got ",
+                     num_seqs);
   INFEROPS_CHECK_ARG(H <= 65535, "expected at most 65535 heads");
   const int64_t Vs = normalize ? V + 1 : V;
   if (initial_state) check_state(*initial_state, "initial_state", num_seqs, H, K, Vs);
