@@ -124,6 +124,10 @@ void causal_linear_attention(const TensorView& q, const TensorView& k, const Ten
   const int64_t Vs = normalize ? V + 1 : V;
   if (initial_state) check_state(*initial_state, "initial_state", num_seqs, H, K, Vs);
   if (final_state) check_state(*final_state, "final_state", num_seqs, H, K, Vs);
+  // In place is not supported: with normalize every value-tile block reads the key-sum
+  // column of initial_state at its start, while block 0 writes it to final_state at its end.
+  INFEROPS_CHECK_ARG(!initial_state || !final_state || initial_state->data() != final_state->data(),
+                     "expected `final_state` not to alias `initial_state`");
   q.expect_cuda("q");
   for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&o, "o"}}) t->expect_same_device(name, q, "q");
   if (initial_state) initial_state->expect_same_device("initial_state", q, "q");

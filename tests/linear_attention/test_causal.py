@@ -137,6 +137,17 @@ def test_binding_rejects_more_sequences_than_grid_z_holds():
                                             None, 1.0, False, False, 0)
 
 
+@pytest.mark.skipif(extension() is None, reason="inferops._C not importable")
+def test_binding_rejects_in_place_state():
+    # Value-tile blocks read z from initial_state at their start while block 0 writes final_state's z.
+    q = torch.zeros(1, 4, 1, 32, dtype=torch.bfloat16)
+    v = torch.zeros(1, 4, 1, 8, dtype=torch.bfloat16)
+    s = torch.zeros(1, 1, 32, 9)
+    with pytest.raises(ValueError, match="not to alias `initial_state`"):
+        extension().causal_linear_attention(to_dlpack(q), to_dlpack(q), to_dlpack(v), to_dlpack(torch.empty_like(v)),
+                                            to_dlpack(s), to_dlpack(s), None, 1.0, True, False, 0)
+
+
 def test_opcheck_cpu(gen):
     q, k, v = _qkv(gen, 1, 70, 2, 32, 8)
     torch.library.opcheck(torch.ops.inferops.causal_linear_attention.default,
