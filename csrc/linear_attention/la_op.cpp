@@ -43,6 +43,8 @@ void simplified_linear_attention(const TensorView& q, const TensorView& k, const
                      ", got (", h, ", ", w, ")");
   INFEROPS_CHECK_ARG(N <= std::numeric_limits<int32_t>::max() && B * H <= std::numeric_limits<int32_t>::max(),
                      "too many tokens or heads for `q`");
+  // The output kernel's grid.y is one block per 32 tokens (limit 65535).
+  INFEROPS_CHECK_ARG((N + 31) / 32 <= 65535, "expected at most ", int64_t(65535) * 32, " tokens for `q`, got ", N);
   dwc_weight.expect_dtype("dwc_weight", DType::kFloat32);
   dwc_weight.expect_shape("dwc_weight", {d, 1, 5, 5});
   dwc_weight.expect_contiguous("dwc_weight");
@@ -113,12 +115,19 @@ void causal_linear_attention(const TensorView& q, const TensorView& k, const Ten
     cu_seqlens->expect_contiguous("cu_seqlens");
     INFEROPS_CHECK_ARG(B == 1, "expected batch 1 for `q` with cu_seqlens (sequences packed along T), got ", B);
     num_seqs = cu_seqlens->size(0) - 1;
-    INFEROPS_CHECK_ARG(num_seqs >= 0 && num_seqs <= 65535, "expected 1..65536 entries in `cu_seqlens`");
+    INFEROPS_CHECK_ARG(num_seqs >= 0, "expected 1..65536 entries in `cu_seqlens`");
   }
+  // One block row per sequence in grid.z (limit 65535), with or without cu_seqlens.
+  INFEROPS_CHECK_ARG(num_seqs <= 65535, "expected at most 65535 sequences (batch, or entries of `cu_seqlens` - 1), got ",
+                     num_seqs);
   INFEROPS_CHECK_ARG(H <= 65535, "expected at most 65535 heads");
   const int64_t Vs = normalize ? V + 1 : V;
   if (initial_state) check_state(*initial_state, "initial_state", num_seqs, H, K, Vs);
   if (final_state) check_state(*final_state, "final_state", num_seqs, H, K, Vs);
+  // In place is not supported: with normalize every value-tile block reads the key-sum
+  // column of initial_state at its start, while block 0 writes it to final_state at its end.
+  INFEROPS_CHECK_ARG(!initial_state || !final_state || initial_state->data() != final_state->data(),
+                     "expected `final_state` not to alias `initial_state`");
   q.expect_cuda("q");
   for (auto [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&o, "o"}}) t->expect_same_device(name, q, "q");
   if (initial_state) initial_state->expect_same_device("initial_state", q, "q");

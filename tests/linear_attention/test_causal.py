@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.dlpack import to_dlpack
 
+from inferops._core.extension import extension
 from inferops.linear_attention import causal_linear_attention, linear_attention_step
 from inferops.reference import linear_attention as ref
 from inferops.testing import Tolerance, assert_close, randn
@@ -121,6 +123,29 @@ def test_bad_input(call, exc, pattern, gen):
     q, k, v = _qkv(gen, 2, 10, 2, 32, 8)
     with pytest.raises(exc, match=pattern):
         call(q, k, v)
+
+
+@pytest.mark.skipif(extension() is None, reason="inferops._C not importable")
+def test_binding_rejects_more_sequences_than_grid_z_holds():
+    # One grid.z slice per sequence (limit 65535), also without cu_seqlens (stride-0 inputs: no memory).
+    B = 65536
+    q = torch.empty(1, 1, 1, 32, dtype=torch.bfloat16).expand(B, 1, 1, 32)
+    v = torch.empty(1, 1, 1, 1, dtype=torch.bfloat16).expand(B, 1, 1, 1)
+    o = torch.empty(B, 1, 1, 1, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="expected at most 65535 sequences"):
+        extension().causal_linear_attention(to_dlpack(q), to_dlpack(q), to_dlpack(v), to_dlpack(o), None, None,
+                                            None, 1.0, False, False, 0)
+
+
+@pytest.mark.skipif(extension() is None, reason="inferops._C not importable")
+def test_binding_rejects_in_place_state():
+    # Value-tile blocks read z from initial_state at their start while block 0 writes final_state's z.
+    q = torch.zeros(1, 4, 1, 32, dtype=torch.bfloat16)
+    v = torch.zeros(1, 4, 1, 8, dtype=torch.bfloat16)
+    s = torch.zeros(1, 1, 32, 9)
+    with pytest.raises(ValueError, match="not to alias `initial_state`"):
+        extension().causal_linear_attention(to_dlpack(q), to_dlpack(q), to_dlpack(v), to_dlpack(torch.empty_like(v)),
+                                            to_dlpack(s), to_dlpack(s), None, 1.0, True, False, 0)
 
 
 def test_opcheck_cpu(gen):

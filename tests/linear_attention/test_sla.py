@@ -144,3 +144,16 @@ def test_cuda_poisoned_output_and_module(gen, cuda_device):
     x = torch.randn(2, 3136, 96, device=cuda_device)
     with torch.no_grad():
         assert_close(fast(x), slow.double()(x.double()), Tolerance(atol=1e-3, rtol=1e-3))
+
+
+@pytest.mark.skipif(extension() is None, reason="inferops._C not importable")
+def test_binding_rejects_more_tokens_than_grid_y_holds():
+    # grid.y of the output kernel is one block per 32 tokens and may not exceed 65535.
+    # Stride-0 inputs and an untouched torch.empty output: no real memory is used.
+    N = 65536 * 32
+    q = torch.empty(1, 1, 1, 32, dtype=torch.bfloat16).expand(1, 1, N, 32)
+    out = torch.empty(1, 1, N, 32, dtype=torch.bfloat16)
+    w, kv, ks = torch.zeros(32, 1, 5, 5), torch.empty(1, 32, 32), torch.empty(1, 32)
+    with pytest.raises(ValueError, match="expected at most 2097120 tokens for `q`"):
+        extension().simplified_linear_attention(to_dlpack(q), to_dlpack(q), to_dlpack(q), to_dlpack(w), None,
+                                                to_dlpack(out), to_dlpack(kv), to_dlpack(ks), N // 32, 32, 0)

@@ -8,7 +8,8 @@ Feature maps are the caller's business (apply yours to q and k first), except
 ReLU, which ``use_relu=True`` applies inside the kernel. ``scale`` multiplies
 q (default ``K ** -0.5``, as fla). State: ``[num_seqs, H, K, V]`` fp32; with
 ``normalize=True`` it has ``V + 1`` columns, the last holding the key sum, and
-``o_t = (q_t . S_t[:, :V]) / (q_t . z_t + 1e-6)``, so normalised attention
+``o_t = (scale q_t . S_t[:, :V]) / (scale q_t . z_t + 1e-6)`` (the scale stays in the
+denominator, so it sets the weight of the eps), so normalised attention
 continues exactly across calls (prefill in pieces, then decode steps).
 """
 
