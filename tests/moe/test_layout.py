@@ -136,6 +136,17 @@ def test_permute_unpermute_roundtrip(k, gen):
     assert_close(out, x.double() * w.double().sum(1, keepdim=True), torch.bfloat16)
 
 
+def test_unpermute_dropped_slot_ignores_nonfinite_row0():
+    # dst = -1 (dropped / "elsewhere") must contribute nothing even when the row the
+    # reference gathers for it (row 0, clamped) is nan: 0 * nan would leak a nan
+    y = torch.randn(4, 8)
+    y[0] = float("nan")  # e.g. an unwritten padding row
+    dst = torch.tensor([[1, -1], [2, 3]], dtype=torch.int32)
+    w = torch.tensor([[0.5, 0.25], [1.0, 2.0]])
+    out = ref.unpermute(y, dst, w)
+    assert torch.equal(out, torch.stack([0.5 * y[1], 1.0 * y[2] + 2.0 * y[3]]))
+
+
 def test_bad_input():
     ids = torch.zeros(4, 2, dtype=torch.int32)
     with pytest.raises(TypeError, match="int32 or int64 for `topk_ids`, got float32"):
