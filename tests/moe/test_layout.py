@@ -268,11 +268,12 @@ def test_kernel_emulation_equals_reference(c, gen):
 
 
 def test_kernel_shared_memory_fits():
-    # launch_routing_layout's dynamic smem at the limits (E = 1024, R = 64), plus err[2],
+    # launch_routing_layout's dynamic smem at the limits (E = 1024, R = 64), plus the static
+    # err[2] (cuobjdump --dump-resource-usage reports SHARED:1040 with the 1 KiB reserve),
     # must fit the 227 KiB opt-in of sm_90
     E, R, warps = 1024, 64, 32
     smem = ((2 + warps) * E + 1 + (1 + warps) * R) * 4
-    assert smem + 8 <= 227 * 1024
+    assert smem + 1040 <= 228 * 1024
 
 
 # --- CUDA ------------------------------------------------------------------------------------
