@@ -342,3 +342,34 @@ def test_torch_compile_fullgraph(gen):
         return unpermute(permute(x, lay), lay, w)
 
     assert_close(moe_identity(x, ids, w), x.double() * w.double().sum(1, keepdim=True), torch.bfloat16)
+
+
+def _unpermute_drops_strided(gen, device, hidden, wdtype, vec_aligned):
+    """-1 ('elsewhere') ids and capacity drops, NaN padding rows, a strided x (vector path
+    when vec_aligned, else a 2-byte offset: scalar path), fp32/fp16/bf16 weights."""
+    T, k, E = 129, 4, 16
+    ids = _ids(gen, T, k, E)
+    ids[::5, 1] = -1
+    lay = routing_layout(ids.to(device), E, align=8, capacity=T * k // 2, validate=False)
+    assert lay.errors.tolist()[0] > 0 and lay.errors.tolist()[1] > 0
+    base = torch.randn(T, hidden + 8, generator=gen).to(device, torch.bfloat16)
+    x = base[:, 8:] if vec_aligned else base[:, 1:hidden + 1]
+    xp = permute(x, lay)
+    assert torch.equal(xp, ref.permute(x, lay.src_index))
+    y = torch.randn(xp.shape, generator=gen).to(device, torch.bfloat16)
+    y[lay.src_index < 0] = float("nan")  # never read: padding and capacity-dropped rows
+    w = torch.rand(T, k, generator=gen).to(device, wdtype)
+    out = unpermute(y, lay, w)
+    assert_close(out, ref.unpermute(y.double(), lay.dst_index, w.double(), torch.float64), torch.bfloat16)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_unpermute_drops_strided_cpu(wdtype, gen):
+    _unpermute_drops_strided(gen, "cpu", 40, wdtype, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden,vec_aligned", [(2048, True), (4097, False)])
+def test_cuda_unpermute_drops_strided(hidden, vec_aligned, wdtype, gen, cuda_device):
+    _unpermute_drops_strided(gen, cuda_device, hidden, wdtype, vec_aligned)
