@@ -9,7 +9,7 @@
 // and a running count per expert the chunks before -- so rows of an expert
 // follow (token, slot) order exactly. Pass 3 does the same per destination
 // rank over tokens (a token's rank mask deduplicates experts on one rank).
-// Shared memory: (2 + 32) * E + 33 * R ints (E <= 1024: <= 141 KiB).
+// Shared memory: (2 + 32) * E + 1 + 33 * R ints (E = 1024, R = 64: 144.3 KiB).
 // For T = 4096, k = 8, E = 256: 32 chunks of a few barriers each.
 #include "common/cuda_check.h"
 #include "common/launch.h"
@@ -51,7 +51,8 @@ __global__ void __launch_bounds__(kThreads, 1) RoutingLayoutKernel(const __grid_
   for (int e = tid; e < E; e += kThreads) counts[e] = running[e] = 0;
   for (int i = tid; i < kWarps * E; i += kThreads) warp_cnt[i] = 0;
   for (int r = tid; r < R; r += kThreads) rank_run[r] = 0;
-  for (int row = tid; row < p.capacity; row += kThreads) p.src_index[row] = -1;
+  // 64-bit: capacity may be up to INT32_MAX, where row + kThreads would overflow int
+  for (int64_t row = tid; row < p.capacity; row += kThreads) p.src_index[row] = -1;
   if (tid < 2) err[tid] = 0;
   __syncthreads();
 

@@ -49,7 +49,8 @@ struct PermuteParams {
   const void* weights;       // [T, k] (unpermute)
   DType weights_dtype;
   int64_t x_stride;
-  int32_t rows;  // output rows
+  int32_t rows;    // output rows
+  int32_t x_rows;  // rows of x (permute: bound of src_index)
   int32_t hidden;
   int32_t topk;
   int32_t capacity;

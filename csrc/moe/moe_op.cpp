@@ -88,11 +88,15 @@ PermuteParams rows_params(const TensorView& x, const TensorView& out, const char
   INFEROPS_CHECK_ARG(x.size(0) <= std::numeric_limits<int32_t>::max() &&
                          out.size(0) <= std::numeric_limits<int32_t>::max(),
                      "too many rows");
+  // the kernels keep the hidden index in int (v += blockDim.x must not overflow)
+  INFEROPS_CHECK_ARG(x.size(1) <= std::numeric_limits<int32_t>::max() / 2, "hidden size too large: ",
+                     x.size(1));
   PermuteParams p{};
   p.x = x.data();
   p.out = out.data();
   p.x_stride = x.stride(0);
   p.rows = static_cast<int32_t>(out.size(0));
+  p.x_rows = static_cast<int32_t>(x.size(0));
   p.hidden = static_cast<int32_t>(x.size(1));
   return p;
 }

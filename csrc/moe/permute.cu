@@ -18,10 +18,11 @@ constexpr int kThreads = 128;
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads) PermuteKernel(const __grid_constant__ PermuteParams p) {
   const int vecs = p.hidden / kVec;
-  for (int row = blockIdx.x; row < p.rows; row += gridDim.x) {
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {  // 64-bit: rows may be near INT32_MAX
     const int src = p.src_index[row];
     T* dst = static_cast<T*>(p.out) + int64_t(row) * p.hidden;
-    const T* s = src >= 0 ? static_cast<const T*>(p.x) + int64_t(src) * p.x_stride : nullptr;
+    // src >= x_rows: a corrupt index; zeros rather than an out-of-bounds read (as unpermute)
+    const T* s = src >= 0 && src < p.x_rows ? static_cast<const T*>(p.x) + int64_t(src) * p.x_stride : nullptr;
     for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
       Vec<T, kVec> a;
       if (s) {
@@ -46,7 +47,7 @@ __device__ __forceinline__ float load_weight(const PermuteParams& p, int64_t i) 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kThreads) UnpermuteKernel(const __grid_constant__ PermuteParams p) {
   const int vecs = p.hidden / kVec;
-  for (int t = blockIdx.x; t < p.rows; t += gridDim.x) {
+  for (int64_t t = blockIdx.x; t < p.rows; t += gridDim.x) {
     T* dst = static_cast<T*>(p.out) + int64_t(t) * p.hidden;
     for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
       float acc[kVec];

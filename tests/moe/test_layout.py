@@ -136,6 +136,17 @@ def test_permute_unpermute_roundtrip(k, gen):
     assert_close(out, x.double() * w.double().sum(1, keepdim=True), torch.bfloat16)
 
 
+def test_unpermute_dropped_slot_ignores_nonfinite_row0():
+    # dst = -1 (dropped / "elsewhere") must contribute nothing even when the row the
+    # reference gathers for it (row 0, clamped) is nan: 0 * nan would leak a nan
+    y = torch.randn(4, 8)
+    y[0] = float("nan")  # e.g. an unwritten padding row
+    dst = torch.tensor([[1, -1], [2, 3]], dtype=torch.int32)
+    w = torch.tensor([[0.5, 0.25], [1.0, 2.0]])
+    out = ref.unpermute(y, dst, w)
+    assert torch.equal(out, torch.stack([0.5 * y[1], 1.0 * y[2] + 2.0 * y[3]]))
+
+
 def test_bad_input():
     ids = torch.zeros(4, 2, dtype=torch.int32)
     with pytest.raises(TypeError, match="int32 or int64 for `topk_ids`, got float32"):
@@ -158,6 +169,113 @@ def test_default_placement_balanced():
     assert p.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
 
 
+# --- CPU emulation of RoutingLayoutKernel (csrc/moe/layout.cu) ----------------------------------
+
+
+def emulate_layout_kernel(ids, placement, R, align, capacity, threads=1024):
+    """The kernel's algorithm step by step: chunks of `threads` assignments, warps of 32
+    lanes, __match_any_sync peers, per-warp counts and a running count per expert (pass
+    2); per-token rank masks and ballots (pass 3). Shared memory is modelled by arrays."""
+    T, k = ids.shape
+    E = placement.numel()
+    flat = ids.reshape(-1).long().clamp(-2**31, 2**31 - 1)  # load_id's int64 -> int clamp
+    plc = placement.long()
+    n = T * k
+    warps = threads // 32
+
+    def valid(e):
+        ok = (e >= 0) & (e < E)
+        r = torch.where(ok, plc[e.clamp(0, E - 1)], -1)
+        return ok & (r >= 0) & (r < R)
+
+    ok_all = valid(flat)
+    counts = torch.bincount(flat[ok_all], minlength=E)[:E]
+    err0 = int((~ok_all).sum())
+    offs = [0]
+    for e in range(E):
+        offs.append(offs[-1] + (int(counts[e]) + align - 1) // align * align)
+    offs = torch.tensor(offs)
+    running = torch.zeros(E, dtype=torch.long)
+    dst = torch.full((n,), -1, dtype=torch.long)
+    src = torch.full((capacity,), -1, dtype=torch.long)
+    err1 = 0
+    lane = torch.arange(32)
+    lt = lane[None, :] < lane[:, None]  # lt[l, m]: lane m is before lane l (lanemask_lt)
+    for base in range(0, n, threads):
+        i = base + torch.arange(threads)
+        e = torch.where(i < n, flat[i.clamp(max=max(n - 1, 0))] if n else torch.full_like(i, -1), -1)
+        ok = (i < n) & valid(e)
+        key = torch.where(ok, e, -1).view(warps, 32)  # __match_any_sync value
+        same = key[:, :, None] == key[:, None, :]  # [warp, lane, peer]
+        in_warp = (same & lt[None]).sum(-1).view(-1)
+        popc = same.sum(-1).view(-1)
+        warp_cnt = torch.zeros(warps, E, dtype=torch.long)
+        w_of = torch.arange(threads) // 32
+        lead = ok & (in_warp == 0)
+        warp_cnt[w_of[lead], e[lead]] = popc[lead]
+        for tid in torch.nonzero(ok).flatten().tolist():
+            ee, w = int(e[tid]), int(w_of[tid])
+            pos = int(offs[ee]) + int(running[ee]) + int(warp_cnt[:w, ee].sum()) + int(in_warp[tid])
+            if pos < capacity:
+                dst[base + tid] = pos
+                src[pos] = (base + tid) // k
+            else:
+                err1 += 1
+        running.index_add_(0, e[lead], popc[lead])
+    rank_run = torch.zeros(R, dtype=torch.long)
+    send = torch.full((T, R), -1, dtype=torch.long)
+    okv = ok_all.view(T, k) if n else torch.zeros(T, k, dtype=torch.bool)
+    rank_of = torch.where(okv, plc[flat.clamp(0, E - 1).view(T, k)] if n else okv.long(), 0)
+    for base in range(0, T, threads):
+        t = base + torch.arange(threads)
+        mask = torch.zeros(threads, R, dtype=torch.bool)
+        live = t < T
+        for j in range(k):
+            tl = t[live]
+            mask[torch.nonzero(live).flatten()[okv[tl, j]], rank_of[tl, j][okv[tl, j]]] = True
+        bits = mask.view(warps, 32, R)
+        warp_rcnt = bits.sum(1)  # [warp, R]: popc(ballot)
+        before_lane = (bits[:, None, :, :] & lt[None, :, :, None]).sum(2).view(threads, R)
+        before_warp = torch.cat([torch.zeros(1, R, dtype=torch.long), warp_rcnt.cumsum(0)[:-1]])
+        pos = rank_run[None, :] + before_lane + before_warp.repeat_interleave(32, 0)
+        pos = torch.where(mask, pos, -1)
+        send[t[live]] = pos[live]
+        rank_run += warp_rcnt.sum(0)
+    send_offsets = torch.cat([torch.zeros(1, dtype=torch.long), rank_run.cumsum(0)])
+    i32 = lambda x: x.to(torch.int32)  # noqa: E731
+    return dict(tokens_per_expert=i32(counts), expert_offsets=i32(offs), dst_index=i32(dst).view(T, k),
+                src_index=i32(src), tokens_per_rank=i32(rank_run), send_index=i32(send),
+                send_offsets=i32(send_offsets), errors=torch.tensor([err0, err1], dtype=torch.int32))
+
+
+EMU_CASES = CASES + [dict(T=4096, k=8, E=256, R=8, align=128), dict(T=3000, k=2, E=1024, R=64, align=1),
+                     dict(T=1500, k=3, E=5, R=3, align=7)]
+
+
+@pytest.mark.parametrize("c", EMU_CASES, ids=lambda c: "T{T}k{k}E{E}R{R}a{align}".format(**c))
+def test_kernel_emulation_equals_reference(c, gen):
+    ids = _ids(gen, c["T"], c["k"], c["E"], dtype=torch.int64)
+    if c["T"]:
+        ids[::7] = ids[0].clone()  # long runs of one expert across warps and chunks
+        ids[5::11, 0] = -1  # 'elsewhere' slots of the dispatcher
+        ids[3::13, -1] = c["E"] + 2**33  # out of range (and beyond int32)
+    placement = torch.randint(0, c["R"], (c["E"],), generator=gen, dtype=torch.int32)
+    placement[c["E"] // 2] = c["R"]  # an expert placed on no valid rank
+    full = c["T"] * c["k"] + c["E"] * (c["align"] - 1)
+    for cap in (full, full // 3):  # and with capacity overflow
+        expect = dict(zip(FIELDS, ref.routing_layout(ids, placement, c["R"], c["align"], cap)))
+        _assert_layout_equal(emulate_layout_kernel(ids, placement, c["R"], c["align"], cap), expect)
+
+
+def test_kernel_shared_memory_fits():
+    # launch_routing_layout's dynamic smem at the limits (E = 1024, R = 64), plus the static
+    # err[2] (cuobjdump --dump-resource-usage reports SHARED:1040 with the 1 KiB reserve),
+    # must fit the 227 KiB opt-in of sm_90
+    E, R, warps = 1024, 64, 32
+    smem = ((2 + warps) * E + 1 + (1 + warps) * R) * 4
+    assert smem + 1040 <= 228 * 1024
+
+
 # --- CUDA ------------------------------------------------------------------------------------
 
 
@@ -166,7 +284,8 @@ def test_default_placement_balanced():
                          ids=lambda c: "T{T}k{k}E{E}R{R}a{align}".format(**c))
 def test_cuda_layout_equals_reference(c, gen, cuda_device):
     ids = _ids(gen, c["T"], c["k"], c["E"])
-    ids[::7] = ids[0]  # many tokens on the same experts
+    if c["T"]:  # (ids[0] of an empty T = 0 tensor raises IndexError)
+        ids[::7] = ids[0].clone()  # many tokens on the same experts
     placement = torch.randint(0, c["R"], (c["E"],), generator=gen, dtype=torch.int32)
     cap = c["T"] * c["k"] + c["E"] * (c["align"] - 1)
     lay = routing_layout(ids.to(cuda_device), c["E"], placement=placement.to(cuda_device), world_size=c["R"],
@@ -223,3 +342,34 @@ def test_torch_compile_fullgraph(gen):
         return unpermute(permute(x, lay), lay, w)
 
     assert_close(moe_identity(x, ids, w), x.double() * w.double().sum(1, keepdim=True), torch.bfloat16)
+
+
+def _unpermute_drops_strided(gen, device, hidden, wdtype, vec_aligned):
+    """-1 ('elsewhere') ids and capacity drops, NaN padding rows, a strided x (vector path
+    when vec_aligned, else a 2-byte offset: scalar path), fp32/fp16/bf16 weights."""
+    T, k, E = 129, 4, 16
+    ids = _ids(gen, T, k, E)
+    ids[::5, 1] = -1
+    lay = routing_layout(ids.to(device), E, align=8, capacity=T * k // 2, validate=False)
+    assert lay.errors.tolist()[0] > 0 and lay.errors.tolist()[1] > 0
+    base = torch.randn(T, hidden + 8, generator=gen).to(device, torch.bfloat16)
+    x = base[:, 8:] if vec_aligned else base[:, 1:hidden + 1]
+    xp = permute(x, lay)
+    assert torch.equal(xp, ref.permute(x, lay.src_index))
+    y = torch.randn(xp.shape, generator=gen).to(device, torch.bfloat16)
+    y[lay.src_index < 0] = float("nan")  # never read: padding and capacity-dropped rows
+    w = torch.rand(T, k, generator=gen).to(device, wdtype)
+    out = unpermute(y, lay, w)
+    assert_close(out, ref.unpermute(y.double(), lay.dst_index, w.double(), torch.float64), torch.bfloat16)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_unpermute_drops_strided_cpu(wdtype, gen):
+    _unpermute_drops_strided(gen, "cpu", 40, wdtype, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden,vec_aligned", [(2048, True), (4097, False)])
+def test_cuda_unpermute_drops_strided(hidden, vec_aligned, wdtype, gen, cuda_device):
+    _unpermute_drops_strided(gen, cuda_device, hidden, wdtype, vec_aligned)

@@ -32,6 +32,8 @@ class RoutingLayout:
     of its experts are there); ``send_index [T, R]``: position in rank r's send
     block, -1 if not sent; ``send_offsets [R + 1]``; ``errors [2]``: (assignments
     with an expert id out of range, assignments beyond ``capacity``), dropped.
+    ``tokens_per_expert``/``expert_offsets`` still count capacity-dropped
+    assignments: after an overflow, clamp the rows read to ``capacity``.
     Within an expert rows follow (token, slot) order; within a send block, token
     order.
     """

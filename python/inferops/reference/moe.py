@@ -63,5 +63,8 @@ def unpermute(y: torch.Tensor, dst_index: torch.Tensor, topk_weights: torch.Tens
     T, k = dst_index.shape
     keep = dst_index >= 0
     gathered = y[dst_index.clamp(min=0).long()].to(compute_dtype)  # [T, k, hidden]
+    # a dropped slot gathers row 0 (clamped): mask the row itself, not just its weight,
+    # since 0 * inf/nan (e.g. an unwritten padding row 0) is nan; the kernel never reads it
+    gathered = gathered.masked_fill(~keep[..., None], 0)
     w = torch.where(keep, topk_weights.to(compute_dtype), 0)
     return (gathered * w[..., None]).sum(1).to(y.dtype)
