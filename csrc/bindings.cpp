@@ -463,13 +463,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "w8a8_matmul",
       [](py::handle x_q, py::handle x_scale, py::handle w_q, py::handle w_scale, py::handle bias,
-         py::handle out, std::uintptr_t stream) {
+         py::handle out, std::uintptr_t stream, const std::string& path) {
         OptionalView b(bias, "bias");
+        const qt::W8A8Path kind = qt::parse_w8a8_path(path.c_str());
         qt::w8a8_matmul(view_of(x_q, "x_q"), view_of(x_scale, "x_scale"), view_of(w_q, "w_q"),
-                        view_of(w_scale, "w_scale"), b.get(), view_of(out, "out"), stream);
+                        view_of(w_scale, "w_scale"), b.get(), view_of(out, "out"), stream, kind);
       },
       py::arg("x_q"), py::arg("x_scale"), py::arg("w_q"), py::arg("w_scale"), py::arg("bias"),
-      py::arg("out"), py::arg("stream"),
+      py::arg("out"), py::arg("stream"), py::arg("path") = "auto",
       "INT8 / FP8 GEMM x_q @ w_q^T with per-token x per-channel scales (+ bias) in the epilogue.");
   m.def(
       "quantize_per_token",

@@ -88,6 +88,10 @@ if want sanitizer && [ -z "${INFEROPS_SKIP_SANITIZER:-}" ] && command -v compute
     $PY -m pytest -m gpu tests/quant/test_w8a8.py tests/quant/test_hadamard.py -q -p no:cacheprovider \
     -k "writes_every_output or (cuda_quantize_bit_exact and 5x100) or (cuda_matmul_matches_float64 and 129x208x100) \
         or (cuda_rotation_matches_float64 and (96 or 11008 or 28672) and dtype0)"
+  # Experimental FP8 wgmma kernel (opt-in path="wgmma"): partial tiles, K tails, M = 1.
+  step memcheck_w8a8_wgmma sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    $PY -m pytest -m gpu tests/quant/test_w8a8_wgmma.py -q -p no:cacheprovider \
+    -k "129x208x100 or 131x272x259 or 1x16x1 or 300x144x130 or 17x14336x4096"
 fi
 
 echo

@@ -13,6 +13,12 @@ bytes (1 B/weight vs 2 for BF16).
 
 Target (issue 5): FP8 >= 1.7x over BF16 at M = 4096.
 
+FP8 is timed on both kernels in the same run: ``path="mma"`` (mma.sync, the default; on
+sm_90a ptxas emulates its e4m3 MMA with fp16 HMMA) and ``path="wgmma"`` (experimental,
+opt-in, native FP8 wgmma; dtype ``fp8-wgmma`` in the records). Before timing, the wgmma
+result is checked against the mma one; a wgmma failure (error or mismatch) is printed and
+recorded (``error`` field) and the rest of the benchmark goes on.
+
     python bench/quant/bench_w8a8.py [--quick]
 """
 
@@ -51,6 +57,23 @@ def _scaled_mm(x_q, xs, w_q, ws):
     return torch._scaled_mm(x_q, w_q.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=torch.bfloat16)
 
 
+def _wgmma_check(ours, args):
+    """None if path='wgmma' runs and matches path='mma' (bf16 output, relative to the
+    output's scale), else the reason. Guards the experimental kernel: a failure here is
+    recorded and the benchmark goes on."""
+    try:
+        got = ours(*args).float()
+        want = w8a8_matmul(*args, torch.bfloat16, path="mma").float()
+        if got.is_cuda:
+            torch.cuda.synchronize()  # surface asynchronous launch errors here
+    except Exception as e:  # noqa: BLE001 - any failure of the new path is recorded, not fatal
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+    if not err <= 2e-2:  # two bf16 roundings of the same fp32 sums apart; NaN fails too
+        return f"mismatch vs path='mma': max |diff| / max |y| = {err:.3g}"
+    return None
+
+
 def _int_mm(x_q, xs, w_q, ws):
     return torch._int_mm(x_q, w_q.t())
 
@@ -69,10 +92,21 @@ def main(argv=None) -> int:
             xs = [torch.randn(M, K, generator=g).to(dev, torch.bfloat16) for _ in range(n_sets)]
             flops = 2 * M * N * K
             t_bf16 = time_fn(lambda x, wb: x @ wb.t(), [(x, w_bf16) for x in xs], iters=iters)
-            for qd, qname in ((FP8, "fp8"), (torch.int8, "int8")):
+            for qd, qname, path in ((FP8, "fp8", "mma"), (FP8, "fp8-wgmma", "wgmma"), (torch.int8, "int8", "mma")):
                 w_q, w_s = wq[qd]
                 sets = [(*quantize_per_token(x, qd), w_q, w_s) for x in xs]
-                t = time_fn(lambda a, b, c, d: w8a8_matmul(a, b, c, d, torch.bfloat16), sets, iters=iters)
+
+                def ours(a, b, c, d, path=path):
+                    return w8a8_matmul(a, b, c, d, torch.bfloat16, path=path)
+
+                if path == "wgmma":
+                    why = _wgmma_check(ours, sets[0])
+                    if why is not None:
+                        print(f"  {qname} M={M} K={K} N={N}: path='wgmma' skipped: {why}")
+                        results.add(family="quant", op="w8a8_matmul", backend=kernel_backend("w8a8_matmul", dev),
+                                    sizes=f"{qname} M={M} K={K} N={N}", dtype=qname, error=why)
+                        continue
+                t = time_fn(ours, sets, iters=iters)
                 tflops = flops / (t.median_us * 1e-6) / 1e12
                 nbytes = M * K + N * K + 2 * M * N + 4 * (M + N)
                 gbps = nbytes / (t.median_us * 1e-6) / 1e9

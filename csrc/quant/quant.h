@@ -30,6 +30,11 @@ struct W8A8Params {
 };
 
 constexpr int kW8A8KAlign = 16;
+
+// Which GEMM kernel w8a8_matmul runs. kAuto = kMma (the default until a GPU run proves
+// kWgmma correct and faster); kWgmma: experimental FP8-only sm_90a wgmma kernel
+// (w8a8_wgmma.cu), opt-in.
+enum class W8A8Path : int { kAuto = 0, kMma = 1, kWgmma = 2 };
 constexpr int64_t kW8A8MaxK = 131072;  // 131072 * 127 * 127 < 2^31
 
 // quantize_per_token: x [M, K] fp16/bf16/fp32 contiguous -> q [M, K] int8/fp8, scale [M]
@@ -89,7 +94,9 @@ constexpr int64_t hadamard_smem_bytes(int m, int64_t p) {
 
 void w8a8_matmul(const TensorView& x_q, const TensorView& x_scale, const TensorView& w_q,
                  const TensorView& w_scale, const TensorView* bias, const TensorView& out,
-                 std::uintptr_t stream);
+                 std::uintptr_t stream, W8A8Path path = W8A8Path::kAuto);
+// "auto" / "mma" / "wgmma" -> W8A8Path; ValueError naming `path` otherwise.
+W8A8Path parse_w8a8_path(const char* path);
 void quantize_per_token(const TensorView& x, const TensorView& q, const TensorView& scale,
                         std::uintptr_t stream);
 void hadamard_quantize(const TensorView& x, const TensorView* hm, const TensorView& out,
@@ -98,6 +105,8 @@ void hadamard_quantize(const TensorView& x, const TensorView* hm, const TensorVi
 #ifdef INFEROPS_WITH_CUDA
 void launch_w8a8_matmul(const W8A8Params& p, DType in_dtype, DType out_dtype, int device,
                         std::uintptr_t stream);
+void launch_w8a8_matmul_wgmma(const W8A8Params& p, DType in_dtype, DType out_dtype, int device,
+                              std::uintptr_t stream);
 void launch_quantize_per_token(const QuantizeParams& p, DType in_dtype, DType q_dtype, int device,
                                std::uintptr_t stream);
 void launch_hadamard_quantize(const HadamardParams& p, const HadamardSmallFactor& f, DType in_dtype,

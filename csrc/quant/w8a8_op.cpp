@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 
 #include "quant.h"
 
@@ -20,14 +21,26 @@ bool is_dense_order(int m) { return m == 1 || m == 12 || m == 20 || m == 28 || m
 
 }  // namespace
 
+W8A8Path parse_w8a8_path(const char* path) {
+  const std::string s = path ? path : "";
+  if (s == "auto") return W8A8Path::kAuto;
+  if (s == "mma") return W8A8Path::kMma;
+  if (s == "wgmma") return W8A8Path::kWgmma;
+  INFEROPS_CHECK_ARG(false, "expected `path` \"auto\", \"mma\" or \"wgmma\", got \"", s, "\"");
+  return W8A8Path::kAuto;
+}
+
 void w8a8_matmul(const TensorView& x_q, const TensorView& x_scale, const TensorView& w_q,
                  const TensorView& w_scale, const TensorView* bias, const TensorView& out,
-                 std::uintptr_t stream) {
+                 std::uintptr_t stream, W8A8Path path) {
   x_q.expect_dtype_in("x_q", {DType::kInt8, DType::kFloat8E4M3});
   w_q.expect_dtype("w_q", x_q.dtype());
   x_scale.expect_dtype("x_scale", DType::kFloat32);
   w_scale.expect_dtype("w_scale", DType::kFloat32);
   out.expect_dtype_in("out", {DType::kFloat16, DType::kBFloat16});
+  INFEROPS_CHECK_TYPE(path != W8A8Path::kWgmma || x_q.dtype() == DType::kFloat8E4M3,
+                      "expected float8_e4m3fn `x_q` for path=\"wgmma\" (FP8 only), got ", dtype_name(x_q.dtype()),
+                      " (INT8 runs on path=\"mma\")");
   x_q.expect_ndim("x_q", 2);
   w_q.expect_ndim("w_q", 2);
   const int64_t M = x_q.size(0), K = x_q.size(1), N = w_q.size(0);
@@ -76,7 +89,11 @@ void w8a8_matmul(const TensorView& x_q, const TensorView& x_scale, const TensorV
   p.k = static_cast<int32_t>(K);
   if (M == 0 || N == 0) return;
   INFEROPS_LAUNCH_CUDA("w8a8_matmul", stream, {
-    launch_w8a8_matmul(p, x_q.dtype(), out.dtype(), x_q.device_id(), stream);
+    if (path == W8A8Path::kWgmma) {
+      launch_w8a8_matmul_wgmma(p, x_q.dtype(), out.dtype(), x_q.device_id(), stream);
+    } else {
+      launch_w8a8_matmul(p, x_q.dtype(), out.dtype(), x_q.device_id(), stream);
+    }
   });
 }
 

@@ -199,7 +199,7 @@ def test_binding_rejects_bad_k_before_launch(gen):
 def test_opcheck_cpu(gen):
     # int8 operands: opcheck's schema test does arithmetic that torch lacks for fp8 on the CPU.
     x_q, xs, w_q, ws = _quantized(gen, 3, 32, 5, torch.int8)
-    torch.library.opcheck(torch.ops.inferops.w8a8_matmul.default, (x_q, xs, w_q, ws, torch.randn(5), "bfloat16"))
+    torch.library.opcheck(torch.ops.inferops.w8a8_matmul.default, (x_q, xs, w_q, ws, torch.randn(5), "bfloat16", "mma"))
     torch.library.opcheck(torch.ops.inferops.quantize_per_token.default, (torch.randn(3, 40), "int8"))
 
 

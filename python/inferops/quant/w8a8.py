@@ -5,6 +5,8 @@ Kernels: csrc/quant/w8a8.cu (GEMM and quantize). Reference: inferops.reference.q
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._core import ops
@@ -15,6 +17,7 @@ from ..validation import check_dtype, check_same_device, check_shape, check_tens
 __all__ = [
     "W8A8_DTYPES",
     "W8A8_K_ALIGN",
+    "W8A8_PATHS",
     "quantize_per_token",
     "quantize_weight_per_channel",
     "w8a8_matmul",
@@ -29,6 +32,12 @@ _DTYPE_CODE = {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
 _OUT_CODE = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _CODE_OUT = {v: k for k, v in _OUT_CODE.items()}
+# GEMM kernel choice (CUDA only; the CPU fallback is the reference whatever the path):
+# "mma" = mma.sync kernel (w8a8.cu, the default), "wgmma" = experimental FP8-only sm_90a
+# kernel (w8a8_wgmma.cu, opt-in, not yet validated on a GPU), "auto" = "mma" unless the
+# environment variable INFEROPS_W8A8_PATH names another path (for benchmarking).
+W8A8_PATHS = ("auto", "mma", "wgmma")
+W8A8_PATH_ENV = "INFEROPS_W8A8_PATH"
 
 
 def _aligned16(t: torch.Tensor) -> torch.Tensor:
@@ -106,29 +115,45 @@ def quantize_weight_per_channel(w: torch.Tensor, dtype: torch.dtype = torch.int8
 # --- w8a8_matmul ---------------------------------------------------------------------------
 
 
-def _mm_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+def _mm_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype, path):
     M, N = x_q.shape[0], w_q.shape[0]
     x_q, w_q = _aligned16(x_q), _aligned16(w_q)
     out = torch.empty((M, N), dtype=_CODE_OUT[out_dtype], device=x_q.device)
     if M > 0 and N > 0:
         ops.ext().w8a8_matmul(ops.dlpack(x_q), ops.dlpack(x_scale), ops.dlpack(w_q), ops.dlpack(w_scale),
                               None if bias is None else ops.dlpack(bias), ops.dlpack(out),
-                              ops.cuda_stream(x_q.device))
+                              ops.cuda_stream(x_q.device), path)
     return out
 
 
-def _mm_fake(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+def _mm_fake(x_q, x_scale, w_q, w_scale, bias, out_dtype, path):
     return torch.empty((x_q.shape[0], w_q.shape[0]), dtype=_CODE_OUT[out_dtype], device=x_q.device)
 
 
 @ops.register_op("w8a8_matmul", family="quant", fake=_mm_fake, cuda_impl=_mm_cuda)
 def _mm_op(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-           bias: torch.Tensor | None, out_dtype: str) -> torch.Tensor:
+           bias: torch.Tensor | None, out_dtype: str, path: str) -> torch.Tensor:
     return ref.w8a8_matmul(x_q, x_scale, w_q, w_scale, _CODE_OUT[out_dtype], bias).contiguous()
 
 
+def _resolve_path(path, qdtype) -> str:
+    """The concrete kernel path ("mma" or "wgmma") for `path` and the input dtype."""
+    if path not in W8A8_PATHS:
+        raise ValueError(f"expected `path` one of {W8A8_PATHS}, got {path!r}")
+    if path == "auto":
+        env = os.environ.get(W8A8_PATH_ENV, "") or "auto"
+        if env not in W8A8_PATHS:
+            raise ValueError(f"expected environment variable {W8A8_PATH_ENV} one of {W8A8_PATHS} or unset, "
+                             f"got {env!r}")
+        path = "wgmma" if env == "wgmma" and qdtype == torch.float8_e4m3fn else "mma"
+    if path == "wgmma" and qdtype != torch.float8_e4m3fn:
+        raise TypeError(f"expected `x_q` torch.float8_e4m3fn for path='wgmma' (FP8 only), got {qdtype}")
+    return path
+
+
 def w8a8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                out_dtype: torch.dtype = torch.bfloat16, bias: torch.Tensor | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.bfloat16, bias: torch.Tensor | None = None,
+                path: str = "auto") -> torch.Tensor:
     """``y = (x_q @ w_q^T) * x_scale[:, None] * w_scale[None, :] + bias`` on 8-bit tensor cores.
 
     Args:
@@ -139,6 +164,13 @@ def w8a8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
         w_scale: ``[N]`` fp32, one scale per output channel.
         out_dtype: ``torch.float16`` or ``torch.bfloat16``.
         bias: ``[N]`` (any float dtype, applied in fp32) or None.
+        path: GEMM kernel on CUDA: ``"mma"`` (mma.sync, INT8 and FP8), ``"wgmma"``
+            (experimental FP8-only kernel on Hopper's native FP8 tensor cores, sm_90a only,
+            opt-in, not yet validated on a GPU) or ``"auto"`` (``"mma"``, unless the
+            environment variable ``INFEROPS_W8A8_PATH`` is ``"mma"`` / ``"wgmma"``; an
+            env ``"wgmma"`` applies to FP8 inputs only, INT8 stays on ``"mma"``). On the
+            CPU every path is the reference; ``"wgmma"`` with int8 is a ``TypeError``
+            everywhere.
 
     ``K`` must be a multiple of 16 (and at most 131072, so the int32 accumulator cannot
     overflow). Accumulation is exact in int32 (INT8) or fp32 (FP8); the scales and bias
@@ -169,6 +201,7 @@ def w8a8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
                          f"(16-byte rows of 8-bit values), got K = {K}")
     if K > W8A8_MAX_K:
         raise ValueError(f"expected K <= {W8A8_MAX_K} (int32 accumulation), got K = {K}")
+    path = _resolve_path(path, x_q.dtype)
     devs = {"x_q": x_q, "x_scale": x_scale, "w_q": w_q, "w_scale": w_scale}
     if bias is not None:
         check_tensor("bias", bias)
@@ -178,7 +211,7 @@ def w8a8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
     check_same_device(devs)
     b = None if bias is None else bias.detach().float().contiguous()
     y = torch.ops.inferops.w8a8_matmul(x_q.reshape(lead.numel(), K).contiguous(), x_scale.reshape(-1).contiguous(),
-                                       w_q.contiguous(), w_scale.contiguous(), b, _OUT_CODE[out_dtype])
+                                       w_q.contiguous(), w_scale.contiguous(), b, _OUT_CODE[out_dtype], path)
     return y.reshape(*lead, N)
 
 
