@@ -10,6 +10,7 @@ import os
 import torch
 
 from .._core import ops
+from .._core.extension import build_info
 from .._core.demos import Demo, register_demo
 from ..reference import quant_w8a8 as ref
 from ..validation import check_dtype, check_same_device, check_shape, check_tensor
@@ -202,6 +203,11 @@ def w8a8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
     if K > W8A8_MAX_K:
         raise ValueError(f"expected K <= {W8A8_MAX_K} (int32 accumulation), got K = {K}")
     path = _resolve_path(path, x_q.dtype)
+    if path == "wgmma" and x_q.is_cuda and ops.kernel_backend("w8a8_matmul", x_q.device) == "cuda":
+        archs = str(build_info().get("cuda_archs", "")).replace(";", ",").split(",")
+        if "90a" not in archs:  # without the arch-specific target the kernel body is compiled out
+            raise ValueError(f"expected an extension built for sm_90a (INFEROPS_CUDA_ARCHS with 90a) for "
+                             f"path='wgmma', got archs {build_info().get('cuda_archs')!r}")
     devs = {"x_q": x_q, "x_scale": x_scale, "w_q": w_q, "w_scale": w_scale}
     if bias is not None:
         check_tensor("bias", bias)
