@@ -43,6 +43,8 @@
 // about M x N x 2 bytes; fused into the last tiles' epilogues it overlaps the
 // GEMM when peers are on time, else it trails it (phase 2).
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
@@ -73,6 +75,10 @@ __device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, 
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int n = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_16_zfill_s(uint32_t saddr, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem), "r"(valid ? 16 : 0)
+               : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
@@ -255,8 +261,221 @@ __device__ __forceinline__ void reduce_chunk(const GemmRsParams& p, uint32_t par
   o.store(static_cast<T*>(p.out) + off);
 }
 
+// The mma.sync main loop of one 128 x 128 tile, then the accumulators rounded to T into
+// the staging tile (row stride kCStride) that the epilogue pushes.
 template <typename T, bool kKN>
-__global__ void __launch_bounds__(kThreads, 2) GemmRsKernel(const __grid_constant__ GemmRsParams p) {
+__device__ __forceinline__ void mma_tile_to_staging(const GemmRsParams& p, T* smem, int m0, int n0, int k_tiles,
+                                                    int wm, int wn, int lane) {
+  float acc[kMI][kNJ][4];
+#pragma unroll
+  for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+    for (int nj = 0; nj < kNJ; ++nj)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][nj][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage<T, kKN>(p, smem + s * kStageElems, m0, n0, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage kt landed for every thread; stage kt - 1 is free again
+    const int nxt = kt + kStages - 1;
+    if (nxt < k_tiles) load_stage<T, kKN>(p, smem + (nxt % kStages) * kStageElems, m0, n0, nxt);
+    cp_async_commit();
+    compute_stage<T, kKN>(smem + (kt % kStages) * kStageElems, acc, wm, wn, lane);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // pipeline drained: its shared memory becomes the staging tile
+
+#pragma unroll
+  for (int mi = 0; mi < kMI; ++mi) {
+#pragma unroll
+    for (int nj = 0; nj < kNJ; ++nj) {
+      const int r = wm * 64 + mi * 16 + (lane >> 2), c = wn * 32 + nj * 8 + (lane & 3) * 2;
+      *reinterpret_cast<uint32_t*>(smem + r * kCStride + c) = pack2<T>(acc[mi][nj][0], acc[mi][nj][1]);
+      *reinterpret_cast<uint32_t*>(smem + (r + 8) * kCStride + c) = pack2<T>(acc[mi][nj][2], acc[mi][nj][3]);
+    }
+  }
+}
+
+// --- wgmma main loop (opt-in, sm_90a; INFEROPS_TP_GEMM=wgmma) ------------------------------
+// Only for b = weight.t() (both operands K-major). Per k tile (kWgBK = 64 elements =
+// 128 B) and operand the stage holds [128 rows][128 B]; the 16-byte chunk c of row r
+// sits at chunk c ^ (r & 7): the PTX 128B swizzle (address bits [4:6] ^= bits [7:9])
+// because every operand tile starts 1024-byte aligned (ring aligned by hand, tiles
+// 16 KiB). Two consumer warpgroups; warpgroup g issues 4 x wgmma.m64n128k16 per k
+// tile on rows 64 g .. 64 g + 63 of A and all 128 rows (n) of B. The k16 slice s of
+// a tile is addressed by advancing the descriptor's start by 32 s bytes (the XOR is
+// applied by hardware on the full address, matching where the loader put the chunk).
+// Descriptor (PTX ISA "Matrix Descriptor Format"): bits 0-13 start >> 4, 16-29
+// leading byte offset >> 4 (unused for swizzled K-major operands whose k extent, 32 B,
+// stays inside the swizzle atom: 1), 32-45 stride byte offset >> 4 (1024 B per 8-row
+// group), 49-51 base offset 0 (atoms 1024-aligned), 62-63 swizzle mode 1 (128B).
+// Accumulator fragment of m64n128 (fp32, 64 registers per thread): warp w of the
+// warpgroup, lane l (g = l / 4, t = l % 4), register i holds row 16 w + g + 8 ((i / 2) % 2)
+// and column 8 (i / 4) + 2 t + (i % 2) of the warpgroup's 64 x 128 block, so the pair
+// (i, i + 1), i even, is two adjacent columns: staged as one 4-byte store at tile row
+// 64 g_wg + 16 w + g + 8 ((i / 2) % 2), column 8 (i / 4) + 2 t (tests/tp/test_gemm_rs_wgmma.py
+// checks this covers the 128 x 128 tile exactly once).
+constexpr int kWgBK = 64;                                 // elements per k tile (128 B)
+constexpr int kWgStages = 5;
+constexpr int kWgAhead = kWgStages - 2;                   // prefetch distance (see the loop)
+constexpr int kWgTileBytes = kTileM * kWgBK * 2;          // 16 KiB per operand
+constexpr int kWgStageBytes = 2 * kWgTileBytes;           // A + B: 32 KiB
+constexpr int kWgSmemBytes = kWgStages * kWgStageBytes + 1024;  // 161 KiB (+ alignment slack)
+static_assert(kTileN * kWgBK * 2 == kWgTileBytes, "A and B tiles have the same size");
+static_assert(kCBytes <= kWgSmemBytes - 1024, "the staging tile reuses the drained ring");
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define INFEROPS_TP_WGMMA_DEVICE 1
+#endif
+
+#ifdef INFEROPS_TP_WGMMA_DEVICE
+
+// Byte offset of (row, 16-byte chunk) in a [rows][128 B] operand tile, 128B swizzle.
+__device__ __forceinline__ constexpr int wg_swz(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
+
+__device__ __forceinline__ constexpr uint64_t wg_desc(uint32_t saddr) {
+  return uint64_t((saddr >> 4) & 0x3FFF) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// Keeps the compiler from moving accumulator reads / writes across the async window.
+__device__ __forceinline__ void acc_fence(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define INFEROPS_WG_ACC_OUT                                                                              \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),        \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),           \
+      "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),         \
+      "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),         \
+      "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),         \
+      "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),         \
+      "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),         \
+      "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),         \
+      "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define INFEROPS_WG_ACC_REGS                                                                             \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "   \
+  "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "   \
+  "%62, %63}"
+
+// D (+)= A B^T over one k16 slice; scale_d == 0 starts from zero.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " INFEROPS_WG_ACC_REGS
+                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : INFEROPS_WG_ACC_OUT
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  } else {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " INFEROPS_WG_ACC_REGS
+                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : INFEROPS_WG_ACC_OUT
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  }
+}
+#undef INFEROPS_WG_ACC_OUT
+#undef INFEROPS_WG_ACC_REGS
+
+// k tile kt of A rows m0.. and B (weight) rows n0.. into the stage at shared address sa.
+// 8 threads fill one 128-byte row (coalesced); a chunk is 8 elements and K % 8 == 0, so
+// it is all in or all out; rows past M / N and k past K are zero-filled.
+template <typename T>
+__device__ __forceinline__ void wg_load_stage(const GemmRsParams& p, uint32_t sa, int m0, int n0, int kt) {
+  const T* a = static_cast<const T*>(p.a);
+  const T* b = static_cast<const T*>(p.b);
+  const int k0 = kt * kWgBK;
+#pragma unroll
+  for (int i = 0; i < kTileM * 8 / kThreads; ++i) {  // 1024 chunks per operand, 4 per thread
+    const int id = threadIdx.x + i * kThreads;
+    const int r = id >> 3, c = id & 7;
+    const int gk = k0 + c * 8;
+    const bool kin = gk < p.k;
+    const bool oka = kin && m0 + r < p.m, okb = kin && n0 + r < p.n;
+    cp_async_16_zfill_s(sa + wg_swz(r, c), oka ? a + int64_t(m0 + r) * p.lda + gk : a, oka);
+    cp_async_16_zfill_s(sa + kWgTileBytes + wg_swz(r, c), okb ? b + int64_t(n0 + r) * p.ldb + gk : b, okb);
+  }
+}
+
+// The whole k loop of one 128 x 128 tile, then the fp32 accumulators rounded to T
+// into the staging tile `stage` ([128][kCStride], the same layout the mma.sync path
+// writes), ready for the unchanged epilogue. Ends with the ring drained (no cp.async
+// or wgmma in flight); the caller syncs before reading the staging tile.
+template <typename T>
+__device__ __forceinline__ void wg_tile_to_staging(const GemmRsParams& p, unsigned char* smem_raw, T* stage,
+                                                   int m0, int n0) {
+  const uint32_t ring = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+  auto stage_at = [&](int s) { return ring + uint32_t(s) * kWgStageBytes; };
+  const int wg = threadIdx.x >> 7;
+  const int k_tiles = (p.k + kWgBK - 1) / kWgBK;
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kWgAhead; ++s) {
+    if (s < k_tiles) wg_load_stage<T>(p, stage_at(s), m0, n0, s);
+    cp_async_commit();  // empty groups keep the count uniform
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    // kWgAhead + kt groups committed, tile kt is group kt: kWgAhead - 1 may stay pending.
+    cp_async_wait<kWgAhead - 1>();
+    // This thread's cp.async writes (generic proxy) -> visible to wgmma (async proxy).
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    // Every thread's tile kt landed. Each warpgroup ended iteration kt - 1 with
+    // wgmma.wait_group 1, so tile kt - 2's wgmmas retired in both warpgroups and its
+    // stage, (kt + kWgAhead) % kWgStages, may be refilled now (a prefetch distance of
+    // kWgStages - 1 would refill tile kt - 1's stage, possibly still being read).
+    __syncthreads();
+    const int nxt = kt + kWgAhead;
+    if (nxt < k_tiles) wg_load_stage<T>(p, stage_at(nxt % kWgStages), m0, n0, nxt);
+    cp_async_commit();
+    const uint32_t sa = stage_at(kt % kWgStages) + uint32_t(wg) * (64 * 128);  // this warpgroup's 64 rows
+    const uint32_t sb = stage_at(kt % kWgStages) + kWgTileBytes;
+    acc_fence(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kWgBK / 16; ++ks) wgmma_m64n128k16<T>(acc, wg_desc(sa + ks * 32), wg_desc(sb + ks * 32), 1);
+    wgmma_commit();
+    acc_fence(acc);
+    wgmma_wait<1>();
+    acc_fence(acc);
+  }
+  wgmma_wait<0>();
+  acc_fence(acc);
+  cp_async_wait<0>();
+  __syncthreads();  // every warpgroup's wgmmas retired: the ring may be overwritten by the staging tile
+
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < kTileN / 8; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = wg * 64 + warp * 16 + g + 8 * h, c = 8 * j + 2 * t;
+      *reinterpret_cast<uint32_t*>(stage + r * kCStride + c) = pack2<T>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+    }
+  }
+}
+
+#endif  // INFEROPS_TP_WGMMA_DEVICE
+
+template <typename T, bool kKN, bool kWg>
+__global__ void __launch_bounds__(kThreads, kWg ? 1 : 2) GemmRsKernel(const __grid_constant__ GemmRsParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -273,38 +492,14 @@ __global__ void __launch_bounds__(kThreads, 2) GemmRsKernel(const __grid_constan
   for (int j = blockIdx.x; j < num_tiles; j += gridDim.x) {
     const int tm = (j / tiles_n + tm_shift) % tiles_m, tn = j % tiles_n;
     const int m0 = tm * kTileM, n0 = tn * kTileN;
-    float acc[kMI][kNJ][4];
-#pragma unroll
-    for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-      for (int nj = 0; nj < kNJ; ++nj)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mi][nj][e] = 0.f;
-
-#pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (s < k_tiles) load_stage<T, kKN>(p, smem + s * kStageElems, m0, n0, s);
-      cp_async_commit();
-    }
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      cp_async_wait<kStages - 2>();
-      __syncthreads();  // stage kt landed for every thread; stage kt - 1 is free again
-      const int nxt = kt + kStages - 1;
-      if (nxt < k_tiles) load_stage<T, kKN>(p, smem + (nxt % kStages) * kStageElems, m0, n0, nxt);
-      cp_async_commit();
-      compute_stage<T, kKN>(smem + (kt % kStages) * kStageElems, acc, wm, wn, lane);
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // pipeline drained: its shared memory becomes the staging tile
-
-#pragma unroll
-    for (int mi = 0; mi < kMI; ++mi) {
-#pragma unroll
-      for (int nj = 0; nj < kNJ; ++nj) {
-        const int r = wm * 64 + mi * 16 + (lane >> 2), c = wn * 32 + nj * 8 + (lane & 3) * 2;
-        *reinterpret_cast<uint32_t*>(smem + r * kCStride + c) = pack2<T>(acc[mi][nj][0], acc[mi][nj][1]);
-        *reinterpret_cast<uint32_t*>(smem + (r + 8) * kCStride + c) = pack2<T>(acc[mi][nj][2], acc[mi][nj][3]);
-      }
+    if constexpr (kWg) {
+#ifdef INFEROPS_TP_WGMMA_DEVICE
+      wg_tile_to_staging<T>(p, smem_raw, smem, m0, n0);
+#else
+      __trap();  // built without sm_90a: the launcher refuses such devices, Python such builds
+#endif
+    } else {
+      mma_tile_to_staging<T, kKN>(p, smem, m0, n0, k_tiles, wm, wn, lane);
     }
     __syncthreads();
     const int64_t tile = int64_t(tm) * tiles_n + tn;
@@ -423,18 +618,34 @@ __global__ void __launch_bounds__(kThreads, 2) GemmRsKernel(const __grid_constan
   }
 }
 
-template <typename T, bool kKN>
+template <typename T, bool kKN, bool kWg>
 void launch_typed(const GemmRsParams& p, int device, int num_blocks, cudaStream_t stream) {
-  auto kernel = GemmRsKernel<T, kKN>;
-  set_dynamic_smem(kernel, kSmemBytes, device);
+  auto kernel = GemmRsKernel<T, kKN, kWg>;
+  constexpr int smem_bytes = kWg ? kWgSmemBytes : kSmemBytes;
+  set_dynamic_smem(kernel, smem_bytes, device);
   int per_sm = 0;
-  INFEROPS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kSmemBytes));
+  INFEROPS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem_bytes));
   INFEROPS_CHECK(per_sm >= 1, "gemm_reduce_scatter kernel cannot be resident on device ", device);
   const int tiles = ceil_div(p.m, kTileM) * ceil_div(p.n, kTileN);
   int grid = std::min(tiles, per_sm * device_info(device).sm_count);
   if (num_blocks > 0) grid = std::min(grid, num_blocks);
-  kernel<<<std::max(grid, 1), kThreads, kSmemBytes, stream>>>(p);
+  kernel<<<std::max(grid, 1), kThreads, smem_bytes, stream>>>(p);
   INFEROPS_CUDA_CHECK_LAUNCH();
+}
+
+// INFEROPS_TP_GEMM selects the main loop: "mma" (default, unset or empty) or "wgmma"
+// (sm_90a, b = weight.t() only; the row-major [K, N] layout always runs mma.sync).
+bool use_wgmma(const GemmRsParams& p, int device) {
+  const char* env = std::getenv("INFEROPS_TP_GEMM");
+  const std::string v = env ? env : "";
+  INFEROPS_CHECK_ARG(v.empty() || v == "mma" || v == "wgmma",
+                     "expected INFEROPS_TP_GEMM to be \"mma\" or \"wgmma\", got \"", v, "\"");
+  if (v != "wgmma" || p.b_kn) return false;
+  const DeviceInfo& info = device_info(device);
+  INFEROPS_CHECK_ARG(info.cc_major == 9 && info.cc_minor == 0,
+                     "expected an sm_90 (Hopper) device for INFEROPS_TP_GEMM=wgmma (wgmma is sm_90a only), got sm_",
+                     info.cc_major, info.cc_minor, " on device ", device);
+  return true;
 }
 
 }  // namespace
@@ -442,12 +653,15 @@ void launch_typed(const GemmRsParams& p, int device, int num_blocks, cudaStream_
 void launch_gemm_rs(const GemmRsParams& p, DType dtype, int device, int num_blocks, std::uintptr_t stream) {
   if (p.m == 0 || p.n == 0) return;  // every rank sees the same M, N: all skip together
   DeviceGuard guard(device);
+  const bool wg = use_wgmma(p, device);
   dispatch_half(dtype, "a", [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (p.b_kn) {
-      launch_typed<T, true>(p, device, num_blocks, as_stream(stream));
+      launch_typed<T, true, false>(p, device, num_blocks, as_stream(stream));
+    } else if (wg) {
+      launch_typed<T, false, true>(p, device, num_blocks, as_stream(stream));
     } else {
-      launch_typed<T, false>(p, device, num_blocks, as_stream(stream));
+      launch_typed<T, false, false>(p, device, num_blocks, as_stream(stream));
     }
   });
 }

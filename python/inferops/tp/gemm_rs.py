@@ -33,12 +33,14 @@ import torch.distributed as dist
 
 from .._core import ops
 from .._core.demos import Demo, register_demo
+from .._core.extension import build_info
 from ..reference import tp as ref
 from ..validation import check_dtype, check_same_device, check_tensor
 
 __all__ = [
     "GemmReduceScatter",
     "buffer_bytes",
+    "gemm_main_loop",
     "gemm_reduce_scatter",
     "symm_mem_status",
     "virtual_gemm_reduce_scatter",
@@ -51,6 +53,32 @@ STATE_WORDS = 8  # csrc/tp/tp.h kStateWords: epoch, done, error, error source, e
 MAX_WORLD = 32
 DEFAULT_TIMEOUT_S = float(os.environ.get("INFEROPS_TP_TIMEOUT_S", "5"))
 _OP = "virtual_gemm_reduce_scatter"
+GEMM_ENV = "INFEROPS_TP_GEMM"  # main loop of the kernel: "mma" (default) or "wgmma" (sm_90a, opt-in)
+GEMM_MAIN_LOOPS = ("mma", "wgmma")
+
+
+def gemm_main_loop() -> str:
+    """The kernel's main loop selected by ``INFEROPS_TP_GEMM``: ``"mma"`` (default: unset or
+    empty) or ``"wgmma"`` (experimental, sm_90a only, ``b = weight.t()`` only: a row-major
+    ``[K, N]`` ``b`` always runs mma.sync). Read at every call, by csrc/tp/gemm_rs.cu too."""
+    v = os.environ.get(GEMM_ENV, "")
+    if v not in ("",) + GEMM_MAIN_LOOPS:
+        raise ValueError(f"expected {GEMM_ENV} to be 'mma' or 'wgmma', got {v!r}")
+    return v or "mma"
+
+
+def _check_gemm_main_loop(device: torch.device) -> None:
+    """Refuse INFEROPS_TP_GEMM=wgmma where the wgmma kernel cannot run, before any launch."""
+    if gemm_main_loop() != "wgmma":
+        return
+    archs = str(build_info().get("cuda_archs", "")).replace(";", ",").split(",")
+    if "90a" not in archs:  # without the arch-specific target the kernel body is compiled out
+        raise ValueError(f"expected an extension built for sm_90a (INFEROPS_CUDA_ARCHS with 90a) for "
+                         f"{GEMM_ENV}=wgmma, got archs {build_info().get('cuda_archs')!r}")
+    cap = torch.cuda.get_device_capability(device)
+    if tuple(cap) != (9, 0):
+        raise ValueError(f"expected an sm_90 (Hopper) device for {GEMM_ENV}=wgmma (wgmma is sm_90a only), "
+                         f"got sm_{cap[0]}{cap[1]} on {device}")
 
 
 def buffer_bytes(max_m: int, n: int, world: int, elem_bytes: int) -> int:
@@ -336,6 +364,7 @@ class GemmReduceScatter:
             if out.device != a.device:
                 raise ValueError(f"expected `out` on {a.device}, got {out.device}")
         if self.path in ("symm_mem", "virtual", "local"):
+            _check_gemm_main_loop(a.device)
             if a.dim() == 3:
                 for r in range(W):
                     _kernel_layout_checks(a[r], b[r])
