@@ -39,7 +39,9 @@
 // see increasing epochs with no host involvement.
 //
 // Speed: mma.sync reaches roughly 2/3 of Hopper's wgmma peak, so the GEMM part
-// is expected below cuBLAS on H100 (see docs/tp.md). The owner's reduction reads
+// is expected below cuBLAS on H100 (see docs/tp.md). INFEROPS_TP_GEMM=wgmma selects
+// an experimental wgmma main loop (sm_90a, b = weight.t() only; wg_tile_to_staging
+// below; never run yet) feeding the same staging tile, epilogue and protocol. The owner's reduction reads
 // about M x N x 2 bytes; fused into the last tiles' epilogues it overlaps the
 // GEMM when peers are on time, else it trails it (phase 2).
 #include <algorithm>
@@ -640,12 +642,12 @@ bool use_wgmma(const GemmRsParams& p, int device) {
   const std::string v = env ? env : "";
   INFEROPS_CHECK_ARG(v.empty() || v == "mma" || v == "wgmma",
                      "expected INFEROPS_TP_GEMM to be \"mma\" or \"wgmma\", got \"", v, "\"");
-  if (v != "wgmma" || p.b_kn) return false;
+  if (v != "wgmma") return false;
   const DeviceInfo& info = device_info(device);
   INFEROPS_CHECK_ARG(info.cc_major == 9 && info.cc_minor == 0,
                      "expected an sm_90 (Hopper) device for INFEROPS_TP_GEMM=wgmma (wgmma is sm_90a only), got sm_",
                      info.cc_major, info.cc_minor, " on device ", device);
-  return true;
+  return !p.b_kn;  // the row-major [K, N] layout keeps mma.sync
 }
 
 }  // namespace
