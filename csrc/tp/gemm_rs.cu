@@ -78,10 +78,6 @@ __device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, 
   const int n = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
 }
-__device__ __forceinline__ void cp_async_16_zfill_s(uint32_t saddr, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem), "r"(valid ? 16 : 0)
-               : "memory");
-}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
@@ -324,7 +320,6 @@ __device__ __forceinline__ void mma_tile_to_staging(const GemmRsParams& p, T* sm
 // checks this covers the 128 x 128 tile exactly once).
 constexpr int kWgBK = 64;                                 // elements per k tile (128 B)
 constexpr int kWgStages = 5;
-constexpr int kWgAhead = kWgStages - 2;                   // prefetch distance (see the loop)
 constexpr int kWgTileBytes = kTileM * kWgBK * 2;          // 16 KiB per operand
 constexpr int kWgStageBytes = 2 * kWgTileBytes;           // A + B: 32 KiB
 constexpr int kWgSmemBytes = kWgStages * kWgStageBytes + 1024;  // 161 KiB (+ alignment slack)
@@ -336,6 +331,14 @@ static_assert(kCBytes <= kWgSmemBytes - 1024, "the staging tile reuses the drain
 #endif
 
 #ifdef INFEROPS_TP_WGMMA_DEVICE
+
+constexpr int kWgAhead = kWgStages - 2;  // prefetch distance in k tiles (see the loop)
+
+// cp.async of 16 bytes to a shared address, or 16 zero bytes when !valid.
+__device__ __forceinline__ void cp_async_16_zfill_s(uint32_t saddr, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem), "r"(valid ? 16 : 0)
+               : "memory");
+}
 
 // Byte offset of (row, 16-byte chunk) in a [rows][128 B] operand tile, 128B swizzle.
 __device__ __forceinline__ constexpr int wg_swz(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
