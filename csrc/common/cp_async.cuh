@@ -12,6 +12,16 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
 }
 
+// Zero-filling form: copies `src_bytes` (0 or 16) and zeroes the rest of the 16 bytes,
+// so tile edges (rows past M, k past K) need no separate clearing pass.
+__device__ __forceinline__ void cp_async_16_zfill(unsigned saddr, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, int src_bytes) {
+  cp_async_16_zfill(static_cast<unsigned>(__cvta_generic_to_shared(smem)), gmem, src_bytes);
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 // Wait until at most kPending of the committed groups are still in flight.

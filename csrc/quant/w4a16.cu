@@ -40,6 +40,7 @@
 
 #include "common/dispatch.cuh"
 #include "common/launch.h"
+#include "common/mma.cuh"
 #include "common/vec.cuh"
 #include "quant_w4a16.h"
 
@@ -103,23 +104,6 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t w, typename W4Traits<T
   return bits_of(__hmul2(__hsub2(h, zm), s));
 }
 
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
 
 // Scale and (magic + zero point) of the 8 n-tiles a lane touches in group g:
 // columns n0 + 8 j + gid.

@@ -36,9 +36,11 @@
 
 #include <type_traits>
 
+#include "common/cp_async.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
 #include "common/launch.h"
+#include "common/mma.cuh"
 #include "common/vec.cuh"
 #include "quant.h"
 
@@ -52,26 +54,8 @@ constexpr int kGemmThreads = 256;
 constexpr int kTileBytes = kBM * kBK;                      // 8 KiB per operand per stage
 constexpr int kGemmSmem = kStages * 2 * kTileBytes;        // 64 KiB
 
-// cp.async with zero fill: copies `src_bytes` (0 or 16) and zeroes the rest of the 16 bytes.
-__device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, int src_bytes) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait_group() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
 // Byte offset of (row, 16-byte chunk) inside one [rows][64 B] swizzled tile.
 __device__ __forceinline__ int swz(int row, int chunk) { return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 4); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
 
 __device__ __forceinline__ void mma_16832(int32_t (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -150,15 +134,15 @@ __global__ void __launch_bounds__(kGemmThreads) W8A8GemmKernel(const __grid_cons
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < ktiles) load_tile(p, stage_a(s), stage_b(s), m0, n0, s * kBK);
-    cp_async_commit_group();  // empty groups keep the wait count uniform
+    cp_async_commit();  // empty groups keep the wait count uniform
   }
 
   for (int kt = 0; kt < ktiles; ++kt) {
-    cp_async_wait_group<kStages - 2>();
+    cp_async_wait<kStages - 2>();
     __syncthreads();  // tile kt visible to all; everyone is done with tile kt - 1's stage
     const int next = kt + kStages - 1;
     if (next < ktiles) load_tile(p, stage_a(next % kStages), stage_b(next % kStages), m0, n0, next * kBK);
-    cp_async_commit_group();
+    cp_async_commit();
 
     const uint8_t* sa = stage_a(kt % kStages);
     const uint8_t* sb = stage_b(kt % kStages);
@@ -188,7 +172,7 @@ __global__ void __launch_bounds__(kGemmThreads) W8A8GemmKernel(const __grid_cons
         for (int ni = 0; ni < 4; ++ni) mma_16832(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
     }
   }
-  cp_async_wait_group<0>();
+  cp_async_wait<0>();
 
   // Epilogue: c0, c1 at (row g, cols 2t, 2t+1); c2, c3 at row g + 8.
   OutT* out = static_cast<OutT*>(p.out);

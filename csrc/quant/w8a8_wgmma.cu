@@ -41,15 +41,14 @@
 
 #include <cstdint>
 
+#include "common/cp_async.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
 #include "common/launch.h"
 #include "common/vec.cuh"
+#include "common/wgmma.cuh"
 #include "quant.h"
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define INFEROPS_W8A8_WGMMA_DEVICE 1
-#endif
 
 namespace inferops::quant {
 
@@ -64,36 +63,9 @@ constexpr int kWgStageBytes = kWgTileA + kWgTileB;
 constexpr int kWgSmem = kWgStages * kWgStageBytes + 1024;  // + slack to align the ring to 1024 B
 static_assert(kWgTileA % 1024 == 0 && kWgTileB % 1024 == 0, "swizzle atoms must stay 1024-byte aligned");
 
-#ifdef INFEROPS_W8A8_WGMMA_DEVICE
+#ifdef INFEROPS_WGMMA_DEVICE
 
-// Byte offset of (row, 16-byte chunk) in a [rows][128 B] tile with the 128B swizzle.
-__device__ __forceinline__ constexpr int wg_swz(int row, int chunk) { return row * kWgBK + ((chunk ^ (row & 7)) << 4); }
-
-// wgmma descriptor of a K-major, 128B-swizzled operand starting at shared address `saddr`.
-__device__ __forceinline__ constexpr uint64_t wg_desc(uint32_t saddr) {
-  return uint64_t((saddr >> 4) & 0x3FFF)        // start address
-         | (uint64_t(1) << 16)                  // leading byte offset (unused: K-major, swizzled)
-         | (uint64_t(1024 >> 4) << 32)          // stride byte offset: 8 rows x 128 B
-         | (uint64_t(1) << 62);                 // swizzle mode 1 = 128B
-}
-
-__device__ __forceinline__ void wg_cp_async_16(uint32_t saddr, const void* gmem, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem), "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-}
-
-// Keeps the compiler from moving accumulator reads / writes across the async wgmma window.
-__device__ __forceinline__ void acc_fence(float (&d)[64]) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
+static_assert(kWgBK == 128, "operand rows are one 128-byte swizzle row (wg_swz128)");
 
 __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
                                                        int scale_d) {
@@ -133,13 +105,13 @@ __device__ __forceinline__ void wg_load_tile(const W8A8Params& p, uint32_t sa, i
       const int gm = m0 + row;
       const bool ok = kin && gm < p.m;
       const uint8_t* src = static_cast<const uint8_t*>(p.x) + (ok ? int64_t(gm) * p.ldx + k : 0);
-      wg_cp_async_16(sa + wg_swz(row, chunk), src, ok ? 16 : 0);
+      cp_async_16_zfill(sa + wg_swz128(row, chunk), src, ok ? 16 : 0);
     }
     {
       const int gn = n0 + row;
       const bool ok = kin && gn < p.n;
       const uint8_t* src = static_cast<const uint8_t*>(p.w) + (ok ? int64_t(gn) * p.ldw + k : 0);
-      wg_cp_async_16(sa + kWgTileA + wg_swz(row, chunk), src, ok ? 16 : 0);
+      cp_async_16_zfill(sa + kWgTileA + wg_swz128(row, chunk), src, ok ? 16 : 0);
     }
   }
 }
@@ -157,11 +129,11 @@ __device__ __forceinline__ void wg_store_pair(OutT* out, int64_t idx, float v0, 
   }
 }
 
-#endif  // INFEROPS_W8A8_WGMMA_DEVICE
+#endif  // INFEROPS_WGMMA_DEVICE
 
 template <typename OutT>
 __global__ void __launch_bounds__(kWgThreads, 1) W8A8WgmmaFp8Kernel(const __grid_constant__ W8A8Params p) {
-#ifdef INFEROPS_W8A8_WGMMA_DEVICE
+#ifdef INFEROPS_WGMMA_DEVICE
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   // The 128B swizzle is a function of the absolute shared address: align the ring to 1024.
   const uint32_t smem0 = (static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem)) + 1023u) & ~1023u;
@@ -179,14 +151,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) W8A8WgmmaFp8Kernel(const __grid
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
     if (s < ktiles) wg_load_tile(p, stage(s), m0, n0, s * kWgBK);
-    asm volatile("cp.async.commit_group;\n" ::: "memory");  // empty groups keep the count uniform
+    cp_async_commit();  // empty groups keep the count uniform
   }
 
   for (int kt = 0; kt < ktiles; ++kt) {
     // kAhead + kt groups committed; tile kt is group kt: at most kAhead - 1 may stay pending.
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kAhead - 1) : "memory");
+    cp_async_wait<kAhead - 1>();
     // This thread's cp.async (generic proxy) writes -> visible to the async proxy (wgmma).
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    fence_proxy_async_shared();
     // Everyone's tile kt has landed. Also: each warpgroup ended iteration kt - 1 with
     // wgmma.wait_group 1, so all wgmmas of tile kt - 2 have retired in both warpgroups,
     // and tile kt - 2's stage, (kt + kAhead) % kWgStages, may be refilled now. (With a
@@ -195,7 +167,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) W8A8WgmmaFp8Kernel(const __grid
     __syncthreads();
     const int next = kt + kAhead;
     if (next < ktiles) wg_load_tile(p, stage(next % kWgStages), m0, n0, next * kWgBK);
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    cp_async_commit();
 
     const uint32_t sa = stage(kt % kWgStages) + uint32_t(wg) * (64 * kWgBK);  // this warpgroup's 64 rows
     const uint32_t sb = stage(kt % kWgStages) + kWgTileA;
@@ -203,7 +175,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) W8A8WgmmaFp8Kernel(const __grid
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kWgBK / 32; ++ks) {
-      wgmma_m64n128k32_e4m3(acc, wg_desc(sa + ks * 32), wg_desc(sb + ks * 32), 1);
+      wgmma_m64n128k32_e4m3(acc, wg_desc_kmajor_128b(sa + ks * 32), wg_desc_kmajor_128b(sb + ks * 32), 1);
     }
     wgmma_commit();
     acc_fence(acc);
@@ -212,7 +184,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) W8A8WgmmaFp8Kernel(const __grid
   }
   wgmma_wait<0>();
   acc_fence(acc);
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  cp_async_wait<0>();
 
   OutT* out = static_cast<OutT*>(p.out);
   const bool vec = (p.n & 1) == 0 && is_aligned(p.out, 4);

@@ -48,10 +48,13 @@
 #include <cstdlib>
 #include <string>
 
+#include "common/cp_async.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
 #include "common/launch.h"
+#include "common/mma.cuh"
 #include "common/vec.cuh"
+#include "common/wgmma.cuh"
 #include "tp.h"
 
 namespace inferops::tp {
@@ -70,49 +73,7 @@ constexpr int kCStride = kTileN + 8;                      // staging row, padded
 constexpr int kCBytes = kTileM * kCStride * 2;            // 34 KiB, reuses the drained pipeline
 constexpr int kSmemBytes = kPipeBytes > kCBytes ? kPipeBytes : kCBytes;
 
-// --- PTX wrappers ------------------------------------------------------------------------
-
-// cp.async of 16 bytes, or 16 zero bytes when !valid (rows past M, k past K).
-__device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
+// --- PTX wrappers (cp.async, ldmatrix, mma: csrc/common) --------------------------------
 
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;
@@ -150,7 +111,7 @@ __device__ __forceinline__ void load_stage(const GemmRsParams& p, T* stage, int 
     const int r = id >> 2, c = id & 3;
     const int gr = m0 + r, gk = k0 + c * 8;
     const bool ok = gr < p.m && gk < p.k;
-    cp_async_16_zfill(as + swz32(r, c), ok ? a + int64_t(gr) * p.lda + gk : a, ok);
+    cp_async_16_zfill(as + swz32(r, c), ok ? a + int64_t(gr) * p.lda + gk : a, ok ? 16 : 0);
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -159,12 +120,12 @@ __device__ __forceinline__ void load_stage(const GemmRsParams& p, T* stage, int 
       const int r = id >> 4, c = id & 15;
       const int gk = k0 + r, gn = n0 + c * 8;
       const bool ok = gk < p.k && gn < p.n;
-      cp_async_16_zfill(bs + swz128(r, c), ok ? b + int64_t(gk) * p.ldb + gn : b, ok);
+      cp_async_16_zfill(bs + swz128(r, c), ok ? b + int64_t(gk) * p.ldb + gn : b, ok ? 16 : 0);
     } else {  // B [n][k] (an nn.Linear weight): 128 rows x 4 chunks
       const int r = id >> 2, c = id & 3;
       const int gn = n0 + r, gk = k0 + c * 8;
       const bool ok = gn < p.n && gk < p.k;
-      cp_async_16_zfill(bs + swz32(r, c), ok ? b + int64_t(gn) * p.ldb + gk : b, ok);
+      cp_async_16_zfill(bs + swz32(r, c), ok ? b + int64_t(gn) * p.ldb + gk : b, ok ? 16 : 0);
     }
   }
 }
@@ -326,39 +287,9 @@ constexpr int kWgSmemBytes = kWgStages * kWgStageBytes + 1024;  // 161 KiB (+ al
 static_assert(kTileN * kWgBK * 2 == kWgTileBytes, "A and B tiles have the same size");
 static_assert(kCBytes <= kWgSmemBytes - 1024, "the staging tile reuses the drained ring");
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define INFEROPS_TP_WGMMA_DEVICE 1
-#endif
-
-#ifdef INFEROPS_TP_WGMMA_DEVICE
+#ifdef INFEROPS_WGMMA_DEVICE
 
 constexpr int kWgAhead = kWgStages - 2;  // prefetch distance in k tiles (see the loop)
-
-// cp.async of 16 bytes to a shared address, or 16 zero bytes when !valid.
-__device__ __forceinline__ void cp_async_16_zfill_s(uint32_t saddr, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem), "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-// Byte offset of (row, 16-byte chunk) in a [rows][128 B] operand tile, 128B swizzle.
-__device__ __forceinline__ constexpr int wg_swz(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
-
-__device__ __forceinline__ constexpr uint64_t wg_desc(uint32_t saddr) {
-  return uint64_t((saddr >> 4) & 0x3FFF) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
-         (uint64_t(1) << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-}
-// Keeps the compiler from moving accumulator reads / writes across the async window.
-__device__ __forceinline__ void acc_fence(float (&d)[64]) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
 
 #define INFEROPS_WG_ACC_OUT                                                                              \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),        \
@@ -411,8 +342,8 @@ __device__ __forceinline__ void wg_load_stage(const GemmRsParams& p, uint32_t sa
     const int gk = k0 + c * 8;
     const bool kin = gk < p.k;
     const bool oka = kin && m0 + r < p.m, okb = kin && n0 + r < p.n;
-    cp_async_16_zfill_s(sa + wg_swz(r, c), oka ? a + int64_t(m0 + r) * p.lda + gk : a, oka);
-    cp_async_16_zfill_s(sa + kWgTileBytes + wg_swz(r, c), okb ? b + int64_t(n0 + r) * p.ldb + gk : b, okb);
+    cp_async_16_zfill(sa + wg_swz128(r, c), oka ? a + int64_t(m0 + r) * p.lda + gk : a, oka ? 16 : 0);
+    cp_async_16_zfill(sa + kWgTileBytes + wg_swz128(r, c), okb ? b + int64_t(n0 + r) * p.ldb + gk : b, okb ? 16 : 0);
   }
 }
 
@@ -440,7 +371,7 @@ __device__ __forceinline__ void wg_tile_to_staging(const GemmRsParams& p, unsign
     // kWgAhead + kt groups committed, tile kt is group kt: kWgAhead - 1 may stay pending.
     cp_async_wait<kWgAhead - 1>();
     // This thread's cp.async writes (generic proxy) -> visible to wgmma (async proxy).
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    fence_proxy_async_shared();
     // Every thread's tile kt landed. Each warpgroup ended iteration kt - 1 with
     // wgmma.wait_group 1, so tile kt - 2's wgmmas retired in both warpgroups and its
     // stage, (kt + kWgAhead) % kWgStages, may be refilled now (a prefetch distance of
@@ -454,7 +385,7 @@ __device__ __forceinline__ void wg_tile_to_staging(const GemmRsParams& p, unsign
     acc_fence(acc);
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < kWgBK / 16; ++ks) wgmma_m64n128k16<T>(acc, wg_desc(sa + ks * 32), wg_desc(sb + ks * 32), 1);
+    for (int ks = 0; ks < kWgBK / 16; ++ks) wgmma_m64n128k16<T>(acc, wg_desc_kmajor_128b(sa + ks * 32), wg_desc_kmajor_128b(sb + ks * 32), 1);
     wgmma_commit();
     acc_fence(acc);
     wgmma_wait<1>();
@@ -477,7 +408,7 @@ __device__ __forceinline__ void wg_tile_to_staging(const GemmRsParams& p, unsign
   }
 }
 
-#endif  // INFEROPS_TP_WGMMA_DEVICE
+#endif  // INFEROPS_WGMMA_DEVICE
 
 template <typename T, bool kKN, bool kWg>
 __global__ void __launch_bounds__(kThreads, kWg ? 1 : 2) GemmRsKernel(const __grid_constant__ GemmRsParams p) {
@@ -498,7 +429,7 @@ __global__ void __launch_bounds__(kThreads, kWg ? 1 : 2) GemmRsKernel(const __gr
     const int tm = (j / tiles_n + tm_shift) % tiles_m, tn = j % tiles_n;
     const int m0 = tm * kTileM, n0 = tn * kTileN;
     if constexpr (kWg) {
-#ifdef INFEROPS_TP_WGMMA_DEVICE
+#ifdef INFEROPS_WGMMA_DEVICE
       wg_tile_to_staging<T>(p, smem_raw, smem, m0, n0);
 #else
       __trap();  // built without sm_90a: the launcher refuses such devices, Python such builds
