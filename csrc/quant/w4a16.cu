@@ -247,6 +247,9 @@ __global__ void __launch_bounds__(kThreads) W4A16GemmKernel(const __grid_constan
     }
   }
   if (p.splits == 1) return;  // uniform: launched without a cluster
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // clusters need sm_90; the launcher refuses splits > 1 on older devices
+#else
 
   // Split-K across the cluster: CTA `rank` finishes elements [rank * per, (rank + 1) * per)
   // of the tile, summing the splits in rank order.
@@ -273,6 +276,7 @@ __global__ void __launch_bounds__(kThreads) W4A16GemmKernel(const __grid_constan
     out[(m0 + r) * p.n + n0 + c] = from_float<T>(v);
   }
   cluster.sync();  // keep this CTA's shared memory alive until every remote read is done
+#endif
 }
 
 // One thread per packed 16-byte vector (a lane of a tile): 32 weights, written

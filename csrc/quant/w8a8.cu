@@ -65,12 +65,18 @@ __device__ __forceinline__ void mma_16832(int32_t (&c)[4], const uint32_t (&a)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// e4m3 mma.sync exists from sm_89; builds for older archs (e.g. INFEROPS_CUDA_ARCHS="80;90a")
+// compile it out there and the launcher refuses FP8 on such devices.
 __device__ __forceinline__ void mma_16832(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+  __trap();
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // One k tile (kBK bytes of kBM rows of x and kBN rows of w) into stage `st`.
@@ -303,6 +309,9 @@ void launch_w8a8_matmul(const W8A8Params& p, DType in_dtype, DType out_dtype, in
     } else {
       INFEROPS_CHECK_TYPE(in_dtype == DType::kFloat8E4M3, "expected dtype int8 or float8_e4m3fn for `x_q`, got ",
                           dtype_name(in_dtype));
+      const DeviceInfo& info = device_info(device);
+      INFEROPS_CHECK_ARG(info.cc_major * 10 + info.cc_minor >= 89, "expected a device of compute capability >= 8.9 "
+                         "for float8_e4m3fn `x_q` (FP8 tensor-core mma), got ", info.cc_major, ".", info.cc_minor);
       run(W8A8GemmKernel<true, OutT>);
     }
   });

@@ -487,3 +487,18 @@ def test_kernel_emulation_matches_reference(M, K, N, group, symmetric, splits, d
     got = _emu_gemm(x, w.qweight, w.scales, w.zeros, bias, w.group_len, splits)
     expect = _ref64(x, w, bias)
     assert torch.allclose(got, expect, rtol=1e-12, atol=1e-12 * expect.abs().max().item())
+
+
+def test_no_split_k_before_sm90(monkeypatch):
+    """Split-K reduces through a thread-block cluster (sm_90+): on an sm_80 GPU the fused
+    kernel must be launched with splits = 1, never refused by the launcher."""
+    import types
+
+    for major, sms in ((8, 108), (9, 132)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda i, major=major, sms=sms: types.SimpleNamespace(major=major,
+                                                                                  multi_processor_count=sms))
+        w4a16_mod._sm_count.cache_clear()
+        splits = w4a16_mod.choose_splits(1, 4096, 4096, w4a16_mod._sm_count(0))
+        assert (splits == 1) == (major < 9), (major, splits)
+    w4a16_mod._sm_count.cache_clear()

@@ -59,7 +59,10 @@ def choose_splits(m: int, n: int, k: int, sm_count: int) -> int:
 
 @functools.cache
 def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    """SMs usable for split-K: split-K reduces through a thread-block cluster (sm_90+); on
+    older GPUs this returns 0, which makes choose_splits pick 1 (no cluster)."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count if props.major >= 9 else 0
 
 
 def _use_dequant(m: int, path: str) -> bool:
