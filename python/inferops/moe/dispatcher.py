@@ -120,6 +120,7 @@ class MoEDispatcher:
         self.align = align
         # local expert index of each global expert on its rank, per layer
         self.local_index = torch.zeros_like(placement)
+        self._device_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for layer, row in enumerate(placement):
             for r in range(self.world):
                 mine = (row == r).nonzero().flatten()
@@ -165,8 +166,19 @@ class MoEDispatcher:
             return splits
         return (*splits, [r[1:] for r in got], host[-1])
 
+    def _tables(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``placement`` (int64 and int32) and ``local_index`` on ``device``, copied once per
+        device: a per-call host-to-device copy of pageable memory would block the host."""
+        device = torch.device(device)
+        tables = self._device_tables.get(device)
+        if tables is None:
+            tables = (self.placement.to(device), self.placement.to(device=device, dtype=torch.int32),
+                      self.local_index.to(device))
+            self._device_tables[device] = tables
+        return tables
+
     def _placement(self, layer: int, device) -> torch.Tensor:
-        return self.placement[layer].to(device=device, dtype=torch.int32)
+        return self._tables(device)[1][layer]
 
     # --- two-all-to-all mode ------------------------------------------------------------------
 
@@ -190,8 +202,9 @@ class MoEDispatcher:
         order[rows] = torch.arange(rows.numel(), device=dev)
         t_send, r_send = t_idx[order], r_idx[order]
         ids = topk_ids.long()[t_send]  # [S, k]
-        on_dest = self.placement[layer].to(dev)[ids] == r_send[:, None]
-        local_ids = torch.where(on_dest, self.local_index[layer].to(dev)[ids], -1)
+        placement, _, local_index = self._tables(dev)
+        on_dest = placement[layer][ids] == r_send[:, None]
+        local_ids = torch.where(on_dest, local_index[layer][ids], -1)
         weights = torch.where(on_dest, topk_weights.float()[t_send], 0.0)
         recv_x = self._exchange(x[t_send], send_splits, recv_splits)
         recv_ids = self._exchange(local_ids, send_splits, recv_splits)
@@ -229,7 +242,7 @@ class MoEDispatcher:
     def _anchor(self, topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
         """Rank where each token continues after ``layer``: the one holding most of its k
         experts, ties to the earlier slot (for k = 1, the rank of its expert)."""
-        ranks = self.placement[layer].to(topk_ids.device)[topk_ids]  # [n, k]
+        ranks = self._tables(topk_ids.device)[0][layer][topk_ids]  # [n, k]
         k = ranks.shape[1]
         same = (ranks[:, :, None] == ranks[:, None, :]).sum(-1)  # [n, k] slots on slot j's rank
         score = same * k - torch.arange(k, device=ranks.device)
@@ -269,8 +282,9 @@ class MoEDispatcher:
         partial_send = [sum(g[a] for g in got) for a in range(self.world)]
         partial_recv = [sum(g[self.world + r] for g in got) for r in range(self.world)]
         ids = safe[t_send]
-        on_dest = self.placement[layer].to(dev)[ids] == r_send[:, None]
-        local_ids = torch.where(on_dest, self.local_index[layer].to(dev)[ids], -1)
+        placement, _, local_index = self._tables(dev)
+        on_dest = placement[layer][ids] == r_send[:, None]
+        local_ids = torch.where(on_dest, local_index[layer][ids], -1)
         weights = torch.where(on_dest, topk_weights.float()[t_send], 0.0)
         recv_x = self._exchange(state.x[t_send], send_splits, recv_splits)
         meta = torch.cat([state.token_ids[t_send, None], anchor[:, None], local_ids], 1)
