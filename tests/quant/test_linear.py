@@ -178,3 +178,15 @@ def test_hadamard_tames_activation_outliers():
         q = QuantLinear.from_linear(lin, "w8a8-int8", hadamard=had, dtype=torch.bfloat16)
         errs[had] = _rel(q(x.to(torch.bfloat16)), expect)
     assert errs[True] < 0.5 * errs[False], errs
+
+
+def test_load_rejects_other_int4_layout_version():
+    """The layout version travels in the `meta` buffer and is checked when loading (forward
+    reads only a host copy of it, never the buffer)."""
+    a = QuantLinear.from_linear(nn.Linear(256, 128), "w4a16", dtype=torch.bfloat16)
+    sd = a.state_dict()
+    sd["meta"] = sd["meta"].clone()
+    sd["meta"][0] += 1
+    b = QuantLinear.from_linear(nn.Linear(256, 128), "w4a16", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="layout version"):
+        b.load_state_dict(sd)

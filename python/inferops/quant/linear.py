@@ -111,11 +111,20 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", None)
         for name, t in w.state_dict().items():
             self.register_buffer(name, t)
+        # The `meta` buffer (layout version, N, K, group) travels in state dicts; forward
+        # uses this host copy, so it never reads `meta` back from the GPU (a sync per call).
+        self._int4_meta = (w.layout_version, w.out_features, w.in_features, w.group_size)
+        self.register_load_state_dict_post_hook(QuantLinear._reload_int4_meta)
+
+    @staticmethod
+    def _reload_int4_meta(module, incompatible_keys) -> None:
+        version, N, K, group = (int(v) for v in module.meta.tolist())  # once per load
+        module._int4_meta = (version, N, K, group)
+        module._int4()  # validates: another layout version or shapes raise here, not in forward
 
     def _int4(self) -> Int4Weight:
-        return Int4Weight.from_state_dict({k: v for k, v in (("qweight", self.qweight), ("scales", self.scales),
-                                                            ("zeros", self.zeros), ("meta", self.meta))
-                                           if v is not None})
+        version, N, K, group = self._int4_meta
+        return Int4Weight(self.qweight, self.scales, self.zeros, K, N, group, version)
 
     # --- forward ------------------------------------------------------------------------------
 
