@@ -2,7 +2,10 @@
 #include "launch.h"
 
 #include <array>
+#include <map>
 #include <mutex>
+#include <set>
+#include <tuple>
 
 namespace inferops {
 
@@ -32,6 +35,34 @@ const DeviceInfo& device_info(int device) {
     d.l2_bytes = attr(cudaDevAttrL2CacheSize);
   });
   return g_info[device];
+}
+
+void set_dynamic_smem_raw(const void* kernel, int bytes, int device) {
+  const DeviceInfo& info = device_info(device);
+  INFEROPS_CHECK(bytes <= info.max_smem_per_block_optin, "kernel needs ", bytes,
+                 " bytes of shared memory, device ", device, " allows ",
+                 info.max_smem_per_block_optin);
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::set<std::tuple<const void*, int, int>> done;
+  std::lock_guard<std::mutex> lock(mu);
+  if (!done.insert({kernel, device, bytes}).second) return;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) done.erase({kernel, device, bytes});
+  INFEROPS_CUDA_CHECK(err);
+}
+
+int max_active_blocks_raw(const void* kernel, int threads, int smem_bytes, int device) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, int>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kernel, device, threads, smem_bytes);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int per_sm = 0;
+  INFEROPS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes));
+  cache.emplace(key, per_sm);
+  return per_sm;
 }
 
 DeviceGuard::DeviceGuard(int device) {

@@ -40,17 +40,21 @@ class DeviceGuard {
 };
 
 // Raises a kernel's dynamic shared-memory limit when it needs more than 48 KiB,
-// after checking the device can give that much.
+// after checking the device can give that much. The attribute is set once per
+// (kernel, device, bytes): launchers call this on every launch, and a CUDA API
+// call per launch is host overhead a decode step cannot afford.
+void set_dynamic_smem_raw(const void* kernel, int bytes, int device);
 template <typename Kernel>
 void set_dynamic_smem(Kernel kernel, int bytes, int device) {
-  const DeviceInfo& info = device_info(device);
-  INFEROPS_CHECK(bytes <= info.max_smem_per_block_optin, "kernel needs ", bytes,
-                 " bytes of shared memory, device ", device, " allows ",
-                 info.max_smem_per_block_optin);
-  if (bytes > 48 * 1024) {
-    INFEROPS_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  }
+  set_dynamic_smem_raw(reinterpret_cast<const void*>(kernel), bytes, device);
+}
+
+// Resident blocks per SM of `kernel` at `threads` x `smem_bytes` (occupancy query,
+// cached per (kernel, device, threads, bytes)). Set the shared-memory limit first.
+int max_active_blocks_raw(const void* kernel, int threads, int smem_bytes, int device);
+template <typename Kernel>
+int max_active_blocks(Kernel kernel, int threads, int smem_bytes, int device) {
+  return max_active_blocks_raw(reinterpret_cast<const void*>(kernel), threads, smem_bytes, device);
 }
 
 inline cudaStream_t as_stream(std::uintptr_t handle) {

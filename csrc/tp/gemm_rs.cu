@@ -559,8 +559,7 @@ void launch_typed(const GemmRsParams& p, int device, int num_blocks, cudaStream_
   auto kernel = GemmRsKernel<T, kKN, kWg>;
   constexpr int smem_bytes = kWg ? kWgSmemBytes : kSmemBytes;
   set_dynamic_smem(kernel, smem_bytes, device);
-  int per_sm = 0;
-  INFEROPS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem_bytes));
+  const int per_sm = max_active_blocks(kernel, kThreads, smem_bytes, device);
   INFEROPS_CHECK(per_sm >= 1, "gemm_reduce_scatter kernel cannot be resident on device ", device);
   const int tiles = ceil_div(p.m, kTileM) * ceil_div(p.n, kTileN);
   int grid = std::min(tiles, per_sm * device_info(device).sm_count);
