@@ -60,6 +60,7 @@
 #include "common/mma.cuh"
 #include "common/vec.cuh"
 #include "quant.h"
+#include "quant_rules.cuh"
 
 namespace inferops::quant {
 
@@ -69,50 +70,17 @@ constexpr int kThreads = 256;
 constexpr int kBatch = 4;  // 16-byte loads in flight per thread in the load phase
 constexpr int kRegMaxM = kHadamardParamMaxM;  // largest order with H_m in the parameters
 
-template <typename O>
+template <typename O, typename = void>
 struct OutTraits {  // fp16 / bf16 output: no quantization
   static constexpr bool kQuant = false;
   __device__ static O convert(float v) { return from_float<O>(v); }
 };
-template <>
-struct OutTraits<int8_t> {
-  static constexpr bool kQuant = true;
-  static constexpr float kMax = 127.f;
-  __device__ static int8_t convert(float v) { return static_cast<int8_t>(max(-127, min(127, __float2int_rn(v)))); }
+template <typename Q>
+struct OutTraits<Q, std::enable_if_t<std::is_same_v<Q, int8_t> || std::is_same_v<Q, __nv_fp8_storage_t>>> {
+  static constexpr bool kQuant = true;  // the rule of quantize_per_token (quant_rules.cuh)
+  static constexpr float kMax = QuantTraits<Q>::kMax;
+  __device__ static Q convert(float v) { return QuantTraits<Q>::quantize(v); }
 };
-template <>
-struct OutTraits<__nv_fp8_storage_t> {
-  static constexpr bool kQuant = true;
-  static constexpr float kMax = 448.f;
-  // satfinite saturates to +-448 and keeps NaN a NaN, as the reference's clamp + cast;
-  // clamping with fminf/fmaxf first would turn NaN into -448.
-  __device__ static __nv_fp8_storage_t convert(float v) {
-    return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
-  }
-};
-
-// max that propagates NaN, as torch.amax / clamp do (fmaxf returns the non-NaN operand:
-// a row holding a NaN would get a finite scale and finite codes). Same rule as
-// quantize_per_token (w8a8.cu).
-__device__ __forceinline__ float fmax_nan(float a, float b) { return (a > b || a != a) ? a : b; }
-
-__device__ __forceinline__ float block_max(float v, float* red) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmax_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kThreads / 32 ? red[lane] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmax_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
-    if (lane == 0) red[0] = v;
-  }
-  __syncthreads();
-  return red[0];
-}
-
-
 
 // Tensor-core dense step (kM > kRegMaxM): zs[c * P + d] = sum_a H_m[a, c] X[a, d] for c < kM,
 // from xb = X as T [m16][S] (rows >= kM zero) and hw = A-fragment sign words (see the top).
