@@ -35,6 +35,11 @@
 #include "common/launch.h"
 #endif
 
+// inferops._C (nvcc build) or inferops._simt (the CPU SIMT executor build, csrc/simt/):
+// the same bindings, launchers and kernel sources.
+#ifndef INFEROPS_MODULE_NAME
+#define INFEROPS_MODULE_NAME _C
+#endif
 #ifndef INFEROPS_VERSION
 #define INFEROPS_VERSION "0.0.0"
 #endif
@@ -111,6 +116,16 @@ py::dict build_info() {
   d["cuda_version"] = py::none();
 #endif
   d["cuda_archs"] = std::string(INFEROPS_CUDA_ARCHS);
+#ifdef INFEROPS_SIMT
+  d["backend"] = "simt";  // kernels run on the CPU executor (csrc/simt/)
+#ifdef INFEROPS_SIMT_SANITIZE
+  d["sanitizer"] = "address,undefined";
+#else
+  d["sanitizer"] = py::none();
+#endif
+#else
+  d["backend"] = "cuda";
+#endif
   d["cuda_ops"] = kCudaOps;
 #if defined(__clang__)
   d["host_compiler"] = "clang " __clang_version__;
@@ -255,7 +270,7 @@ py::dict build_prefix_plan(py::handle tokens_cap, py::handle offsets_cap, int pa
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(INFEROPS_MODULE_NAME, m) {
   m.doc() = "inferops compiled kernels (torch-independent; tensors as DLPack capsules)";
 
   py::register_exception_translator([](std::exception_ptr p) {

@@ -6,6 +6,7 @@
 // k's last two dims contiguous, in the source) as 16-byte vectors when every
 // row is 16-byte aligned, element by element otherwise. Pure data movement:
 // bytes = 2 * 2 * num_tokens * num_kv_heads * head_dim * sizeof(T).
+#include "common/kernel_launch.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
 #include "common/launch.h"
@@ -47,7 +48,7 @@ template <typename T, int kVec>
 void launch_typed(const AppendKvParams& p, int device, cudaStream_t stream) {
   const int64_t max_blocks = int64_t(device_info(device).sm_count) * 16;
   const unsigned grid = static_cast<unsigned>(p.num_tokens < max_blocks ? p.num_tokens : max_blocks);
-  AppendKvKernel<T, kVec><<<grid, kThreads, 0, stream>>>(p);
+  launch_kernel(AppendKvKernel<T, kVec>, grid, kThreads, 0, stream, p);
   INFEROPS_CUDA_CHECK_LAUNCH();
 }
 

@@ -12,6 +12,7 @@
 //
 // Bytes: reads 2 * N * sizeof(T) + 8 * rows, writes N * sizeof(T) + 4 * rows;
 // memory bound (about 1 FLOP/byte), so the target is copy bandwidth.
+#include "common/kernel_launch.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
 #include "common/launch.h"
@@ -107,7 +108,7 @@ void launch_typed(const MergeStatesParams& p, int device, cudaStream_t stream) {
   // Enough blocks to fill every SM several times over; the grid-stride loop covers the rest.
   const int64_t max_blocks = int64_t(device_info(device).sm_count) * 32;
   const unsigned grid = static_cast<unsigned>(tiles < max_blocks ? tiles : max_blocks);
-  MergeStatesKernel<T, kVec><<<grid, dim3(tx, ty), 0, stream>>>(p);
+  launch_kernel(MergeStatesKernel<T, kVec>, grid, dim3(tx, ty), 0, stream, p);
   INFEROPS_CUDA_CHECK_LAUNCH();
 }
 

@@ -28,6 +28,7 @@
 // per KV byte, is the one that needs tensor cores).
 #include <cmath>
 
+#include "common/kernel_launch.cuh"
 #include "common/cp_async.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
@@ -85,7 +86,7 @@ __global__ void __launch_bounds__(1024) PagedDecodeKernel(const __grid_constant_
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
 
-  extern __shared__ uint4 smem_raw[];
+  INFEROPS_DYNAMIC_SMEM(uint4, smem_raw, 16);
   T* k_smem = reinterpret_cast<T*>(smem_raw);     // [kStages][kTile][kHeadDim]
   T* v_smem = k_smem + kStages * kTile * kHeadDim;  // [kStages][kTile][kHeadDim]
 
@@ -279,7 +280,7 @@ void launch_typed(const PagedDecodeParams& p, int device, cudaStream_t stream) {
   auto kernel = PagedDecodeKernel<T, kHeadDim>;
   set_dynamic_smem(kernel, smem, device);
   const dim3 grid(p.num_splits, p.num_kv_heads, p.batch);
-  kernel<<<grid, dim3(kBdx, G, bdz), smem, stream>>>(p);
+  launch_kernel(kernel, grid, dim3(kBdx, G, bdz), smem, stream, p);
   INFEROPS_CUDA_CHECK_LAUNCH();
 }
 
@@ -289,7 +290,7 @@ void launch_merge_typed(const PagedDecodeParams& p, cudaStream_t stream) {
   const int rows_per_block = 128 / lanes;
   const int64_t rows = int64_t(p.batch) * p.num_q_heads;
   const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(rows, rows_per_block));
-  MergeSplitsKernel<T><<<blocks, 128, 0, stream>>>(p);
+  launch_kernel(MergeSplitsKernel<T>, blocks, 128, 0, stream, p);
   INFEROPS_CUDA_CHECK_LAUNCH();
 }
 

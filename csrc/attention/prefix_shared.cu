@@ -26,6 +26,7 @@
 
 #include <cmath>
 
+#include "common/kernel_launch.cuh"
 #include "common/cp_async.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
@@ -68,7 +69,7 @@ template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads, 1) SharedPrefixKernel(const __grid_constant__ SharedPrefixParams p) {
   using L = SharedLayout<T, kHeadDim>;
   constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
-  extern __shared__ __align__(128) unsigned char smem[];
+  INFEROPS_DYNAMIC_SMEM(unsigned char, smem, 128);
   T* q_s = reinterpret_cast<T*>(smem + L::kQ);
   T* k_s = reinterpret_cast<T*>(smem + L::kK);
   T* v_s = reinterpret_cast<T*>(smem + L::kV);
@@ -238,7 +239,7 @@ void launch_typed(const SharedPrefixParams& p, int device, cudaStream_t stream) 
   auto kernel = SharedPrefixKernel<T, kHeadDim>;
   set_dynamic_smem(kernel, L::kBytes, device);
   const dim3 grid(p.num_work, p.num_kv_heads, p.num_splits);
-  kernel<<<grid, kThreads, L::kBytes, stream>>>(p);
+  launch_kernel(kernel, grid, kThreads, L::kBytes, stream, p);
   INFEROPS_CUDA_CHECK_LAUNCH();
 }
 

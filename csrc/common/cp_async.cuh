@@ -9,20 +9,34 @@ namespace inferops {
 // of L1 leaves L1 to the block tables and q.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+#ifdef INFEROPS_SIMT
+  ::simt::ptx::cp_async(s, gmem, 16, 16);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#endif
 }
 
 // Zero-filling form: copies `src_bytes` (0 or 16) and zeroes the rest of the 16 bytes,
 // so tile edges (rows past M, k past K) need no separate clearing pass.
 __device__ __forceinline__ void cp_async_16_zfill(unsigned saddr, const void* gmem, int src_bytes) {
+#ifdef INFEROPS_SIMT
+  ::simt::ptx::cp_async(saddr, gmem, 16, src_bytes);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem), "r"(src_bytes)
                : "memory");
+#endif
 }
 __device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, int src_bytes) {
   cp_async_16_zfill(static_cast<unsigned>(__cvta_generic_to_shared(smem)), gmem, src_bytes);
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef INFEROPS_SIMT
+  ::simt::ptx::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 
 // Wait until at most kPending of the committed groups are still in flight.
 // The "memory" clobbers keep the compiler from moving shared-memory accesses across
@@ -30,7 +44,11 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 // may have one between the wait and its reads).
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef INFEROPS_SIMT
+  ::simt::ptx::cp_async_wait(kPending);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
 }
 
 }  // namespace inferops

@@ -142,8 +142,14 @@ void TensorView::expect_shape(const char* name, const std::vector<int64_t>& want
 }
 
 void TensorView::expect_cuda(const char* name) const {
+#ifdef INFEROPS_SIMT
+  // The CPU SIMT executor (inferops._simt) runs the kernels on host memory.
+  INFEROPS_CHECK_ARG(device_kind_ == DeviceKind::kCPU, "expected a CPU tensor for `", name,
+                     "` (the SIMT executor runs kernels on host memory), got a tensor on ", device_str());
+#else
   INFEROPS_CHECK_ARG(is_cuda(), "expected a CUDA tensor for `", name, "`, got a tensor on ",
                      device_str());
+#endif
 }
 
 void TensorView::expect_same_device(const char* name, const TensorView& other,

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "ptx.cuh"
+
 namespace inferops {
 
 template <typename T>
@@ -63,9 +65,7 @@ struct alignas(sizeof(T) * kN) Vec {
       // PTX of merge_states), which costs 4x the store instructions.
       uint32_t w[4];
       memcpy(w, v, 16);
-      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(p)),
-                   "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
-                   : "memory");
+      st_global_v4(p, w);
     } else {
       Raw r;
       memcpy(&r, v, sizeof(Raw));

@@ -18,6 +18,7 @@
 // memory bound on 2 * K * Vs * 4 bytes per (sequence, head).
 #include <mma.h>
 
+#include "common/kernel_launch.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
 #include "common/launch.h"
@@ -61,7 +62,7 @@ struct ChunkSmem {
 template <typename T, int K>
 __global__ void __launch_bounds__(kThreads, 1) CausalChunkKernel(const __grid_constant__ CausalParams p) {
   using L = ChunkSmem<T, K>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  INFEROPS_DYNAMIC_SMEM(unsigned char, smem, 128);
   T* q_s = reinterpret_cast<T*>(smem + L::kQ);
   T* k_s = reinterpret_cast<T*>(smem + L::kK);
   T* v_s = reinterpret_cast<T*>(smem + L::kV);
@@ -251,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1) CausalChunkKernel(const __grid_co
 
 template <typename T>
 __global__ void StepKernel(const __grid_constant__ CausalParams p, float* state) {
-  extern __shared__ float step_smem[];
+  INFEROPS_DYNAMIC_SMEM(float, step_smem, 16);
   const int K = p.key_dim, V = p.value_dim;
   const int Vs = p.normalize ? V + 1 : V;
   float* q_s = step_smem;      // [K]
@@ -298,7 +299,7 @@ void launch_chunk(const CausalParams& p, int device, cudaStream_t stream) {
   auto kernel = CausalChunkKernel<T, K>;
   set_dynamic_smem(kernel, L::kBytes, device);
   const dim3 grid((p.value_dim + kVt - 1) / kVt, p.heads, p.num_seqs);
-  kernel<<<grid, kThreads, L::kBytes, stream>>>(p);
+  launch_kernel(kernel, grid, kThreads, L::kBytes, stream, p);
   INFEROPS_CUDA_CHECK_LAUNCH();
 }
 
@@ -326,7 +327,8 @@ void launch_step(const CausalParams& p, DType dtype, int device, std::uintptr_t 
     const int Vs = p.normalize ? p.value_dim + 1 : p.value_dim;
     const int threads = (Vs + 31) / 32 * 32;
     const int smem = (2 * p.key_dim + 1) * 4;
-    StepKernel<T><<<p.batch * p.heads, threads, smem, as_stream(stream)>>>(p, p.final_state);
+    launch_kernel(StepKernel<T>, p.batch * p.heads, threads, smem, as_stream(stream), p,
+                  p.final_state);
     INFEROPS_CUDA_CHECK_LAUNCH();
   });
 }

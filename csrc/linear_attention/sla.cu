@@ -11,6 +11,7 @@
 // kernel, V read again for the conv (25 taps, served mostly from L1/L2).
 // FLOPs: 4 N d^2 per (batch, head) on CUDA cores: d <= 128 keeps this memory
 // bound for SLAB's shapes (d = 32 or 64).
+#include "common/kernel_launch.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
 #include "common/launch.h"
@@ -85,7 +86,7 @@ struct OutSmem {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) SlaOutputKernel(const __grid_constant__ SlaParams p) {
   using L = OutSmem<D>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  INFEROPS_DYNAMIC_SMEM(unsigned char, smem, 16);
   float* kv = reinterpret_cast<float*>(smem + L::kKv);
   float* ksum = reinterpret_cast<float*>(smem + L::kKsum);
   float* q_s = reinterpret_cast<float*>(smem + L::kQ);
@@ -148,12 +149,12 @@ __global__ void __launch_bounds__(kThreads) SlaOutputKernel(const __grid_constan
 template <typename T, int D>
 void launch_typed(const SlaParams& p, int device, cudaStream_t stream) {
   const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
-  SlaReduceKernel<T, D><<<bh, kThreads, 0, stream>>>(p);
+  launch_kernel(SlaReduceKernel<T, D>, bh, kThreads, 0, stream, p);
   INFEROPS_CUDA_CHECK_LAUNCH();
   auto kernel = SlaOutputKernel<T, D>;
   set_dynamic_smem(kernel, OutSmem<D>::kBytes, device);
   const dim3 grid(bh, static_cast<unsigned>((p.n + kTokTile - 1) / kTokTile));
-  kernel<<<grid, kThreads, OutSmem<D>::kBytes, stream>>>(p);
+  launch_kernel(kernel, grid, kThreads, OutSmem<D>::kBytes, stream, p);
   INFEROPS_CUDA_CHECK_LAUNCH();
 }
 

@@ -11,8 +11,10 @@
 // rank over tokens (a token's rank mask deduplicates experts on one rank).
 // Shared memory: (2 + 32) * E + 1 + 33 * R ints (E = 1024, R = 64: 144.3 KiB).
 // For T = 4096, k = 8, E = 256: 32 chunks of a few barriers each.
+#include "common/kernel_launch.cuh"
 #include "common/cuda_check.h"
 #include "common/launch.h"
+#include "common/ptx.cuh"
 #include "moe.h"
 
 namespace inferops::moe {
@@ -29,14 +31,9 @@ __device__ __forceinline__ int load_id(const LayoutParams& p, int t, int j) {
                      : static_cast<const int32_t*>(p.topk_ids)[off];
 }
 
-__device__ __forceinline__ unsigned lanemask_lt() {
-  unsigned m;
-  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
-  return m;
-}
 
 __global__ void __launch_bounds__(kThreads, 1) RoutingLayoutKernel(const __grid_constant__ LayoutParams p) {
-  extern __shared__ int smem[];
+  INFEROPS_DYNAMIC_SMEM(int, smem, 16);
   const int E = p.num_experts, R = p.world_size;
   int* counts = smem;                    // [E]
   int* running = counts + E;             // [E]
@@ -170,7 +167,7 @@ void launch_routing_layout(const LayoutParams& p, int device, std::uintptr_t str
   DeviceGuard guard(device);
   const int smem = ((2 + kWarps) * p.num_experts + 1 + (1 + kWarps) * p.world_size) * 4;
   set_dynamic_smem(RoutingLayoutKernel, smem, device);
-  RoutingLayoutKernel<<<1, kThreads, smem, as_stream(stream)>>>(p);
+  launch_kernel(RoutingLayoutKernel, 1, kThreads, smem, as_stream(stream), p);
   INFEROPS_CUDA_CHECK_LAUNCH();
 }
 

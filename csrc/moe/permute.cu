@@ -3,6 +3,7 @@
 // unpermute: out[t] = sum_j w[t, j] * y[dst[t, j]] in fp32 (dropped slots,
 // dst = -1, contribute nothing). Both are pure data movement: 16-byte vectors
 // when rows are aligned, one block per row, deterministic (no atomics).
+#include "common/kernel_launch.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
 #include "common/launch.h"
@@ -79,11 +80,11 @@ void launch_rows(const PermuteParams& p, int device, cudaStream_t stream) {
   const bool aligned = p.hidden % kVec == 0 && p.x_stride % kVec == 0 && is_aligned(p.x, 16) &&
                        is_aligned(p.out, 16);
   if (kUnpermute) {
-    if (aligned) UnpermuteKernel<T, kVec><<<grid, kThreads, 0, stream>>>(p);
-    else UnpermuteKernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+    if (aligned) launch_kernel(UnpermuteKernel<T, kVec>, grid, kThreads, 0, stream, p);
+    else launch_kernel(UnpermuteKernel<T, 1>, grid, kThreads, 0, stream, p);
   } else {
-    if (aligned) PermuteKernel<T, kVec><<<grid, kThreads, 0, stream>>>(p);
-    else PermuteKernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+    if (aligned) launch_kernel(PermuteKernel<T, kVec>, grid, kThreads, 0, stream, p);
+    else launch_kernel(PermuteKernel<T, 1>, grid, kThreads, 0, stream, p);
   }
   INFEROPS_CUDA_CHECK_LAUNCH();
 }

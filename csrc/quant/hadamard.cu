@@ -54,6 +54,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/kernel_launch.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
 #include "common/launch.h"
@@ -142,7 +143,7 @@ template <typename T, int kM, typename OutT>
 __global__ void __launch_bounds__(kThreads)
     HadamardQuantizeKernel(const __grid_constant__ HadamardParams p, const __grid_constant__ HadamardSmallFactor f) {
   constexpr bool kTc = kM > kRegMaxM;  // dense factor on tensor cores
-  extern __shared__ __align__(16) float smem[];
+  INFEROPS_DYNAMIC_SMEM(float, smem, 16);
   __shared__ float red[32];
   const int n = p.n;
   const int P = 1 << p.log2_p;
@@ -318,7 +319,7 @@ void launch_typed(const HadamardParams& p, const HadamardSmallFactor& f, int dev
                        " (m = ", p.m, ") needs ", bytes, " bytes of shared memory, device ", device,
                        " allows ", info.max_smem_per_block_optin);
     set_dynamic_smem(kernel, bytes, device);
-    kernel<<<static_cast<unsigned>(p.rows), kThreads, bytes, stream>>>(p, f);
+    launch_kernel(kernel, static_cast<unsigned>(p.rows), kThreads, bytes, stream, p, f);
     INFEROPS_CUDA_CHECK(cudaGetLastError());
   };
   switch (p.m) {

@@ -38,9 +38,11 @@
 
 #include <cstring>
 
+#include "common/kernel_launch.cuh"
 #include "common/dispatch.cuh"
 #include "common/launch.h"
 #include "common/mma.cuh"
+#include "common/ptx.cuh"
 #include "common/vec.cuh"
 #include "quant_w4a16.h"
 
@@ -72,19 +74,11 @@ constexpr int kThreads = kW4Warps * 32;
 
 // (a & b) | c in one instruction.
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(d) : "r"(a), "r"(b), "r"(c), "n"((0xf0 & 0xcc) | 0xaa));
-  return d;
+  return lop3<(0xf0 & 0xcc) | 0xaa>(a, b, c);
 }
 
 // Weights are read once: keep them out of L1 (x and the scales live there).
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
-  return r;
-}
+__device__ __forceinline__ uint4 load_stream(const uint4* p) { return ld_global_nc_na_v4(p); }
 
 template <typename T2>
 __device__ __forceinline__ uint32_t bits_of(T2 v) {
@@ -136,7 +130,7 @@ __global__ void __launch_bounds__(kThreads) W4A16GemmKernel(const __grid_constan
   // Tiles in flight per warp: 8 x 512 B at M <= 16 (Little's law needs ~20 KB in
   // flight per SM at HBM3 rates), fewer when the accumulators take the registers.
   constexpr int kUnroll = kMT == 1 ? 8 : 4;
-  extern __shared__ float red[];
+  INFEROPS_DYNAMIC_SMEM(float, red, 16);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gid = lane >> 2, tig = lane & 3;
@@ -373,7 +367,7 @@ void launch_int4_dequantize(const Int4DequantParams& p, DType dtype, int device,
   dispatch_half(dtype, "scales", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const int64_t work = int64_t(p.k / kW4TileK) * (p.n / kW4TileN) * 32;
-    Int4DequantKernel<T><<<grid_stride_blocks(work, 256, device), 256, 0, stream>>>(p);
+    launch_kernel(Int4DequantKernel<T>, grid_stride_blocks(work, 256, device), 256, 0, stream, p);
     INFEROPS_CUDA_CHECK_LAUNCH();
   });
 }

@@ -36,11 +36,13 @@
 
 #include <type_traits>
 
+#include "common/kernel_launch.cuh"
 #include "common/cp_async.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
 #include "common/launch.h"
 #include "common/mma.cuh"
+#include "common/ptx.cuh"
 #include "common/vec.cuh"
 #include "quant.h"
 #include "quant_rules.cuh"
@@ -57,28 +59,6 @@ constexpr int kGemmSmem = kStages * 2 * kTileBytes;        // 64 KiB
 
 // Byte offset of (row, 16-byte chunk) inside one [rows][64 B] swizzled tile.
 __device__ __forceinline__ int swz(int row, int chunk) { return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 4); }
-
-__device__ __forceinline__ void mma_16832(int32_t (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// e4m3 mma.sync exists from sm_89; builds for older archs (e.g. INFEROPS_CUDA_ARCHS="80;90a")
-// compile it out there and the launcher refuses FP8 on such devices.
-__device__ __forceinline__ void mma_16832(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
-  __trap();
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
 
 // One k tile (kBK bytes of kBM rows of x and kBN rows of w) into stage `st`.
 __device__ __forceinline__ void load_tile(const W8A8Params& p, uint8_t* sa, uint8_t* sb, int m0, int n0,
@@ -121,7 +101,7 @@ __device__ __forceinline__ void store_pair(OutT* out, int64_t idx, float v0, flo
 template <bool kFp8, typename OutT>
 __global__ void __launch_bounds__(kGemmThreads) W8A8GemmKernel(const __grid_constant__ W8A8Params p) {
   using Acc = std::conditional_t<kFp8, float, int32_t>;
-  extern __shared__ __align__(128) uint8_t smem[];
+  INFEROPS_DYNAMIC_SMEM(uint8_t, smem, 128);
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wm = (warp >> 2) * 64, wn = (warp & 3) * 32;
@@ -264,7 +244,7 @@ void launch_w8a8_matmul(const W8A8Params& p, DType in_dtype, DType out_dtype, in
     using OutT = typename decltype(tag)::type;
     auto run = [&](auto kernel) {
       set_dynamic_smem(kernel, kGemmSmem, device);
-      kernel<<<grid, kGemmThreads, kGemmSmem, as_stream(stream)>>>(p);
+      launch_kernel(kernel, grid, kGemmThreads, kGemmSmem, as_stream(stream), p);
       INFEROPS_CUDA_CHECK(cudaGetLastError());
     };
     if (in_dtype == DType::kInt8) {
@@ -287,10 +267,11 @@ void launch_quantize_per_token(const QuantizeParams& p, DType in_dtype, DType q_
   dispatch_float(in_dtype, "x", [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (q_dtype == DType::kInt8) {
-      QuantizePerTokenKernel<T, int8_t><<<static_cast<unsigned>(p.rows), kQuantThreads, 0, as_stream(stream)>>>(p);
+      launch_kernel(QuantizePerTokenKernel<T, int8_t>, static_cast<unsigned>(p.rows), kQuantThreads, 0,
+                    as_stream(stream), p);
     } else {
-      QuantizePerTokenKernel<T, __nv_fp8_storage_t>
-          <<<static_cast<unsigned>(p.rows), kQuantThreads, 0, as_stream(stream)>>>(p);
+      launch_kernel(QuantizePerTokenKernel<T, __nv_fp8_storage_t>, static_cast<unsigned>(p.rows), kQuantThreads, 0,
+                    as_stream(stream), p);
     }
     INFEROPS_CUDA_CHECK(cudaGetLastError());
   });

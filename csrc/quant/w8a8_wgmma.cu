@@ -41,6 +41,7 @@
 
 #include <cstdint>
 
+#include "common/kernel_launch.cuh"
 #include "common/cp_async.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
@@ -134,7 +135,7 @@ __device__ __forceinline__ void wg_store_pair(OutT* out, int64_t idx, float v0, 
 template <typename OutT>
 __global__ void __launch_bounds__(kWgThreads, 1) W8A8WgmmaFp8Kernel(const __grid_constant__ W8A8Params p) {
 #ifdef INFEROPS_WGMMA_DEVICE
-  extern __shared__ __align__(1024) uint8_t wg_smem[];
+  INFEROPS_DYNAMIC_SMEM(uint8_t, wg_smem, 1024);
   // The 128B swizzle is a function of the absolute shared address: align the ring to 1024.
   const uint32_t smem0 = (static_cast<uint32_t>(__cvta_generic_to_shared(wg_smem)) + 1023u) & ~1023u;
   const int m0 = blockIdx.x * kWgBM, n0 = blockIdx.y * kWgBN;
@@ -235,7 +236,7 @@ void launch_w8a8_matmul_wgmma(const W8A8Params& p, DType in_dtype, DType out_dty
     using OutT = typename decltype(tag)::type;
     auto kernel = W8A8WgmmaFp8Kernel<OutT>;
     set_dynamic_smem(kernel, kWgSmem, device);
-    kernel<<<grid, kWgThreads, kWgSmem, as_stream(stream)>>>(p);
+    launch_kernel(kernel, grid, kWgThreads, kWgSmem, as_stream(stream), p);
     INFEROPS_CUDA_CHECK(cudaGetLastError());
   });
 }

@@ -48,11 +48,13 @@
 #include <cstdlib>
 #include <string>
 
+#include "common/kernel_launch.cuh"
 #include "common/cp_async.cuh"
 #include "common/cuda_check.h"
 #include "common/dispatch.cuh"
 #include "common/launch.h"
 #include "common/mma.cuh"
+#include "common/ptx.cuh"
 #include "common/vec.cuh"
 #include "common/wgmma.cuh"
 #include "tp.h"
@@ -75,19 +77,6 @@ constexpr int kSmemBytes = kPipeBytes > kCBytes ? kPipeBytes : kCBytes;
 
 // --- PTX wrappers (cp.async, ldmatrix, mma: csrc/common) --------------------------------
 
-__device__ __forceinline__ uint64_t global_timer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(__cvta_generic_to_global(p)) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(__cvta_generic_to_global(p)), "r"(v) : "memory");
-}
 __device__ __forceinline__ int ld_volatile(const int32_t* p) { return *reinterpret_cast<const volatile int32_t*>(p); }
 
 // --- shared-memory layouts ---------------------------------------------------------------
@@ -412,7 +401,7 @@ __device__ __forceinline__ void wg_tile_to_staging(const GemmRsParams& p, unsign
 
 template <typename T, bool kKN, bool kWg>
 __global__ void __launch_bounds__(kThreads, kWg ? 1 : 2) GemmRsKernel(const __grid_constant__ GemmRsParams p) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  INFEROPS_DYNAMIC_SMEM(unsigned char, smem_raw, 128);
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
@@ -564,7 +553,7 @@ void launch_typed(const GemmRsParams& p, int device, int num_blocks, cudaStream_
   const int tiles = ceil_div(p.m, kTileM) * ceil_div(p.n, kTileN);
   int grid = std::min(tiles, per_sm * device_info(device).sm_count);
   if (num_blocks > 0) grid = std::min(grid, num_blocks);
-  kernel<<<std::max(grid, 1), kThreads, smem_bytes, stream>>>(p);
+  launch_kernel(kernel, std::max(grid, 1), kThreads, smem_bytes, stream, p);
   INFEROPS_CUDA_CHECK_LAUNCH();
 }
 

@@ -1,0 +1,967 @@
+// The SIMT executor's runtime: fibers, blocks, barriers, warp collectives, launches, the
+// shared-memory window, cp.async groups, and the CUDA runtime API calls the launchers make.
+// See simt.h for the model; docs/developer.md for what it catches and what it cannot.
+//
+// Scheduling: a grid's blocks run one after another on the calling OS thread, under one
+// process-wide lock. A block's threads are fibers resumed round-robin in thread order; a
+// fiber runs until it waits (barrier, warp collective, spin) or exits. A pass over the
+// block in which no fiber could run is a deadlock; passes in which fibers only spin (no
+// barrier, collective or exit) for INFEROPS_SIMT_SPIN_LIMIT_S seconds are a livelock
+// (typically a block waiting on another block: blocks here never run concurrently).
+//
+// Context switches are a few instructions of assembly on x86-64 (callee-saved registers,
+// MXCSR and the x87 control word; no signal mask, so no system call); ucontext elsewhere.
+#include "simt/simt.h"
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define SIMT_ASAN 1
+#else
+#define SIMT_ASAN 0
+#endif
+
+#if defined(__x86_64__)
+// simt_switch(&save_sp, next_sp): saves the callee-saved state on the current stack, stores
+// the stack pointer in *save_sp, and resumes the context whose stack pointer is next_sp.
+extern "C" void simt_switch(void** save_sp, void* next_sp);
+asm(R"(
+  .text
+  .globl simt_switch
+  .hidden simt_switch
+  .type simt_switch, @function
+simt_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $16, %rsp
+  stmxcsr 8(%rsp)
+  fnstcw (%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr 8(%rsp)
+  fldcw (%rsp)
+  addq $16, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size simt_switch, .-simt_switch
+)");
+#endif
+
+namespace simt {
+
+uint3 g_threadIdx;
+uint3 g_blockIdx;
+dim3 g_blockDim;
+dim3 g_gridDim;
+
+namespace {
+
+constexpr int kMaxThreads = 1024;
+constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr std::size_t kSmemWindow = 256 * 1024;    // shared addresses are offsets in here
+constexpr std::size_t kMaxDynSmem = 232448;        // 227 KiB: the sm_90 opt-in maximum
+constexpr std::size_t kDefaultDynSmem = 48 * 1024;  // without cudaFuncSetAttribute
+
+std::size_t page_size() {
+  static const std::size_t p = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  return p;
+}
+
+double env_double(const char* name, double fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atof(v) : fallback;
+}
+
+enum class Wait : int { kNone, kBarrier, kCollective, kExited };
+
+struct PendingCopy {
+  unsigned char* dst;
+  unsigned char data[16];
+  int bytes;
+};
+
+struct Fiber {
+  void* sp = nullptr;           // saved stack pointer while suspended
+  unsigned char* stack = nullptr;  // usable stack (above the guard page)
+  std::size_t stack_bytes = 0;
+#if !defined(__x86_64__)
+  ucontext_t ctx;
+#endif
+#if SIMT_ASAN
+  void* fake_stack = nullptr;
+#endif
+  uint3 tid;
+  int linear = 0, warp = 0, lane = 0;
+  Wait wait = Wait::kNone;
+  bool blocked = false;
+  int bar_pred = 0;    // this thread's __syncthreads_* predicate
+  int bar_result = 0;  // the reduction, written when the barrier releases
+  std::vector<std::vector<PendingCopy>> cp_groups;  // committed cp.async groups, oldest first
+  std::vector<PendingCopy> cp_open;                 // issued, not yet committed
+};
+
+struct Group {  // a pending warp collective
+  unsigned mask = 0, arrived = 0;
+  int op = 0;
+  const char* what = nullptr;
+};
+
+struct WarpState {
+  unsigned exist = 0;   // lanes that exist (a block's last warp may be partial)
+  unsigned exited = 0;  // lanes that returned from the kernel
+  Group groups[32];
+  int ngroups = 0;
+  alignas(16) unsigned char payload[32][kPayloadBytes];
+  alignas(16) unsigned char result[32][kResultBytes];
+};
+
+struct Scheduler {
+  std::mutex lock;  // one grid at a time in the process
+  std::vector<Fiber> fibers;
+  WarpState warps[kMaxWarps];
+  int nthreads = 0, alive = 0, bar_arrived = 0;
+  unsigned long progress = 0;  // barrier/collective arrivals and exits (not spins)
+  Fiber* current = nullptr;
+  void* sched_sp = nullptr;
+#if !defined(__x86_64__)
+  ucontext_t sched_ctx;
+#endif
+#if SIMT_ASAN
+  const void* sched_bottom = nullptr;
+  std::size_t sched_size = 0;
+#endif
+  BlockBody body = nullptr;
+  const void* body_ctx = nullptr;
+  bool failed = false;
+  std::string error;
+  // shared-memory window: [base, base + kSmemWindow) followed by a PROT_NONE page
+  unsigned char* window = nullptr;
+  unsigned char* dyn = nullptr;
+  std::size_t dyn_bytes = 0;
+  std::size_t stack_bytes = 0;
+  std::map<const void*, int> smem_attr;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
+};
+
+Scheduler& S() {
+  static Scheduler* s = new Scheduler();  // never destroyed: fibers may outlive static dtors
+  return *s;
+}
+
+// ---- errors --------------------------------------------------------------------------------------
+thread_local cudaError_t t_last_error = cudaSuccess;
+thread_local std::string t_last_message;
+
+void set_launch_error(cudaError_t e, const std::string& msg) {
+  t_last_error = e;
+  t_last_message = msg;
+}
+
+std::string vformat(const char* fmt, va_list ap) {
+  char buf[1024];
+  std::vsnprintf(buf, sizeof buf, fmt, ap);
+  return buf;
+}
+
+void switch_to_scheduler(bool finished);
+
+// ---- stacks and the overflow guard -----------------------------------------------------------------------
+struct GuardRange {
+  uintptr_t lo, hi;
+};
+std::vector<GuardRange> g_guards;  // written before the handler is installed, then read-only
+struct sigaction g_prev_segv, g_prev_bus;
+
+void overflow_handler(int sig, siginfo_t* info, void* uctx) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(info->si_addr);
+  for (const GuardRange& g : g_guards) {
+    if (a >= g.lo && a < g.hi) {
+      char msg[256];
+      const Fiber* f = S().current;
+      const int n = std::snprintf(
+          msg, sizeof msg,
+          "simt: stack overflow in thread (%u,%u,%u) of block (%u,%u,%u): each CUDA thread has a "
+          "%zu KiB stack (INFEROPS_SIMT_STACK_KB)\n",
+          f ? f->tid.x : 0, f ? f->tid.y : 0, f ? f->tid.z : 0, g_blockIdx.x, g_blockIdx.y, g_blockIdx.z,
+          S().stack_bytes / 1024);
+      if (n > 0) (void)!write(2, msg, static_cast<std::size_t>(n));
+      std::abort();
+    }
+  }
+  // Not ours: hand the fault to whoever handled it before.
+  struct sigaction& prev = sig == SIGSEGV ? g_prev_segv : g_prev_bus;
+  sigaction(sig, &prev, nullptr);
+  (void)uctx;
+}
+
+void install_overflow_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    stack_t cur{};
+    if (sigaltstack(nullptr, &cur) == 0 && (cur.ss_flags & SS_DISABLE)) {
+      stack_t ss{};
+      ss.ss_size = 64 * 1024;
+      ss.ss_sp = std::malloc(ss.ss_size);
+      ss.ss_flags = 0;
+      sigaltstack(&ss, nullptr);
+    }
+    struct sigaction sa {};
+    sa.sa_sigaction = overflow_handler;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_prev_segv);
+    sigaction(SIGBUS, &sa, &g_prev_bus);
+  });
+}
+
+void ensure_fibers(Scheduler& s, int n) {
+  if (s.stack_bytes == 0) {
+    const double kb = env_double("INFEROPS_SIMT_STACK_KB", SIMT_ASAN ? 1024 : 256);
+    s.stack_bytes = (static_cast<std::size_t>(std::max(16.0, kb) * 1024) + page_size() - 1) & ~(page_size() - 1);
+  }
+  while (static_cast<int>(s.fibers.size()) < n) {
+    Fiber f;
+    const std::size_t total = s.stack_bytes + page_size();
+    void* m = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) throw std::runtime_error("simt: cannot map a fiber stack");
+    mprotect(m, page_size(), PROT_NONE);  // the guard page below the stack
+    f.stack = static_cast<unsigned char*>(m) + page_size();
+    f.stack_bytes = s.stack_bytes;
+    g_guards.push_back({reinterpret_cast<uintptr_t>(m), reinterpret_cast<uintptr_t>(f.stack)});
+    s.fibers.push_back(std::move(f));
+  }
+  install_overflow_handler();
+}
+
+// ---- fiber entry and switching -------------------------------------------------------------------------------
+void on_exit(Scheduler& s, Fiber& f);
+
+[[noreturn]] void fiber_main() {
+  Scheduler& s = S();
+#if SIMT_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &s.sched_bottom, &s.sched_size);
+#endif
+  s.body(s.body_ctx);
+  on_exit(s, *s.current);
+  switch_to_scheduler(/*finished=*/true);
+  std::abort();  // never resumed
+}
+
+#if defined(__x86_64__)
+void prepare(Fiber& f) {
+  // Initial frame, as simt_switch leaves one: [fpcw][mxcsr][r15 r14 r13 r12 rbx rbp][ret][0].
+  // After the `ret` into fiber_main the stack pointer is 8 mod 16, as after a call.
+  auto* top = reinterpret_cast<uint64_t*>(f.stack + f.stack_bytes);
+  uint64_t* sp = top - 10;
+  uint32_t mxcsr;
+  uint16_t fpcw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpcw));
+  sp[0] = fpcw;
+  sp[1] = mxcsr;
+  for (int i = 2; i < 8; ++i) sp[i] = 0;
+  sp[8] = reinterpret_cast<uint64_t>(&fiber_main);
+  sp[9] = 0;
+  f.sp = sp;
+}
+#else
+void prepare(Fiber& f) {
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack;
+  f.ctx.uc_stack.ss_size = f.stack_bytes;
+  f.ctx.uc_link = nullptr;
+  makecontext(&f.ctx, reinterpret_cast<void (*)()>(&fiber_main), 0);
+}
+#endif
+
+void resume(Scheduler& s, Fiber& f) {
+  s.current = &f;
+  g_threadIdx = f.tid;
+#if SIMT_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, f.stack, f.stack_bytes);
+#endif
+#if defined(__x86_64__)
+  simt_switch(&s.sched_sp, f.sp);
+#else
+  swapcontext(&s.sched_ctx, &f.ctx);
+#endif
+#if SIMT_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+  s.current = nullptr;
+}
+
+void switch_to_scheduler(bool finished) {
+  Scheduler& s = S();
+  Fiber* f = s.current;
+#if SIMT_ASAN
+  __sanitizer_start_switch_fiber(finished ? nullptr : &f->fake_stack, s.sched_bottom, s.sched_size);
+#else
+  (void)finished;
+#endif
+#if defined(__x86_64__)
+  simt_switch(&f->sp, s.sched_sp);
+#else
+  swapcontext(&f->ctx, &s.sched_ctx);
+#endif
+#if SIMT_ASAN
+  __sanitizer_finish_switch_fiber(f->fake_stack, nullptr, nullptr);
+#endif
+}
+
+// Suspends the running fiber until the scheduler resumes it (it is resumed only when
+// `blocked` has been cleared, or at once if the fiber just spins).
+void wait_here() {
+  switch_to_scheduler(false);
+}
+
+Fiber& cur_fiber(const char* what) {
+  Fiber* f = S().current;
+  if (!f) {
+    throw KernelError(std::string("simt: ") + what + " called outside a kernel");
+  }
+  return *f;
+}
+
+const char* op_name(int op) {
+  switch (op) {
+    case kOpSyncwarp: return "__syncwarp";
+    case kOpShfl: return "shuffle";
+    case kOpBallot: return "vote";
+    case kOpMatchAny: return "__match_any_sync";
+    case kOpLdmatrix: return "ldmatrix";
+    case kOpMma: return "mma.sync";
+    case kOpWmma: return "wmma";
+    default: return "warp collective";
+  }
+}
+
+// ---- barriers ---------------------------------------------------------------------------------------------
+void release_barrier(Scheduler& s) {
+  s.bar_arrived = 0;
+  int count = 0, arrived = 0;
+  for (int i = 0; i < s.nthreads; ++i) {
+    const Fiber& f = s.fibers[i];
+    if (f.wait == Wait::kBarrier) {
+      ++arrived;
+      count += f.bar_pred != 0;
+    }
+  }
+  for (int i = 0; i < s.nthreads; ++i) {
+    Fiber& f = s.fibers[i];
+    if (f.wait == Wait::kBarrier) {
+      f.wait = Wait::kNone;
+      f.blocked = false;
+      f.bar_result = count;
+      f.bar_pred = arrived;  // for __syncthreads_and
+    }
+  }
+  ++s.progress;
+}
+
+void on_exit(Scheduler& s, Fiber& f) {
+  // Copies still in flight land (the hardware completes them; reading them is the bug).
+  for (auto& g : f.cp_groups)
+    for (auto& c : g) std::memcpy(c.dst, c.data, 16);
+  for (auto& c : f.cp_open) std::memcpy(c.dst, c.data, 16);
+  f.cp_groups.clear();
+  f.cp_open.clear();
+  f.wait = Wait::kExited;
+  --s.alive;
+  ++s.progress;
+  WarpState& w = s.warps[f.warp];
+  w.exited |= 1u << f.lane;
+  for (int i = 0; i < w.ngroups; ++i) {
+    const Group& g = w.groups[i];
+    if (g.mask >> f.lane & 1) {
+      fail("lane %d exited while lanes 0x%08x of its warp wait for it in %s (mask 0x%08x)", f.lane, g.arrived,
+           g.what, g.mask);
+    }
+  }
+  if (s.bar_arrived > 0 && s.bar_arrived == s.alive) release_barrier(s);
+}
+
+std::string lanes_str(unsigned m) {
+  char b[16];
+  std::snprintf(b, sizeof b, "0x%08x", m);
+  return b;
+}
+
+}  // namespace
+
+// ---- public runtime functions ---------------------------------------------------------------------------------
+int lane_id() { return cur_fiber("lane_id").lane; }
+int warp_id() { return cur_fiber("warp_id").warp; }
+
+std::string where() {
+  const Fiber* f = S().current;
+  char b[160];
+  if (!f) return "host code";
+  std::snprintf(b, sizeof b, "block (%u,%u,%u) thread (%u,%u,%u) [warp %d lane %d]", g_blockIdx.x, g_blockIdx.y,
+                g_blockIdx.z, f->tid.x, f->tid.y, f->tid.z, f->warp, f->lane);
+  return b;
+}
+
+void fail(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  const std::string what = vformat(fmt, ap);
+  va_end(ap);
+  Scheduler& s = S();
+  if (!s.current) throw KernelError("simt: " + what);
+  s.failed = true;
+  s.error = "simt: " + what + " in " + where();
+  switch_to_scheduler(/*finished=*/true);  // abandoned: never resumed
+  std::abort();
+}
+
+void syncthreads() { syncthreads_reduce(0, BarrierReduce::kCount); }
+
+int syncthreads_reduce(int pred, BarrierReduce how) {
+  Scheduler& s = S();
+  Fiber& f = cur_fiber("__syncthreads");
+  f.bar_pred = pred;
+  f.wait = Wait::kBarrier;
+  f.blocked = true;
+  ++s.bar_arrived;
+  ++s.progress;
+  if (s.bar_arrived == s.alive) release_barrier(s);
+  if (f.blocked) wait_here();
+  switch (how) {
+    case BarrierReduce::kAnd: return f.bar_result == f.bar_pred;
+    case BarrierReduce::kOr: return f.bar_result != 0;
+    default: return f.bar_result;
+  }
+}
+
+void yield() {
+  cur_fiber("yield");
+  wait_here();
+}
+
+unsigned active_lanes() {
+  Scheduler& s = S();
+  const Fiber& f = cur_fiber("__activemask");
+  const WarpState& w = s.warps[f.warp];
+  return w.exist & ~w.exited;
+}
+
+const unsigned char* collective(int op, const char* what, unsigned mask, const void* payload, std::size_t bytes,
+                                ReleaseFn release, const void* ctx) {
+  Scheduler& s = S();
+  Fiber& f = cur_fiber(what);
+  WarpState& w = s.warps[f.warp];
+  if (!(mask >> f.lane & 1)) fail("%s: the calling lane %d is not in its mask 0x%08x", what, f.lane, mask);
+  if (mask & ~w.exist) {
+    fail("%s: mask 0x%08x names lanes that do not exist (this warp has lanes 0x%08x: the block is not a "
+         "multiple of 32 threads)",
+         what, mask, w.exist);
+  }
+  if (mask & w.exited) fail("%s: mask 0x%08x names lanes that have exited (0x%08x)", what, mask, mask & w.exited);
+  if (bytes > kPayloadBytes) fail("%s: payload of %zu bytes", what, bytes);
+  Group* g = nullptr;
+  for (int i = 0; i < w.ngroups; ++i) {
+    Group& x = w.groups[i];
+    if (!(x.mask & mask)) continue;
+    if (x.mask != mask) {
+      fail("divergent warp collectives: lane %d calls %s with mask 0x%08x while lanes 0x%08x wait in %s with "
+           "mask 0x%08x",
+           f.lane, what, mask, x.arrived, x.what, x.mask);
+    }
+    if (x.op != op) {
+      fail("lanes of mask 0x%08x disagree on the warp collective: lane %d calls %s, lanes 0x%08x wait in %s", mask,
+           f.lane, what, x.arrived, x.what);
+    }
+    g = &x;
+  }
+  if (!g) {
+    g = &w.groups[w.ngroups++];
+    *g = Group{mask, 0u, op, what};
+  }
+  std::memcpy(w.payload[f.lane], payload, bytes);
+  g->arrived |= 1u << f.lane;
+  ++s.progress;
+  f.wait = Wait::kCollective;
+  f.blocked = true;
+  if (g->arrived == g->mask) {
+    release(mask, w.payload, w.result, ctx);
+    for (int l = 0; l < 32; ++l) {
+      if (mask >> l & 1) {
+        Fiber& o = s.fibers[f.warp * 32 + l];
+        o.wait = Wait::kNone;
+        o.blocked = false;
+      }
+    }
+    *g = w.groups[--w.ngroups];  // remove (order does not matter)
+  } else {
+    wait_here();
+  }
+  return w.result[f.lane];
+}
+
+void shfl_release(unsigned mask, const unsigned char (*payload)[kPayloadBytes], unsigned char (*result)[kResultBytes],
+                  const void*) {
+  for (int l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1)) continue;
+    ShflPayload p;
+    std::memcpy(&p, payload[l], sizeof p);
+    const int src = p.src < 0 ? l : p.src;
+    if (src > 31 || !(mask >> src & 1)) {
+      fail("shuffle: lane %d reads lane %d, which is outside the mask 0x%08x (undefined on the GPU)", l, src, mask);
+    }
+    ShflPayload q;
+    std::memcpy(&q, payload[src], sizeof q);
+    std::memcpy(result[l], q.value, sizeof q.value);
+  }
+}
+
+unsigned char* dynamic_smem() { return S().dyn; }
+std::size_t dynamic_smem_bytes() { return S().dyn_bytes; }
+
+uint32_t shared_address(const void* p) {
+  const Scheduler& s = S();
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (!s.window || c < s.window || c >= s.window + kSmemWindow) {
+    fail("__cvta_generic_to_shared(%p): not in the dynamic shared-memory window (static __shared__ "
+         "variables have no shared address in the executor)",
+         p);
+  }
+  return static_cast<uint32_t>(c - s.window);
+}
+
+unsigned char* shared_pointer(uint32_t addr) {
+  const Scheduler& s = S();
+  if (addr >= kSmemWindow) fail("shared address 0x%x outside the shared-memory window", addr);
+  return s.window + addr;
+}
+
+void check_aligned(const void* p, int bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes)) {
+    fail("misaligned address %p for %s (needs %d-byte alignment)", p, what, bytes);
+  }
+}
+
+// ---- launches -----------------------------------------------------------------------------------------------------
+namespace {
+
+void deadlock(Scheduler& s) {
+  std::string r = "deadlock in block (" + std::to_string(g_blockIdx.x) + "," + std::to_string(g_blockIdx.y) + "," +
+                  std::to_string(g_blockIdx.z) + "): no thread can proceed;";
+  // Ranges of threads in the same state.
+  auto state = [&](const Fiber& f) -> std::string {
+    switch (f.wait) {
+      case Wait::kBarrier: return "waiting at __syncthreads";
+      case Wait::kCollective: {
+        const WarpState& w = s.warps[f.warp];
+        for (int i = 0; i < w.ngroups; ++i) {
+          if (w.groups[i].mask >> f.lane & 1) {
+            return std::string("waiting in ") + w.groups[i].what + " (mask " + lanes_str(w.groups[i].mask) +
+                   ", arrived " + lanes_str(w.groups[i].arrived) + ")";
+          }
+        }
+        return "waiting in a warp collective";
+      }
+      case Wait::kExited: return "exited";
+      default: return "runnable";
+    }
+  };
+  int i = 0;
+  while (i < s.nthreads) {
+    const std::string st = state(s.fibers[i]);
+    int j = i + 1;
+    while (j < s.nthreads && state(s.fibers[j]) == st) ++j;
+    r += " threads " + std::to_string(i) + (j - 1 > i ? "-" + std::to_string(j - 1) : "") + " " + st + ";";
+    i = j;
+  }
+  r += " (" + std::to_string(s.bar_arrived) + " of " + std::to_string(s.alive) + " live threads at __syncthreads)";
+  s.failed = true;
+  s.error = "simt: " + r;
+}
+
+void setup_window(Scheduler& s) {
+  if (s.window) return;
+  void* m = mmap(nullptr, kSmemWindow + page_size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) throw std::runtime_error("simt: cannot map the shared-memory window");
+  s.window = static_cast<unsigned char*>(m);
+  mprotect(s.window + kSmemWindow, page_size(), PROT_NONE);
+}
+
+// Bytes of the window between the launch's dynamic size and the guard page: filled with a
+// canary before each block and checked after it (writes past the end; AddressSanitizer builds
+// also catch reads).
+constexpr unsigned char kCanary = 0xA5;
+
+void run_block(Scheduler& s, const dim3& bd) {
+  const int n = static_cast<int>(bd.x * bd.y * bd.z);
+  s.nthreads = n;
+  s.alive = n;
+  s.bar_arrived = 0;
+  s.failed = false;
+  for (int w = 0; w < (n + 31) / 32; ++w) {
+    WarpState& ws = s.warps[w];
+    const int lanes = std::min(32, n - w * 32);
+    ws.exist = lanes == 32 ? ~0u : (1u << lanes) - 1u;
+    ws.exited = 0;
+    ws.ngroups = 0;
+  }
+  unsigned char* const end = s.window + kSmemWindow;
+#if SIMT_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(s.window, kSmemWindow);
+#endif
+  std::memset(s.dyn, 0xff, s.dyn_bytes);  // poison: NaN for floats, -1 for integers
+  std::memset(s.dyn + s.dyn_bytes, kCanary, static_cast<std::size_t>(end - (s.dyn + s.dyn_bytes)));
+#if SIMT_ASAN
+  ASAN_POISON_MEMORY_REGION(s.window, static_cast<std::size_t>(s.dyn - s.window));
+  ASAN_POISON_MEMORY_REGION(s.dyn + s.dyn_bytes, static_cast<std::size_t>(end - (s.dyn + s.dyn_bytes)));
+#endif
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = s.fibers[i];
+    f.linear = i;
+    f.tid = make_uint3(i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y));
+    f.warp = i / 32;
+    f.lane = i % 32;
+    f.wait = Wait::kNone;
+    f.blocked = false;
+    f.cp_groups.clear();
+    f.cp_open.clear();
+    prepare(f);
+  }
+  using Clock = std::chrono::steady_clock;
+  static const double spin_limit = env_double("INFEROPS_SIMT_SPIN_LIMIT_S", 60.0);
+  auto last_progress = Clock::now();
+  unsigned long spins = 0;
+  while (s.alive > 0) {
+    const unsigned long before = s.progress;
+    bool ran = false;
+    for (int i = 0; i < n; ++i) {
+      Fiber& f = s.fibers[i];
+      if (f.wait == Wait::kExited || f.blocked) continue;
+      ran = true;
+      resume(s, f);
+      if (s.failed) return;
+    }
+    if (!ran) {
+      deadlock(s);
+      return;
+    }
+    if (s.progress != before) {
+      spins = 0;
+      continue;
+    }
+    if ((++spins & 1023) == 0) {  // only spinning fibers ran
+      const auto now = Clock::now();
+      if (spins == 1024) last_progress = now;
+      if (std::chrono::duration<double>(now - last_progress).count() > spin_limit) {
+        s.failed = true;
+        s.error = "simt: livelock in block (" + std::to_string(g_blockIdx.x) + "," + std::to_string(g_blockIdx.y) +
+                  "," + std::to_string(g_blockIdx.z) + "): threads have only spun for " +
+                  std::to_string(spin_limit) +
+                  " s (INFEROPS_SIMT_SPIN_LIMIT_S); a block waiting on another block never finishes here, "
+                  "because the executor runs blocks one at a time";
+        return;
+      }
+    }
+  }
+#if SIMT_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(s.window, kSmemWindow);
+#endif
+  for (unsigned char* p = s.dyn + s.dyn_bytes; p < end; ++p) {
+    if (*p != kCanary) {
+      s.failed = true;
+      s.error = "simt: block (" + std::to_string(g_blockIdx.x) + "," + std::to_string(g_blockIdx.y) + "," +
+                std::to_string(g_blockIdx.z) + ") wrote " + std::to_string(p - (s.dyn + s.dyn_bytes)) +
+                " bytes past the end of its " + std::to_string(s.dyn_bytes) + " bytes of dynamic shared memory";
+      return;
+    }
+  }
+}
+
+}  // namespace
+
+void run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body, const void* ctx) {
+  const dim3 g = cfg.grid, b = cfg.block;
+  const unsigned long long nthr = 1ull * b.x * b.y * b.z;
+  char buf[256];
+  if (g.x == 0 || g.y == 0 || g.z == 0 || g.x > 2147483647u || g.y > 65535 || g.z > 65535 || nthr == 0 ||
+      nthr > kMaxThreads || b.x > 1024 || b.y > 1024 || b.z > 64) {
+    std::snprintf(buf, sizeof buf, "invalid launch configuration: grid (%u,%u,%u), block (%u,%u,%u)", g.x, g.y, g.z,
+                  b.x, b.y, b.z);
+    set_launch_error(cudaErrorInvalidConfiguration, buf);
+    return;
+  }
+  Scheduler& s = S();
+  std::lock_guard<std::mutex> lock(s.lock);
+  if (s.current) throw KernelError("simt: a kernel launched another kernel (dynamic parallelism is not modelled)");
+  int limit = static_cast<int>(kDefaultDynSmem);
+  if (auto it = s.smem_attr.find(kernel); it != s.smem_attr.end()) limit = std::max(limit, it->second);
+  if (cfg.smem_bytes > kMaxDynSmem || static_cast<long long>(cfg.smem_bytes) > limit) {
+    std::snprintf(buf, sizeof buf,
+                  "%zu bytes of dynamic shared memory exceed the kernel's limit of %d bytes (more than 48 KiB "
+                  "needs cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize); at most %zu)",
+                  cfg.smem_bytes, limit, kMaxDynSmem);
+    set_launch_error(cudaErrorInvalidValue, buf);
+    return;
+  }
+  if (cfg.cluster > 1) {
+    set_launch_error(cudaErrorNotSupported,
+                     "thread-block clusters are not modelled by the SIMT executor yet (cluster.sync, "
+                     "distributed shared memory)");
+    return;
+  }
+  setup_window(s);
+  ensure_fibers(s, static_cast<int>(nthr));
+  s.dyn_bytes = cfg.smem_bytes;
+  s.dyn = s.window + kSmemWindow - ((cfg.smem_bytes + 1023) & ~std::size_t(1023));
+  s.body = body;
+  s.body_ctx = ctx;
+  g_blockDim = b;
+  g_gridDim = g;
+  for (unsigned z = 0; z < g.z; ++z) {
+    for (unsigned y = 0; y < g.y; ++y) {
+      for (unsigned x = 0; x < g.x; ++x) {
+        g_blockIdx = make_uint3(x, y, z);
+        run_block(s, b);
+        if (s.failed) {
+#if SIMT_ASAN
+          // Abandoned fibers leave poisoned frames behind on their stacks.
+          for (int i = 0; i < s.nthreads; ++i) ASAN_UNPOISON_MEMORY_REGION(s.fibers[i].stack, s.fibers[i].stack_bytes);
+          ASAN_UNPOISON_MEMORY_REGION(s.window, kSmemWindow);
+#endif
+          s.failed = false;
+          s.current = nullptr;
+          throw KernelError(s.error);
+        }
+      }
+    }
+  }
+}
+
+// ---- cp.async ---------------------------------------------------------------------------------------------------
+namespace ptx {
+
+void cp_async(uint32_t saddr, const void* gmem, int bytes, int src_bytes) {
+  Fiber& f = cur_fiber("cp.async");
+  unsigned char* dst = shared_pointer(saddr);
+  if (bytes != 4 && bytes != 8 && bytes != 16) fail("cp.async: copy size %d (4, 8 or 16)", bytes);
+  if (src_bytes < 0 || src_bytes > bytes) fail("cp.async: src-size %d outside [0, %d]", src_bytes, bytes);
+  check_aligned(dst, bytes, "cp.async shared destination");
+  if (src_bytes > 0) check_aligned(gmem, bytes, "cp.async global source");
+  if (dst + bytes > S().dyn + S().dyn_bytes || dst < S().dyn) {
+    fail("cp.async: destination [0x%x, +%d) outside the block's %zu bytes of dynamic shared memory", saddr, bytes,
+         S().dyn_bytes);
+  }
+  PendingCopy c{};
+  c.dst = dst;
+  c.bytes = bytes;
+  if (src_bytes > 0) std::memcpy(c.data, gmem, static_cast<std::size_t>(src_bytes));  // rest: zero-filled
+  std::memset(dst, 0xff, static_cast<std::size_t>(bytes));
+  f.cp_open.push_back(c);
+}
+
+void cp_async_commit() {
+  Fiber& f = cur_fiber("cp.async.commit_group");
+  f.cp_groups.push_back(std::move(f.cp_open));
+  f.cp_open.clear();
+}
+
+void cp_async_wait(int pending) {
+  Fiber& f = cur_fiber("cp.async.wait_group");
+  while (f.cp_groups.size() > static_cast<std::size_t>(std::max(pending, 0))) {
+    for (auto& c : f.cp_groups.front()) std::memcpy(c.dst, c.data, static_cast<std::size_t>(c.bytes));
+    f.cp_groups.erase(f.cp_groups.begin());
+  }
+}
+
+void cp_async_wait_all() {
+  cp_async_commit();
+  cp_async_wait(0);
+}
+
+void st_global_v4(void* p, const uint32_t (&w)[4]) {
+  check_aligned(p, 16, "st.global.v4");
+  std::memcpy(p, w, 16);
+}
+
+void ld_global_v4(uint32_t (&w)[4], const void* p) {
+  check_aligned(p, 16, "ld.global.v4");
+  std::memcpy(w, p, 16);
+}
+
+uint32_t ld_acquire_u32(const uint32_t* p) {
+  check_aligned(p, 4, "ld.acquire");
+  const uint32_t v = __atomic_load_n(p, __ATOMIC_ACQUIRE);
+  yield();  // a flag is being spun on: let the other threads run
+  return v;
+}
+
+void st_release_u32(uint32_t* p, uint32_t v) {
+  check_aligned(p, 4, "st.release");
+  __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+
+uint32_t lanemask_lt() { return (1u << cur_fiber("%lanemask_lt").lane) - 1u; }
+
+uint64_t globaltimer_ns() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
+}
+
+}  // namespace ptx
+
+// ---- the CUDA runtime API calls of the launchers (launch.cpp, bindings.cpp) ---------------------------------------
+int record_smem_attribute(const void* kernel, int bytes) {
+  Scheduler& s = S();
+  std::lock_guard<std::mutex> lock(s.lock);
+  s.smem_attr[kernel] = bytes;
+  return 0;
+}
+
+}  // namespace simt
+
+void __syncwarp(unsigned mask) {
+  simt::collective(simt::kOpSyncwarp, "__syncwarp", mask, nullptr, 0,
+                   [](unsigned, const unsigned char (*)[simt::kPayloadBytes], unsigned char (*)[simt::kResultBytes],
+                      const void*) {});
+}
+
+unsigned __ballot_sync(unsigned mask, int pred) {
+  const int mine = pred != 0;
+  const unsigned char* r = simt::collective(
+      simt::kOpBallot, "__ballot_sync", mask, &mine, sizeof mine,
+      [](unsigned m, const unsigned char (*payload)[simt::kPayloadBytes], unsigned char (*result)[simt::kResultBytes],
+         const void*) {
+        unsigned bits = 0;
+        for (int l = 0; l < 32; ++l) {
+          int v;
+          std::memcpy(&v, payload[l], sizeof v);
+          if ((m >> l & 1) && v) bits |= 1u << l;
+        }
+        for (int l = 0; l < 32; ++l) std::memcpy(result[l], &bits, sizeof bits);
+      });
+  unsigned out;
+  std::memcpy(&out, r, sizeof out);
+  return out;
+}
+
+unsigned __match_any_sync(unsigned mask, unsigned long long value) {
+  const unsigned char* r = simt::collective(
+      simt::kOpMatchAny, "__match_any_sync", mask, &value, sizeof value,
+      [](unsigned m, const unsigned char (*payload)[simt::kPayloadBytes], unsigned char (*result)[simt::kResultBytes],
+         const void*) {
+        for (int l = 0; l < 32; ++l) {
+          if (!(m >> l & 1)) continue;
+          unsigned bits = 0;
+          for (int o = 0; o < 32; ++o)
+            if ((m >> o & 1) && std::memcmp(payload[l], payload[o], 8) == 0) bits |= 1u << o;
+          std::memcpy(result[l], &bits, sizeof bits);
+        }
+      });
+  unsigned out;
+  std::memcpy(&out, r, sizeof out);
+  return out;
+}
+
+// The executor stands in for one H100 SXM (what the launchers size their grids for); it
+// links no CUDA runtime, so these are the only definitions of the calls.
+extern "C" {
+
+cudaError_t cudaGetLastError(void) {
+  const cudaError_t e = simt::t_last_error;
+  simt::t_last_error = cudaSuccess;
+  return e;
+}
+cudaError_t cudaPeekAtLastError(void) { return simt::t_last_error; }
+const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    default: return "cudaError(simt)";
+  }
+}
+const char* cudaGetErrorString(cudaError_t e) {
+  if (e == cudaSuccess) return "no error";
+  static thread_local std::string msg;
+  msg = "(SIMT executor) " + simt::t_last_message;
+  return msg.c_str();
+}
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaDriverGetVersion(int* v) {
+  *v = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = 132; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
+    case cudaDevAttrMaxThreadsPerMultiProcessor: *value = 2048; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(simt::kMaxDynSmem); break;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = 233472; break;
+    case cudaDevAttrL2CacheSize: *value = 50 * 1024 * 1024; break;
+    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; break;
+    case cudaDevAttrWarpSize: *value = 32; break;
+    default: *value = 0; break;
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value < 0 || value > static_cast<int>(simt::kMaxDynSmem)) {
+      simt::set_launch_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: dynamic shared memory size out of range");
+      return cudaErrorInvalidValue;
+    }
+    simt::record_smem_attribute(func, value);
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int block_size,
+                                                          size_t smem) {
+  int b = std::min(32, 2048 / std::max(block_size, 1));
+  if (smem > 0) b = std::min(b, static_cast<int>(233472 / (smem + 1024)));
+  *blocks = std::max(b, 0);
+  return cudaSuccess;
+}
+cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t*, const void*, void**) {
+  simt::set_launch_error(cudaErrorNotSupported,
+                         "cudaLaunchKernelEx (thread-block clusters) is not modelled by the SIMT executor yet");
+  return cudaErrorNotSupported;
+}
+
+}  // extern "C"
