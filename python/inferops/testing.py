@@ -5,15 +5,24 @@
   and the seed is reported in assertion messages so a failure can be replayed;
 * poisoned outputs: :func:`poison_` fills a buffer with NaN (floats) or an
   out-of-range sentinel (integers) before a kernel runs, so an element the
-  kernel failed to write cannot pass.
+  kernel failed to write cannot pass;
+* kernel backends: :func:`backend` sends ops on CPU tensors to the CPU SIMT
+  executor (``backend("simt")``: the real kernels, compiled for the CPU, see
+  docs/developer.md); :func:`kernel_module`, :func:`stream_handle` and
+  :func:`synchronize` let one test body drive the raw bindings on a GPU or on
+  the executor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
+
+from ._core import extension as _extension
+from ._core import ops as _ops
 
 __all__ = [
     "Tolerance",
@@ -25,6 +34,13 @@ __all__ = [
     "randn",
     "poison_",
     "poisoned_empty",
+    "backend",
+    "simt_available",
+    "is_simulated",
+    "kernel_module",
+    "stream_handle",
+    "synchronize",
+    "kernel_backend_for",
 ]
 
 
@@ -136,3 +152,56 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 def poisoned_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return poison_(torch.empty(tuple(shape), dtype=dtype, device=device))
+
+
+# --- kernel backends -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Within the block, ops on CPU tensors run ``name``: ``"simt"`` (the kernels on the
+    CPU SIMT executor, ``inferops._simt``) or ``"reference"`` (the PyTorch reference).
+    ``INFEROPS_BACKEND`` sets the default outside such a block."""
+    with _ops.use_cpu_backend(name):
+        yield
+
+
+def simt_available() -> bool:
+    """True when the executor build of the kernels (``inferops._simt``) can be used."""
+    if os.environ.get("INFEROPS_FORCE_REFERENCE", "") not in ("", "0"):
+        return False
+    return _extension.simt_extension() is not None
+
+
+def is_simulated(device: torch.device | str) -> bool:
+    """True when kernels on ``device`` run on the SIMT executor (a CPU device): tests
+    use smaller sizes there, simulated threads are slow."""
+    return torch.device(device).type == "cpu"
+
+
+def kernel_module(device: torch.device | str):
+    """The compiled module whose raw bindings launch kernels on ``device``:
+    ``inferops._C`` for CUDA devices, ``inferops._simt`` for the CPU executor."""
+    if torch.device(device).type == "cuda":
+        return _extension.extension()
+    mod = _extension.simt_extension()
+    if mod is None:
+        raise RuntimeError(f"the SIMT executor is not available: {_extension.simt_error()}")
+    return mod
+
+
+def stream_handle(device: torch.device | str) -> int:
+    """The stream argument of the raw bindings: the current CUDA stream, 0 on the CPU."""
+    return _ops.cuda_stream(torch.device(device))
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the kernels queued on ``device`` (the executor runs synchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def kernel_backend_for(device: torch.device | str) -> str:
+    """The backend a kernel test expects its op to report on ``device``
+    (``inferops._core.ops.kernel_backend``): "cuda" on a GPU, "simt" on the CPU."""
+    return "cuda" if torch.device(device).type == "cuda" else "simt"

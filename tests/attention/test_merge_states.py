@@ -11,7 +11,15 @@ from torch.utils.dlpack import to_dlpack
 import inferops
 from inferops.attention import merge_states, merge_states_
 from inferops.reference import attention as ref
-from inferops.testing import assert_close, poisoned_empty, randn
+from inferops.testing import (
+    assert_close,
+    kernel_backend_for,
+    kernel_module,
+    poisoned_empty,
+    randn,
+    stream_handle,
+    synchronize,
+)
 
 NEG_INF = float("-inf")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -169,14 +177,14 @@ def test_torch_compile_fullgraph_cpu(gen):
     assert_close(lse, rl, torch.float32)
 
 
-# --- CUDA kernel ----------------------------------------------------------------------
+# --- the kernel (on a GPU, or on the CPU SIMT executor: kernel_device) ------------------
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES + [(989, 32, 128), (4096, 8, 64)], ids=_shape_id)
-def test_cuda_matches_float64(shape, dtype, gen, cuda_device):
-    v_a, lse_a, v_b, lse_b = _inputs(shape, dtype, cuda_device, gen)
+def test_cuda_matches_float64(shape, dtype, gen, kernel_device):
+    v_a, lse_a, v_b, lse_b = _inputs(shape, dtype, kernel_device, gen)
     # Some empty partials (one side, and both sides) in every run.
     lse_a[0, 0] = NEG_INF
     if shape[0] > 1:
@@ -185,7 +193,7 @@ def test_cuda_matches_float64(shape, dtype, gen, cuda_device):
         lse_b[-1, -1] = NEG_INF
     v, lse = merge_states(v_a, lse_a, v_b, lse_b)
     rv, rl = _ref64(v_a, lse_a, v_b, lse_b)
-    assert inferops._core.ops.kernel_backend("merge_states", v.device) == "cuda"
+    assert inferops._core.ops.kernel_backend("merge_states", v.device) == kernel_backend_for(v.device)
     assert_close(v, rv, dtype)
     assert_close(lse, rl, torch.float32)
     assert not torch.isnan(v).any()
@@ -193,10 +201,11 @@ def test_cuda_matches_float64(shape, dtype, gen, cuda_device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_writes_every_output_element(dtype, gen, cuda_device):
+def test_cuda_writes_every_output_element(dtype, gen, kernel_device):
     """Raw binding with poisoned outputs, vector and scalar paths, strided outputs."""
-    ext = inferops._core.extension.extension()
-    stream = torch.cuda.current_stream().cuda_stream
+    cuda_device = kernel_device
+    ext = kernel_module(kernel_device)
+    stream = stream_handle(kernel_device)
     for shape, offset in (((37, 3, 128), 0), ((37, 3, 128), 1), ((11, 5, 40), 0)):
         T, H, D = shape
         v_a, lse_a, v_b, lse_b = _inputs((T, H, D + offset), dtype, cuda_device, gen)
@@ -207,7 +216,7 @@ def test_cuda_writes_every_output_element(dtype, gen, cuda_device):
         lse_out = lse_out_store.t()
         ext.merge_states(to_dlpack(v_a), to_dlpack(lse_a), to_dlpack(v_b), to_dlpack(lse_b),
                          to_dlpack(v_out), to_dlpack(lse_out), stream)
-        torch.cuda.synchronize()
+        synchronize(kernel_device)
         rv, rl = _ref64(v_a, lse_a, v_b, lse_b)
         assert_close(v_out, rv, dtype, name=f"v_out {shape} offset {offset}")
         assert_close(lse_out, rl, torch.float32, name="lse_out")
@@ -217,10 +226,10 @@ def test_cuda_writes_every_output_element(dtype, gen, cuda_device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_cuda_inplace_strided(dtype, gen, cuda_device):
+def test_cuda_inplace_strided(dtype, gen, kernel_device):
     T, H, D = 301, 8, 128
-    v_a, _, v_b, lse_b = _inputs((T, H, D), dtype, cuda_device, gen)
-    lse_store = randn((H, T), torch.float32, cuda_device, gen, scale=4.0)
+    v_a, _, v_b, lse_b = _inputs((T, H, D), dtype, kernel_device, gen)
+    lse_store = randn((H, T), torch.float32, kernel_device, gen, scale=4.0)
     lse_a = lse_store.t()
     rv, rl = _ref64(v_a, lse_a, v_b, lse_b)
     merge_states_(v_a, lse_a, v_b, lse_b)
@@ -229,10 +238,10 @@ def test_cuda_inplace_strided(dtype, gen, cuda_device):
 
 
 @pytest.mark.gpu
-def test_cuda_nan_propagates(cuda_device):
-    v = torch.randn(2, 2, 64, device=cuda_device, dtype=torch.float16)
-    lse_a = torch.tensor([[float("nan"), 0.0], [NEG_INF, NEG_INF]], device=cuda_device)
-    lse_b = torch.tensor([[NEG_INF, 0.0], [NEG_INF, NEG_INF]], device=cuda_device)
+def test_cuda_nan_propagates(kernel_device):
+    v = torch.randn(2, 2, 64, device=kernel_device, dtype=torch.float16)
+    lse_a = torch.tensor([[float("nan"), 0.0], [NEG_INF, NEG_INF]], device=kernel_device)
+    lse_b = torch.tensor([[NEG_INF, 0.0], [NEG_INF, NEG_INF]], device=kernel_device)
     out, lse = merge_states(v, lse_a, v, lse_b)
     assert torch.isnan(out[0, 0]).all() and torch.isnan(lse[0, 0])
     assert not torch.isnan(out[0, 1]).any()
@@ -266,8 +275,8 @@ def test_cuda_nondefault_stream_and_graph(gen, cuda_device):
 
 
 @pytest.mark.gpu
-def test_cuda_opcheck_and_compile(gen, cuda_device):
-    args = _inputs((17, 4, 64), torch.float16, cuda_device, gen)
+def test_cuda_opcheck_and_compile(gen, kernel_device):
+    args = _inputs((17, 4, 64), torch.float16, kernel_device, gen)
     torch.library.opcheck(torch.ops.inferops.merge_states.default, args)
     f = torch.compile(lambda *a: merge_states(*a)[0] + 1, fullgraph=True)
     assert_close(f(*args), _ref64(*args)[0] + 1, torch.float16)

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
+import sys
 from types import ModuleType
 from typing import Any
 
 __all__ = [
     "extension",
     "extension_error",
+    "simt_extension",
+    "simt_error",
+    "has_simt_op",
     "build_info",
     "cuda_available",
     "cuda_unavailable_reason",
@@ -41,6 +46,55 @@ def extension_error() -> str | None:
     return _load()[1]
 
 
+@functools.lru_cache(maxsize=None)
+def _load_simt() -> tuple[ModuleType | None, str | None]:
+    # INFEROPS_SIMT_MODULE=<path to a _simt*.so>: use that build of the executor module
+    # (CI points it at the AddressSanitizer build, loaded with the ASan runtime preloaded).
+    path = os.environ.get("INFEROPS_SIMT_MODULE", "")
+    try:
+        if path:
+
+            spec = importlib.util.spec_from_file_location("inferops._simt", path)
+            if spec is None or spec.loader is None:
+                return None, f"INFEROPS_SIMT_MODULE={path!r} is not a loadable module"
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            sys.modules["inferops._simt"] = mod
+            return mod, None
+        return importlib.import_module("inferops._simt"), None
+    except ImportError as e:  # built without the executor (INFEROPS_BUILD_SIMT=0, no CUDA headers)
+        return None, f"inferops._simt could not be imported: {e}"
+
+
+def simt_extension() -> ModuleType | None:
+    """The CPU SIMT executor build of the kernels (``inferops._simt``), or None."""
+    return _load_simt()[0]
+
+
+def simt_error() -> str | None:
+    """Why ``inferops._simt`` could not be imported (None when it loaded)."""
+    return _load_simt()[1]
+
+
+def has_simt_op(name: str) -> bool:
+    """True when the executor build has op ``name``'s kernel."""
+    mod = simt_extension()
+    return mod is not None and name in mod.build_info()["cuda_ops"]
+
+
+def _simt_info() -> dict[str, Any]:
+    mod = simt_extension()
+    if mod is None:
+        return {"available": False, "ops": [], "sanitizer": None, "error": simt_error()}
+    info = mod.build_info()
+    return {
+        "available": True,
+        "ops": list(info["cuda_ops"]),
+        "sanitizer": info.get("sanitizer"),
+        "error": None,
+    }
+
+
 def build_info() -> dict[str, Any]:
     """What the extension was built with.
 
@@ -48,11 +102,14 @@ def build_info() -> dict[str, Any]:
     ``cuda_version``, ``cuda_archs`` (e.g. ``"90a"``), ``cuda_ops`` (ops with a
     compiled CUDA kernel), ``host_compiler``, ``debug``; plus ``runtime``
     (driver version and device count as the extension sees them now) when the
-    extension loaded, and ``error`` when it did not.
+    extension loaded, and ``error`` when it did not. ``simt`` describes the CPU SIMT
+    executor build (``inferops._simt``): ``available``, ``ops`` (kernels it runs),
+    ``sanitizer`` and ``error``.
     """
     ext = extension()
     if ext is None:
         return {
+            "simt": _simt_info(),
             "version": None,
             "extension_loaded": False,
             "cuda": False,
@@ -62,6 +119,7 @@ def build_info() -> dict[str, Any]:
             "error": extension_error(),
         }
     info = dict(ext.build_info())
+    info["simt"] = _simt_info()
     info["extension_loaded"] = True
     info["runtime"] = dict(ext.runtime_info())
     return info

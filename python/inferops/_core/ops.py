@@ -12,10 +12,18 @@
 
 The dispatcher therefore does the device routing; the public wrapper in
 ``inferops/<family>/`` only validates and calls ``torch.ops.inferops.<name>``.
+
+The CPU SIMT executor (``inferops._simt``, csrc/simt/) runs the same kernels on the
+CPU. With the backend set to ``"simt"`` (``INFEROPS_BACKEND=simt`` or
+``inferops.testing.backend("simt")``), ops on CPU tensors run ``cuda_impl`` against
+the executor module instead of the reference: ``ext()`` then returns that module
+and ``cuda_stream`` returns 0. Simulated execution is slow (tests, not users).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 from dataclasses import dataclass
@@ -24,9 +32,54 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.dlpack import to_dlpack
 
-from .extension import extension, has_cuda_op
+from .extension import extension, has_cuda_op, has_simt_op, simt_extension
 
-__all__ = ["OpInfo", "REGISTRY", "register_op", "dlpack", "cuda_stream", "kernel_backend"]
+__all__ = [
+    "OpInfo",
+    "REGISTRY",
+    "register_op",
+    "dlpack",
+    "cuda_stream",
+    "kernel_backend",
+    "cpu_backend",
+    "use_cpu_backend",
+]
+
+_CPU_BACKENDS = ("reference", "simt")
+# Set by use_cpu_backend(); None: INFEROPS_BACKEND decides.
+_cpu_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("inferops_cpu_backend", default=None)
+# The module cuda_impl talks to while it runs: inferops._C, or inferops._simt.
+_active_module: contextvars.ContextVar = contextvars.ContextVar("inferops_active_module", default=None)
+
+
+def cpu_backend() -> str:
+    """What ops on CPU tensors run: ``"reference"`` (default) or ``"simt"`` (the executor)."""
+    b = _cpu_backend.get()
+    if b is None:
+        b = os.environ.get("INFEROPS_BACKEND", "") or "reference"
+        if b not in _CPU_BACKENDS:
+            raise ValueError(f"expected INFEROPS_BACKEND in {_CPU_BACKENDS}, got {b!r}")
+    return b
+
+
+@contextlib.contextmanager
+def use_cpu_backend(name: str):
+    """Within the block, ops on CPU tensors run ``name``: "reference" or "simt"."""
+    if name not in _CPU_BACKENDS:
+        raise ValueError(f"expected a backend in {_CPU_BACKENDS}, got {name!r}")
+    if name == "simt" and simt_extension() is None:
+        from .extension import simt_error
+
+        raise RuntimeError(f"the SIMT executor is not available: {simt_error()}")
+    token = _cpu_backend.set(name)
+    try:
+        yield
+    finally:
+        _cpu_backend.reset(token)
+
+
+def _simt_kernel_enabled(name: str) -> bool:
+    return cpu_backend() == "simt" and has_simt_op(name)
 
 
 @dataclass(frozen=True)
@@ -53,8 +106,14 @@ def _cuda_kernel_enabled(name: str) -> bool:
 
 
 def kernel_backend(name: str, device: torch.device | str) -> str:
-    """Which implementation op ``name`` runs for tensors on ``device``: "cuda" or "reference"."""
+    """Which implementation op ``name`` runs for tensors on ``device``: "cuda", "simt" or "reference"."""
     info = REGISTRY[name]
+    if (
+        torch.device(device).type == "cpu"
+        and info.cuda_kernel is not None
+        and _simt_kernel_enabled(info.cuda_kernel)
+    ):
+        return "simt"
     if (
         torch.device(device).type == "cuda"
         and info.cuda_kernel is not None
@@ -98,6 +157,18 @@ def register_op(
                 return reference(*args, **kwargs)
 
             op.register_kernel("cuda", cuda_route)
+
+            @functools.wraps(cuda_impl)
+            def cpu_route(*args, **kwargs):
+                if _simt_kernel_enabled(kernel):
+                    token = _active_module.set(simt_extension())
+                    try:
+                        return cuda_impl(*args, **kwargs)
+                    finally:
+                        _active_module.reset(token)
+                return reference(*args, **kwargs)
+
+            op.register_kernel("cpu", cpu_route)
         if name in REGISTRY:
             raise RuntimeError(f"inferops op {name!r} registered twice")
         REGISTRY[name] = OpInfo(name, family, op, reference, kernel if cuda_impl else None)
@@ -112,10 +183,16 @@ def dlpack(t: torch.Tensor):
 
 
 def cuda_stream(device: torch.device) -> int:
-    """Raw handle of the current CUDA stream on ``device`` (what kernels launch on)."""
+    """Raw handle of the current CUDA stream on ``device`` (what kernels launch on); 0 on
+    the CPU (the SIMT executor runs synchronously)."""
+    if torch.device(device).type != "cuda":
+        return 0
     return torch.cuda.current_stream(device).cuda_stream
 
 
 def ext():
-    """The compiled module; only called on paths where ``_cuda_kernel_enabled`` held."""
-    return extension()
+    """The module the running ``cuda_impl`` launches through: ``inferops._simt`` while an
+    op runs on the SIMT executor, else ``inferops._C`` (only called where a kernel is
+    enabled)."""
+    mod = _active_module.get()
+    return mod if mod is not None else extension()

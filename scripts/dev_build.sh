@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# In-tree development build without pip: configures build/dev once, builds the given
+# targets (default: both modules) and links them into python/inferops/, so that
+#   PYTHONPATH=python python -m pytest ...
+# runs this checkout. `scripts/dev_build.sh _simt` rebuilds only the CPU SIMT executor
+# module (seconds after a kernel edit); SAN=1 builds the AddressSanitizer variant into
+# build/dev-asan instead (use it with INFEROPS_SIMT_MODULE and the ASan runtime preloaded,
+# as .ci/run does).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${CUDACXX:-}" ] && command -v nvcc >/dev/null; then export CUDACXX=$(command -v nvcc); fi
+dir=build/dev
+extra=()
+if [ "${SAN:-0}" = 1 ]; then dir=build/dev-asan; extra=(-DINFEROPS_SIMT_SANITIZE=ON); fi
+if [ ! -f "$dir/build.ninja" ]; then
+  cmake -S . -B "$dir" -G Ninja -DINFEROPS_BUILD_PYTHON=ON -DCMAKE_BUILD_TYPE=Release \
+    -Dpybind11_DIR="$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')" "${extra[@]}" >/dev/null
+fi
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then targets=(_C _simt); fi
+ninja -C "$dir" "${targets[@]}"
+if [ "${SAN:-0}" != 1 ]; then
+  for t in "${targets[@]}"; do
+    for so in "$dir"/"$t".*.so; do ln -sf "$PWD/$so" python/inferops/; done
+  done
+fi
