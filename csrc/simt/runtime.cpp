@@ -272,8 +272,21 @@ void on_exit(Scheduler& s, Fiber& f);
   std::abort();  // never resumed
 }
 
+// fiber_main never returns, so AddressSanitizer's redzones of its frame stay on the stack
+// after a thread exits: clear the top of the stack before it is reused (abandoned fibers of
+// a failed launch get their whole stack cleared).
+void unpoison_top(Fiber& f) {
+#if SIMT_ASAN
+  constexpr std::size_t kTop = 16 * 1024;
+  ASAN_UNPOISON_MEMORY_REGION(f.stack + f.stack_bytes - kTop, kTop);
+#else
+  (void)f;
+#endif
+}
+
 #if defined(__x86_64__)
 void prepare(Fiber& f) {
+  unpoison_top(f);
   // Initial frame, as simt_switch leaves one: [fpcw][mxcsr][r15 r14 r13 r12 rbx rbp][ret][0].
   // After the `ret` into fiber_main the stack pointer is 8 mod 16, as after a call.
   auto* top = reinterpret_cast<uint64_t*>(f.stack + f.stack_bytes);
@@ -291,6 +304,7 @@ void prepare(Fiber& f) {
 }
 #else
 void prepare(Fiber& f) {
+  unpoison_top(f);
   getcontext(&f.ctx);
   f.ctx.uc_stack.ss_sp = f.stack;
   f.ctx.uc_stack.ss_size = f.stack_bytes;
