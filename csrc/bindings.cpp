@@ -47,6 +47,14 @@
 #define INFEROPS_CUDA_ARCHS ""
 #endif
 
+#ifdef INFEROPS_SIMT
+// The executor's own checks (csrc/simt/selftest.cpp).
+namespace inferops::simt_selftest {
+std::vector<std::string> names();
+std::vector<float> run(const std::string& name, const std::vector<float>& input);
+}  // namespace inferops::simt_selftest
+#endif
+
 namespace py = pybind11;
 using inferops::TensorView;
 
@@ -287,6 +295,11 @@ PYBIND11_MODULE(INFEROPS_MODULE_NAME, m) {
   m.def("runtime_info", &runtime_info, "CUDA driver version and device count as seen now.");
   m.def("device_info", &device_info, py::arg("device"), "SM count, shared memory and L2 of a device.");
   m.def("tensor_info", &tensor_info, py::arg("capsule"), "Debug view of a DLPack capsule.");
+#ifdef INFEROPS_SIMT
+  m.def("simt_selftests", &inferops::simt_selftest::names, "Names of the executor's self-test kernels.");
+  m.def("simt_selftest", &inferops::simt_selftest::run, py::arg("name"), py::arg("input"),
+        "Run executor self-test kernel `name` on `input` (floats); returns its output.");
+#endif
 
   m.def(
       "merge_states",

@@ -518,7 +518,7 @@ const unsigned char* collective(int op, const char* what, unsigned mask, const v
     g = &w.groups[w.ngroups++];
     *g = Group{mask, 0u, op, what};
   }
-  std::memcpy(w.payload[f.lane], payload, bytes);
+  if (bytes > 0) std::memcpy(w.payload[f.lane], payload, bytes);
   g->arrived |= 1u << f.lane;
   ++s.progress;
   f.wait = Wait::kCollective;
@@ -627,9 +627,10 @@ void setup_window(Scheduler& s) {
 }
 
 // Bytes of the window between the launch's dynamic size and the guard page: filled with a
-// canary before each block and checked after it (writes past the end; AddressSanitizer builds
-// also catch reads).
-constexpr unsigned char kCanary = 0xA5;
+// canary before each block and checked after it (writes past the end). The canary reads as
+// NaN in fp32, fp16 and bf16 (16-bit pattern 0xFFA5), so a read past the end poisons the
+// result; AddressSanitizer builds report the read itself.
+constexpr unsigned char kCanary[2] = {0xA5, 0xFF};
 
 void run_block(Scheduler& s, const dim3& bd) {
   const int n = static_cast<int>(bd.x * bd.y * bd.z);
@@ -649,7 +650,7 @@ void run_block(Scheduler& s, const dim3& bd) {
   ASAN_UNPOISON_MEMORY_REGION(s.window, kSmemWindow);
 #endif
   std::memset(s.dyn, 0xff, s.dyn_bytes);  // poison: NaN for floats, -1 for integers
-  std::memset(s.dyn + s.dyn_bytes, kCanary, static_cast<std::size_t>(end - (s.dyn + s.dyn_bytes)));
+  for (unsigned char* p = s.dyn + s.dyn_bytes; p < end; ++p) *p = kCanary[(p - s.window) & 1];
 #if SIMT_ASAN
   ASAN_POISON_MEMORY_REGION(s.window, static_cast<std::size_t>(s.dyn - s.window));
   ASAN_POISON_MEMORY_REGION(s.dyn + s.dyn_bytes, static_cast<std::size_t>(end - (s.dyn + s.dyn_bytes)));
@@ -706,11 +707,12 @@ void run_block(Scheduler& s, const dim3& bd) {
   ASAN_UNPOISON_MEMORY_REGION(s.window, kSmemWindow);
 #endif
   for (unsigned char* p = s.dyn + s.dyn_bytes; p < end; ++p) {
-    if (*p != kCanary) {
+    if (*p != kCanary[(p - s.window) & 1]) {
       s.failed = true;
       s.error = "simt: block (" + std::to_string(g_blockIdx.x) + "," + std::to_string(g_blockIdx.y) + "," +
-                std::to_string(g_blockIdx.z) + ") wrote " + std::to_string(p - (s.dyn + s.dyn_bytes)) +
-                " bytes past the end of its " + std::to_string(s.dyn_bytes) + " bytes of dynamic shared memory";
+                std::to_string(g_blockIdx.z) + ") wrote past the end of its " + std::to_string(s.dyn_bytes) +
+                " bytes of dynamic shared memory (first changed byte: offset " +
+                std::to_string(p - s.dyn) + ")";
       return;
     }
   }

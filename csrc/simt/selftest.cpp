@@ -1,0 +1,252 @@
+// Small kernels that check the SIMT executor itself (tests/simt/test_executor.py): that the
+// intrinsics behave as CUDA's do, and that each class of kernel bug the executor promises to
+// catch is caught -- from a deliberately broken kernel, not from a description of one.
+// Compiled into inferops._simt only (inferops._C has no use for them).
+//
+// simt_selftest(name, n) runs kernel `name` on n-element host buffers it owns and returns the
+// output as a list of floats; a kernel error raises (RuntimeError "simt: ...").
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/check.h"
+#include "common/cp_async.cuh"
+#include "common/cuda_check.h"
+#include "common/kernel_launch.cuh"
+
+namespace inferops::simt_selftest {
+namespace {
+
+struct Buffers {
+  float* in;
+  float* out;
+  int n;
+};
+
+// --- correct kernels: the intrinsics' semantics -------------------------------------------------
+
+// out[i] = sum over the block of in (warp shuffles + shared memory + __syncthreads).
+__global__ void BlockSumKernel(Buffers b) {
+  __shared__ float warp_sums[32];
+  const int t = threadIdx.x;  // launched with n rounded up to whole warps
+  float v = t < b.n ? b.in[t] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (t % 32 == 0) warp_sums[t / 32] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) total += warp_sums[w];
+  if (t < b.n) b.out[t] = total;
+}
+
+// out[i] = [__syncthreads_count(in > 0), __syncthreads_and(in > 0), __syncthreads_or(in > 0),
+//           popc(__ballot_sync(in > 0)) of the warp, __match_any_sync(in) mask popcount]
+__global__ void VotesKernel(Buffers b) {
+  const int t = threadIdx.x;
+  const int p = t < b.n && b.in[t] > 0.f;
+  const int count = __syncthreads_count(p);
+  const int all = __syncthreads_and(p);
+  const int any = __syncthreads_or(p);
+  const unsigned ballot = __ballot_sync(0xffffffffu, p);
+  const unsigned match = __match_any_sync(0xffffffffu, __float_as_int(t < b.n ? b.in[t] : 0.f));
+  if (t < b.n) {
+    b.out[5 * t + 0] = float(count);
+    b.out[5 * t + 1] = float(all);
+    b.out[5 * t + 2] = float(any);
+    b.out[5 * t + 3] = float(__popc(ballot));
+    b.out[5 * t + 4] = float(__popc(match));
+  }
+}
+
+// Shuffles in 16-lane halves with width 16: out[i] = in[(i & ~15) + ((i + 1) & 15)] (shfl with
+// width), and lanes 0-15 / 16-31 use disjoint masks at the same time (legal divergence).
+__global__ void HalfWarpShuffleKernel(Buffers b) {
+  const int t = threadIdx.x;
+  const float v = b.in[t];
+  const unsigned mask = (t & 16) ? 0xffff0000u : 0x0000ffffu;
+  const float r = __shfl_sync(mask, v, (t + 1) & 15, 16);
+  b.out[t] = r;
+}
+
+// cp.async round trip: each thread copies 4 floats in, waits, and writes them back out.
+__global__ void CpAsyncKernel(Buffers b, int pending_after_second) {
+  INFEROPS_DYNAMIC_SMEM(float, s, 16);
+  const int t = threadIdx.x;
+  cp_async_16(s + 4 * t, b.in + 4 * t);
+  cp_async_commit();
+  cp_async_16(s + 4 * blockDim.x + 4 * t, b.in + 4 * blockDim.x + 4 * t);
+  cp_async_commit();
+  if (pending_after_second == 0) {
+    cp_async_wait<0>();
+  } else {
+    cp_async_wait<1>();  // the bug: the second group may still be in flight
+  }
+  __syncthreads();
+  for (int i = 0; i < 4; ++i) {
+    b.out[4 * t + i] = s[4 * t + i];
+    b.out[4 * blockDim.x + 4 * t + i] = s[4 * blockDim.x + 4 * t + i];
+  }
+}
+
+// --- broken kernels: each must be reported ---------------------------------------------------------
+
+__global__ void OobGlobalReadKernel(Buffers b) {  // reads in[n]: one past the end
+  const int t = threadIdx.x;
+  if (t == 0) b.out[0] = b.in[b.n];
+}
+
+__global__ void DynSmemOverreadKernel(Buffers b, int elems) {  // reads one float past the launch size
+  INFEROPS_DYNAMIC_SMEM(float, s, 16);
+  const int t = threadIdx.x;
+  if (t < elems) s[t] = 1.f;
+  __syncthreads();
+  if (t == 0) b.out[0] = s[elems];
+}
+
+__global__ void DynSmemOverwriteKernel(Buffers b, int elems) {  // writes one float past it
+  INFEROPS_DYNAMIC_SMEM(float, s, 16);
+  const int t = threadIdx.x;
+  s[t] = 1.f;  // launched with elems + 1 threads
+  __syncthreads();
+  if (t == 0) b.out[0] = s[0] + float(elems);
+}
+
+// Thread t writes s[t] and reads its neighbour's element without a barrier in between.
+__global__ void MissingSyncKernel(Buffers b) {
+  INFEROPS_DYNAMIC_SMEM(float, s, 16);
+  const int t = threadIdx.x;
+  s[t] = b.in[t];
+  // __syncthreads() missing here
+  b.out[t] = s[(t + 1) % blockDim.x];
+}
+
+__global__ void PartialWarpFullMaskKernel(Buffers b) {  // 48 threads: lanes 16-31 of warp 1 do not exist
+  const int t = threadIdx.x;
+  float v = b.in[t];
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  b.out[t] = v;
+}
+
+__global__ void ShuffleOutsideMaskKernel(Buffers b) {  // lanes 0-15 read lane 16..31
+  const int t = threadIdx.x;
+  if (t < 16) b.out[t] = __shfl_sync(0x0000ffffu, b.in[t], t + 16);
+}
+
+__global__ void DeadlockKernel(Buffers b) {  // warp 1 splits between __syncwarp and __syncthreads
+  const int t = threadIdx.x;
+  if (t >= 32 && t < 48) {
+    __syncwarp();
+  } else {
+    __syncthreads();
+  }
+  b.out[t] = 0.f;
+}
+
+__global__ void TrapKernel(Buffers b) {
+  if (threadIdx.x == 3 && blockIdx.x == 1) __trap();
+  b.out[threadIdx.x] = 1.f;
+}
+
+__device__ __attribute__((noinline)) float deep(volatile float* p, int depth) {
+  volatile float pad[256];
+  pad[depth & 255] = p[0];
+  return depth == 0 ? pad[0] : deep(p, depth - 1) + pad[depth & 255];
+}
+__global__ void StackOverflowKernel(Buffers b) {
+  if (threadIdx.x == 0) b.out[0] = deep(b.in, 1 << 20);
+}
+
+__global__ void MisalignedCpAsyncKernel(Buffers b) {
+  INFEROPS_DYNAMIC_SMEM(float, s, 16);
+  cp_async_16(s + 1, b.in);  // 4-byte aligned destination: cp.async of 16 bytes needs 16
+  cp_async_commit();
+  cp_async_wait<0>();
+  b.out[0] = s[1];
+}
+
+__global__ void EmptyKernel(Buffers) {}
+
+// --- driver ----------------------------------------------------------------------------------------------
+
+using Runner = std::function<void(Buffers&)>;
+
+void check_launch() { INFEROPS_CUDA_CHECK_LAUNCH(); }
+
+const std::map<std::string, std::pair<int, Runner>>& registry() {
+  // name -> (output elements per input element, runner)
+  static const std::map<std::string, std::pair<int, Runner>> r = {
+      {"block_sum",
+       {1, [](Buffers& b) { launch_kernel(BlockSumKernel, 1, (b.n + 31) / 32 * 32, 0, nullptr, b); check_launch(); }}},
+      {"votes", {5, [](Buffers& b) { launch_kernel(VotesKernel, 1, b.n, 0, nullptr, b); check_launch(); }}},
+      {"half_warp_shuffle",
+       {1, [](Buffers& b) { launch_kernel(HalfWarpShuffleKernel, 1, 32, 0, nullptr, b); check_launch(); }}},
+      {"cp_async",
+       {1, [](Buffers& b) {
+          launch_kernel(CpAsyncKernel, 1, b.n / 8, b.n * 4, nullptr, b, 0);
+          check_launch();
+        }}},
+      {"cp_async_wait_short",
+       {1, [](Buffers& b) {
+          launch_kernel(CpAsyncKernel, 1, b.n / 8, b.n * 4, nullptr, b, 1);
+          check_launch();
+        }}},
+      {"oob_global_read",
+       {1, [](Buffers& b) { launch_kernel(OobGlobalReadKernel, 1, 32, 0, nullptr, b); check_launch(); }}},
+      {"dyn_smem_overread",
+       {1, [](Buffers& b) {
+          launch_kernel(DynSmemOverreadKernel, 1, 64, 64 * 4, nullptr, b, 64);
+          check_launch();
+        }}},
+      {"dyn_smem_overwrite",
+       {1, [](Buffers& b) {
+          launch_kernel(DynSmemOverwriteKernel, 1, 65, 64 * 4, nullptr, b, 64);
+          check_launch();
+        }}},
+      {"missing_sync", {1, [](Buffers& b) { launch_kernel(MissingSyncKernel, 1, b.n, b.n * 4, nullptr, b); check_launch(); }}},
+      {"partial_warp_full_mask",
+       {1, [](Buffers& b) { launch_kernel(PartialWarpFullMaskKernel, 1, 48, 0, nullptr, b); check_launch(); }}},
+      {"shuffle_outside_mask",
+       {1, [](Buffers& b) { launch_kernel(ShuffleOutsideMaskKernel, 1, 32, 0, nullptr, b); check_launch(); }}},
+      {"deadlock", {1, [](Buffers& b) { launch_kernel(DeadlockKernel, 1, 64, 0, nullptr, b); check_launch(); }}},
+      {"trap", {1, [](Buffers& b) { launch_kernel(TrapKernel, 2, 32, 0, nullptr, b); check_launch(); }}},
+      {"stack_overflow",
+       {1, [](Buffers& b) { launch_kernel(StackOverflowKernel, 1, 32, 0, nullptr, b); check_launch(); }}},
+      {"misaligned_cp_async",
+       {1, [](Buffers& b) { launch_kernel(MisalignedCpAsyncKernel, 1, 32, 64, nullptr, b); check_launch(); }}},
+      {"too_many_threads",
+       {1, [](Buffers& b) { launch_kernel(EmptyKernel, 1, 2048, 0, nullptr, b); check_launch(); }}},
+      {"smem_without_attribute",
+       {1, [](Buffers& b) { launch_kernel(EmptyKernel, 1, 32, 64 * 1024, nullptr, b); check_launch(); }}},
+      {"grid_y_too_large",
+       {1, [](Buffers& b) { launch_kernel(EmptyKernel, dim3(1, 70000), 32, 0, nullptr, b); check_launch(); }}},
+  };
+  return r;
+}
+
+}  // namespace
+
+std::vector<std::string> names() {
+  std::vector<std::string> out;
+  for (const auto& [k, v] : registry()) out.push_back(k);
+  return out;
+}
+
+std::vector<float> run(const std::string& name, const std::vector<float>& input) {
+  const auto& r = registry();
+  auto it = r.find(name);
+  INFEROPS_CHECK_ARG(it != r.end(), "unknown executor self-test `", name, "`");
+  const int n = static_cast<int>(input.size());
+  // Exactly n floats (a heap block of its own: an access past it is an AddressSanitizer report).
+  std::unique_ptr<float[]> in(new float[static_cast<std::size_t>(n)]);
+  std::copy(input.begin(), input.end(), in.get());
+  const int per = it->second.first;
+  std::vector<float> out(static_cast<std::size_t>(n) * per, NAN);
+  Buffers b{in.get(), out.data(), n};
+  it->second.second(b);
+  return out;
+}
+
+}  // namespace inferops::simt_selftest

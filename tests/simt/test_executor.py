@@ -1,0 +1,192 @@
+"""The CPU SIMT executor itself (csrc/simt/): intrinsic semantics, routing, and that each class of
+kernel bug it promises to catch is caught, from small deliberately broken kernels
+(csrc/simt/selftest.cpp). Out-of-bounds reads are only visible to AddressSanitizer: those
+tests run in CI's sanitizer pass (the executor module built with INFEROPS_SIMT_SANITIZE) and
+skip elsewhere."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import inferops
+from inferops._core import ops
+from inferops._core.extension import simt_extension
+from inferops.testing import backend, simt_available
+
+pytestmark = [
+    pytest.mark.simt,
+    pytest.mark.skipif(not simt_available(), reason="inferops._simt (the SIMT executor) is not built"),
+]
+
+
+def _module():
+    return simt_extension()
+
+
+def _sanitized() -> bool:
+    m = simt_extension()
+    return m is not None and bool(m.build_info().get("sanitizer"))
+
+
+def _run_in_subprocess(name: str, n: int = 64) -> subprocess.CompletedProcess:
+    """Runs self-test `name` in a fresh interpreter (for faults that end the process)."""
+    code = (
+        "import inferops\n"
+        "m = inferops._core.extension.simt_extension()\n"
+        f"out = m.simt_selftest({name!r}, [1.0] * {n})\n"
+        "print('finished', out[0])\n"
+    )
+    env = dict(os.environ)
+    # Sanitizer reports must reach stderr (CI may point ASan's log at files).
+    env["ASAN_OPTIONS"] = "detect_leaks=0"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+# --- build info and routing -------------------------------------------------------------------
+
+
+def test_build_info_lists_executor_kernels():
+    info = inferops.build_info()["simt"]
+    assert info["available"] and info["error"] is None
+    for op in ("merge_states", "paged_decode", "w8a8_matmul", "routing_layout", "gemm_reduce_scatter"):
+        assert op in info["ops"]
+    assert _module().build_info()["backend"] == "simt"
+
+
+def test_backend_context_routes_cpu_ops(gen):
+    from inferops.attention import merge_states
+
+    assert ops.cpu_backend() == "reference" or os.environ.get("INFEROPS_BACKEND") == "simt"
+    with backend("simt"):
+        assert ops.kernel_backend("merge_states", "cpu") == "simt"
+    with backend("reference"):
+        assert ops.kernel_backend("merge_states", "cpu") == "reference"
+    v = torch.randn(5, 3, 64, generator=gen)
+    lse = torch.randn(5, 3, generator=gen)
+    with backend("simt"):
+        a = merge_states(v, lse, v * 2, lse + 1)
+    with backend("reference"):
+        b = merge_states(v, lse, v * 2, lse + 1)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_rejects_unknown_name():
+    with pytest.raises(ValueError, match="expected a backend"):
+        with backend("gpu"):
+            pass
+
+
+# --- intrinsics behave like CUDA's ----------------------------------------------------------------
+
+
+def test_block_reduction_with_shuffles_and_barrier():
+    x = [float(i) for i in range(45)]
+    assert _module().simt_selftest("block_sum", x) == [sum(x)] * 45
+
+
+def test_votes_and_barrier_reductions():
+    x = [1.0 if i % 3 else -1.0 for i in range(32)]
+    out = _module().simt_selftest("votes", x)
+    positives = sum(v > 0 for v in x)
+    for t in range(32):
+        count, all_, any_, ballot, match = out[5 * t : 5 * t + 5]
+        assert (count, all_, any_, ballot) == (positives, 0.0, 1.0, positives)
+        assert match == (positives if x[t] > 0 else 32 - positives)
+
+
+def test_disjoint_masks_in_one_warp_and_shuffle_width():
+    out = _module().simt_selftest("half_warp_shuffle", [float(i) for i in range(32)])
+    assert out == [float((i & ~15) + ((i + 1) & 15)) for i in range(32)]
+
+
+def test_cp_async_round_trip():
+    x = [float(i) for i in range(256)]
+    assert _module().simt_selftest("cp_async", x) == x
+
+
+# --- kernel bugs the executor catches ------------------------------------------------------------
+
+
+def test_cp_async_wait_one_group_short_reads_poison():
+    out = _module().simt_selftest("cp_async_wait_short", [float(i) for i in range(256)])
+    assert all(v == v for v in out[:128])  # the waited group landed
+    assert all(v != v for v in out[128:])  # the group still in flight reads as NaN
+
+
+def test_missing_syncthreads_reads_poison():
+    out = _module().simt_selftest("missing_sync", [float(i) for i in range(64)])
+    assert all(v != v for v in out[:-1])
+
+
+def test_dynamic_smem_overread_reads_nan():
+    # Plain build: the bytes past the launch size hold a NaN canary (ASan reports the read).
+    if _sanitized():
+        pytest.skip("the sanitizer build reports this read (test_asan_reports_dynamic_smem_overread)")
+    v = _module().simt_selftest("dyn_smem_overread", [1.0] * 64)[0]
+    assert v != v
+
+
+@pytest.mark.parametrize(
+    "name, pattern",
+    [
+        ("dyn_smem_overwrite", r"wrote past the end of its 256 bytes of dynamic shared memory"),
+        ("partial_warp_full_mask", r"mask 0xffffffff names lanes that do not exist"),
+        ("shuffle_outside_mask", r"reads lane 16, which is outside the mask 0x0000ffff"),
+        (
+            "deadlock",
+            r"deadlock in block \(0,0,0\).*threads 0-31 waiting at __syncthreads; "
+            r"threads 32-47 waiting in __syncwarp",
+        ),
+        ("trap", r"__trap\(\) called in block \(1,0,0\) thread \(3,0,0\)"),
+        ("misaligned_cp_async", r"misaligned address .* cp.async shared destination"),
+        ("too_many_threads", r"cudaErrorInvalidConfiguration.*block \(2048,1,1\)"),
+        ("grid_y_too_large", r"cudaErrorInvalidConfiguration.*grid \(1,70000,1\)"),
+        ("smem_without_attribute", r"cudaErrorInvalidValue.*65536 bytes of dynamic shared memory"),
+    ],
+)
+def test_kernel_errors_are_reported(name, pattern):
+    if name == "dyn_smem_overwrite" and _sanitized():
+        # AddressSanitizer reports the write itself (before the canary check could).
+        r = _run_in_subprocess(name)
+        assert r.returncode != 0 and "use-after-poison" in r.stderr, r.stderr[-3000:]
+        assert "DynSmemOverwriteKernel" in r.stderr
+        return
+    with pytest.raises(RuntimeError, match=pattern):
+        _module().simt_selftest(name, [1.0] * 64)
+
+
+def test_executor_usable_after_a_kernel_error():
+    with pytest.raises(RuntimeError):
+        _module().simt_selftest("deadlock", [1.0] * 64)
+    x = [float(i) for i in range(64)]
+    assert _module().simt_selftest("block_sum", x) == [sum(x)] * 64
+
+
+def test_stack_overflow_is_reported():
+    r = _run_in_subprocess("stack_overflow", 32)
+    assert r.returncode != 0 and "finished" not in r.stdout
+    assert "stack overflow" in r.stderr or "stack-overflow" in r.stderr, r.stderr[-2000:]
+
+
+# --- AddressSanitizer (CI's sanitizer pass) ----------------------------------------------------------
+
+
+@pytest.mark.skipif(not _sanitized(), reason="needs the AddressSanitizer build of inferops._simt (CI)")
+def test_asan_reports_out_of_bounds_global_read():
+    r = _run_in_subprocess("oob_global_read", 16)
+    assert r.returncode != 0 and "finished" not in r.stdout
+    assert "heap-buffer-overflow" in r.stderr and "READ of size 4" in r.stderr, r.stderr[-3000:]
+    assert "OobGlobalReadKernel" in r.stderr  # the report names the kernel
+
+
+@pytest.mark.skipif(not _sanitized(), reason="needs the AddressSanitizer build of inferops._simt (CI)")
+def test_asan_reports_dynamic_smem_overread():
+    r = _run_in_subprocess("dyn_smem_overread", 64)
+    assert r.returncode != 0 and "finished" not in r.stdout
+    assert "use-after-poison" in r.stderr and "DynSmemOverreadKernel" in r.stderr, r.stderr[-3000:]
