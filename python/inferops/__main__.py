@@ -5,6 +5,10 @@ then for every registered demo: the op on fresh random inputs, its maximum
 error against the float64 reference (and whether it is within the shared
 tolerance), its time and the time of its baseline measured in the same run.
 Exits non-zero if any op fails its check. Works on a CPU-only machine.
+
+``--backend simt`` runs the ops on CPU tensors through the real kernels on the CPU
+SIMT executor (``inferops._simt``): the check column then judges the kernels
+themselves; their times are simulation times, not performance.
 """
 
 from __future__ import annotations
@@ -23,14 +27,34 @@ def _outputs(x):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m inferops", description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--iters", type=int, default=None, help="timed calls per op (default 50; 2 with --backend simt)")
+    p.add_argument("--backend", choices=("auto", "reference", "simt"), default="auto",
+                   help="what ops on CPU tensors run: the PyTorch reference (auto) or the kernels on the "
+                        "CPU SIMT executor (simt)")
     args = p.parse_args(argv)
+    if args.backend == "simt":
+        if args.device not in (None, "cpu"):
+            p.error("--backend simt runs the kernels on CPU tensors: use --device cpu (or leave it out)")
+        args.device = "cpu"
+        from inferops.testing import backend
 
+        with backend("simt"):
+            return _run(args, simulated=True)
+    if args.backend == "reference":
+        from inferops.testing import backend
+
+        with backend("reference"):
+            return _run(args, simulated=False)
+    return _run(args, simulated=False)
+
+
+def _run(args, simulated: bool) -> int:
+    if args.iters is None:
+        args.iters = 2 if simulated else 50
     import inferops
     from inferops._core.demos import DEMOS
     from inferops._core.ops import kernel_backend
-    from inferops.benchmark import device_name, time_fn
-    from inferops.testing import assert_close, max_abs_error
+    from inferops.benchmark import device_name
 
     info = inferops.build_info()
     reason = inferops.cuda_unavailable_reason()
@@ -43,40 +67,70 @@ def main(argv=None) -> int:
               + f"; host compiler {info['host_compiler']}")
     else:
         print(f"extension: not loaded ({info['error']})")
-    print("backend: " + ("CUDA kernels" if reason is None else f"PyTorch reference ({reason})"))
+    if simulated:
+        print("backend: the CUDA kernels on the CPU SIMT executor (inferops._simt); times are "
+              "simulation times, not performance")
+    else:
+        print("backend: " + ("CUDA kernels" if reason is None and device.type == "cuda"
+                             else f"PyTorch reference ({reason or 'CPU tensors'})"))
     print()
 
     seed = int.from_bytes(os.urandom(4), "little")
     g = torch.Generator().manual_seed(seed)
-    header = ("op", "backend", "sizes", "dtype", "max err", "check", "time (us)", "baseline (us)", "speedup")
+    time_col = "sim time (us)" if simulated else "time (us)"
+    header = ("op", "backend", "sizes", "dtype", "max err", "check", time_col, "baseline (us)", "speedup")
     rows = []
     failed = 0
     for demo in DEMOS:
-        inputs = demo.make_inputs(device, g)
-        ref = _outputs(demo.reference64(*inputs))  # first: in-place ops overwrite inputs
-        out = _outputs(demo.run(*inputs))
-        err = max(max_abs_error(o, r) for o, r in zip(out, ref))
         try:
-            for i, (o, r) in enumerate(zip(out, ref)):
-                tol = demo.dtype if i == 0 else (demo.aux_tolerance or o.dtype)
-                assert_close(o, r, tol, name=f"{demo.op} output {i}", seed=seed)
-            verdict = "ok"
-        except AssertionError as e:
-            verdict = "FAIL"
-            failed += 1
-            print(f"[inferops] {e}", file=sys.stderr)
-        t = time_fn(demo.run, [inputs], iters=args.iters)
-        tb = time_fn(demo.baseline, [inputs], iters=args.iters)
-        rows.append((demo.op, kernel_backend(demo.op, device), demo.sizes(device),
-                     str(demo.dtype).replace("torch.", ""), f"{err:.2e}", verdict,
-                     f"{t.median_us:.1f}", f"{tb.median_us:.1f}", f"x{tb.median_us / t.median_us:.2f}"))
+            row, ok = _check_demo(demo, device, g, seed, args, simulated)
+        except Exception as e:  # one broken op must not hide the others' results
+            not_modelled = simulated and "not modelled by the SIMT executor" in str(e)
+            row = (demo.op, kernel_backend(demo.op, device), demo.sizes(device),
+                   str(demo.dtype).replace("torch.", ""), "-", "not run" if not_modelled else "ERROR",
+                   "-", "-", "-")
+            ok = not_modelled
+            print(f"[inferops] {demo.op}: {type(e).__name__}: {e}", file=sys.stderr)
+        rows.append(row)
+        failed += 0 if ok else 1
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    print(f"\n{len(rows) - failed} of {len(rows)} ops within tolerance of the float64 reference "
-          f"(seed {seed}); baseline = the op's PyTorch reference, timed in the same run.")
+    not_run = sum(r[5] == "not run" for r in rows)
+    print(f"\n{len(rows) - failed - not_run} of {len(rows)} ops within tolerance of the float64 reference "
+          f"(seed {seed}"
+          + (f"; {not_run} not run: the executor does not model what they need" if not_run else "")
+          + "); baseline = the op's PyTorch reference, timed in the same run.")
     return 1 if failed else 0
+
+
+def _check_demo(demo, device, g, seed, args, simulated):
+    """One table row for `demo`, and whether it passed its check."""
+    from inferops._core.ops import kernel_backend
+    from inferops.benchmark import time_fn
+    from inferops.testing import assert_close, max_abs_error
+
+    inputs = demo.make_inputs(device, g)
+    ref = _outputs(demo.reference64(*inputs))  # first: in-place ops overwrite inputs
+    out = _outputs(demo.run(*inputs))
+    err = max(max_abs_error(o, r) for o, r in zip(out, ref))
+    ok = True
+    try:
+        for i, (o, r) in enumerate(zip(out, ref)):
+            tol = demo.dtype if i == 0 else (demo.aux_tolerance or o.dtype)
+            assert_close(o, r, tol, name=f"{demo.op} output {i}", seed=seed)
+    except AssertionError as e:
+        ok = False
+        print(f"[inferops] {e}", file=sys.stderr)
+    warmup = 0 if simulated else 10
+    t = time_fn(demo.run, [inputs], iters=args.iters, warmup=warmup)
+    tb = time_fn(demo.baseline, [inputs], iters=args.iters, warmup=warmup)
+    row = (demo.op, kernel_backend(demo.op, device), demo.sizes(device),
+           str(demo.dtype).replace("torch.", ""), f"{err:.2e}", "ok" if ok else "FAIL",
+           f"{t.median_us:.1f}", f"{tb.median_us:.1f}",
+           "n/a (simulated)" if simulated else f"x{tb.median_us / t.median_us:.2f}")
+    return row, ok
 
 
 if __name__ == "__main__":
