@@ -51,4 +51,13 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Commit the open group and wait for every group (cp.async.wait_all).
+__device__ __forceinline__ void cp_async_wait_all() {
+#ifdef INFEROPS_SIMT
+  ::simt::ptx::cp_async_wait_all();
+#else
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 }  // namespace inferops

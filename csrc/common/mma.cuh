@@ -64,4 +64,33 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   ldmatrix_x4_trans(r, static_cast<unsigned>(__cvta_generic_to_shared(smem)));
 }
 
+// x1 / x2 forms (lanes 0-7 / 0-15 give the row addresses), plain and transposed.
+template <int kCount, bool kTrans>
+__device__ __forceinline__ void ldmatrix_xn(uint32_t (&r)[kCount], unsigned saddr) {
+  static_assert(kCount == 1 || kCount == 2 || kCount == 4, "ldmatrix loads 1, 2 or 4 matrices");
+#ifdef INFEROPS_SIMT
+  ::simt::ptx::ldmatrix(r, kCount, saddr, kTrans);
+#else
+  if constexpr (kCount == 1 && !kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(saddr) : "memory");
+  } else if constexpr (kCount == 1) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(saddr) : "memory");
+  } else if constexpr (kCount == 2 && !kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(saddr)
+                 : "memory");
+  } else if constexpr (kCount == 2) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(saddr)
+                 : "memory");
+  } else if constexpr (!kTrans) {
+    ldmatrix_x4(r, saddr);
+  } else {
+    ldmatrix_x4_trans(r, saddr);
+  }
+#endif
+}
+
 }  // namespace inferops

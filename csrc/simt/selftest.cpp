@@ -17,6 +17,7 @@
 #include "common/cp_async.cuh"
 #include "common/cuda_check.h"
 #include "common/kernel_launch.cuh"
+#include "common/mma.cuh"
 
 namespace inferops::simt_selftest {
 namespace {
@@ -89,6 +90,29 @@ __global__ void CpAsyncKernel(Buffers b, int pending_after_second) {
     b.out[4 * t + i] = s[4 * t + i];
     b.out[4 * blockDim.x + 4 * t + i] = s[4 * blockDim.x + 4 * t + i];
   }
+}
+
+// One m16n8k16 tile through the canonical ldmatrix -> mma.sync path (as CUTLASS loads it):
+// in = A [16][16] then B; B is [8 n][16 k] (trans_b == 0, ldmatrix.x2) or [16 k][8 n]
+// (trans_b == 1, ldmatrix.x2.trans); out = D [16][8] = A B (fp16 operands, fp32 out).
+__global__ void Mma16816Kernel(Buffers b, int trans_b) {
+  INFEROPS_DYNAMIC_SMEM(__half, s, 16);
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 16 * 16 + 16 * 8; i += 32) s[i] = __float2half(b.in[i]);
+  __syncwarp();
+  const __half* sa = s;
+  const __half* sb = s + 16 * 16;
+  uint32_t a[4], bf[2];
+  ldmatrix_x4(a, sa + (lane % 16) * 16 + (lane / 16) * 8);
+  if (trans_b) {
+    ldmatrix_xn<2, true>(bf, static_cast<unsigned>(__cvta_generic_to_shared(sb + (lane % 16) * 8)));
+  } else {
+    ldmatrix_xn<2, false>(bf, static_cast<unsigned>(__cvta_generic_to_shared(sb + (lane % 8) * 16 + ((lane / 8) % 2) * 8)));
+  }
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  mma_16816<__half>(d, a, bf[0], bf[1]);
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) b.out[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = d[i];
 }
 
 // --- broken kernels: each must be reported ---------------------------------------------------------
@@ -193,6 +217,10 @@ const std::map<std::string, std::pair<int, Runner>>& registry() {
           launch_kernel(CpAsyncKernel, 1, b.n / 8, b.n * 4, nullptr, b, 1);
           check_launch();
         }}},
+      {"mma_16816",
+       {1, [](Buffers& b) { launch_kernel(Mma16816Kernel, 1, 32, 384 * 2, nullptr, b, 0); check_launch(); }}},
+      {"mma_16816_trans_b",
+       {1, [](Buffers& b) { launch_kernel(Mma16816Kernel, 1, 32, 384 * 2, nullptr, b, 1); check_launch(); }}},
       {"oob_global_read",
        {1, [](Buffers& b) { launch_kernel(OobGlobalReadKernel, 1, 32, 0, nullptr, b); check_launch(); }}},
       {"dyn_smem_overread",

@@ -110,6 +110,19 @@ def test_cp_async_round_trip():
     assert _module().simt_selftest("cp_async", x) == x
 
 
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_ldmatrix_and_mma_compute_the_tile_product(trans_b, gen):
+    # A 16x16 and B through ldmatrix (x4; x2 or x2.trans) into mma.sync m16n8k16: the two
+    # executor models, written separately from the PTX ISA, must agree with a matmul.
+    a = torch.randn(16, 16, generator=gen).half().float()
+    bkn = torch.randn(16, 8, generator=gen).half().float()  # B as [k][n]
+    b_in = bkn if trans_b else bkn.t().contiguous()  # [k][n] (trans) or [n][k]
+    x = torch.cat([a.flatten(), b_in.flatten()]).tolist()
+    name = "mma_16816_trans_b" if trans_b else "mma_16816"
+    out = torch.tensor(_module().simt_selftest(name, x)[:128]).view(16, 8)
+    torch.testing.assert_close(out, a @ bkn, rtol=1e-5, atol=1e-5)
+
+
 # --- kernel bugs the executor catches ------------------------------------------------------------
 
 
