@@ -35,6 +35,16 @@ def test_cuda_build_when_nvcc_present():
             assert op.cuda_kernel in info["cuda_ops"], (name, info["cuda_ops"])
 
 
+def test_simt_build_when_cuda_headers_present():
+    """CI (INFEROPS_REQUIRE_CUDA_BUILD=1) must also get the executor build: without it every
+    executor test would skip and the kernels would go untested."""
+    if os.environ.get("INFEROPS_REQUIRE_CUDA_BUILD", "") in ("", "0"):
+        pytest.skip("INFEROPS_REQUIRE_CUDA_BUILD unset")
+    simt = inferops.build_info()["simt"]
+    assert simt["available"], simt["error"]
+    assert set(simt["ops"]) == set(inferops.build_info()["cuda_ops"])
+
+
 def test_runtime_info_never_raises():
     rt = inferops.build_info()["runtime"]
     assert set(rt) == {"driver_version", "device_count", "error"}
