@@ -13,7 +13,9 @@ dir=build/dev
 extra=()
 if [ "${SAN:-0}" = 1 ]; then dir=build/dev-asan; extra=(-DINFEROPS_SIMT_SANITIZE=ON); fi
 if [ ! -f "$dir/build.ninja" ]; then
+  version=$(python -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")
   cmake -S . -B "$dir" -G Ninja -DINFEROPS_BUILD_PYTHON=ON -DCMAKE_BUILD_TYPE=Release \
+    -DSKBUILD_PROJECT_VERSION="$version" \
     -Dpybind11_DIR="$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')" "${extra[@]}" >/dev/null
 fi
 targets=("$@")
