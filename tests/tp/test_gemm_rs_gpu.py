@@ -178,9 +178,7 @@ def test_virtual_ranks_equal_reference(world, case, dtype, gen, cuda_device):
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_ranks_in_turn_equal_reference(world, case, dtype, gen, kernel_device):
     """The virtual-rank cases with one grid at a time (``_run_in_turn``: how the executor
-    runs them; on a GPU too). Then the same inputs with the launch order reversed: rank
-    W - 1, reduced in its GEMM epilogues before, is now reduced in phase 2 after its
-    partials were pushed (and rank 0 the other way round): the same bits either way."""
+    runs them; on a GPU too)."""
     M, K, N = CASES[case](world), 256, 264
     layouts = ("nk", "kn")
     if is_simulated(kernel_device):  # fewer k steps; each dtype with one layout (orthogonal paths)
@@ -190,9 +188,31 @@ def test_ranks_in_turn_equal_reference(world, case, dtype, gen, kernel_device):
         a, b = _operands(gen, world, M, K, N, dtype, kernel_device, layout)
         out = _run_in_turn(eng, a, b, poisoned_empty((world, M // world, N), dtype, kernel_device), kernel_device)
         assert_gemm_rs_close(out, a, b, name=f"W={world} {case} {layout}")
-        again = poisoned_empty((world, M // world, N), dtype, kernel_device)
-        _run_in_turn(eng, a, b, again, kernel_device, order=reversed(range(world)))
-        assert torch.equal(again, out)  # deterministic: fixed summation order, whichever reduction ran
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_summation_order_is_fixed_whichever_reduction_ran(dtype, gen, kernel_device):
+    """Partials whose fp32 sum depends on the order: ranks 0 and 1 push exact negatives
+    (scaled by 2^12), the others small ones (2^-12), so summing 0, 1, 2, 3 cancels the big
+    ones exactly and keeps the small ones' bits, while any other order rounds them away
+    (with partials of one magnitude every order gives the same bits, as fp32 holds the sum
+    of a few bf16/fp16 values exactly). The ranks run in turn twice, the second time in
+    reverse: rank 3, reduced in its GEMM epilogues the first time, is reduced in phase 2
+    the second time (rank 0 the other way round); a GPU also runs them concurrently."""
+    world, M, K, N = 4, 4 * 37, 64, 264
+    a, b = _operands(gen, world, M, K, N, torch.float32, kernel_device)
+    a[1] = -a[0]
+    b[1] = b[0]
+    a[:2] *= 2.0 ** 12
+    a[2:] *= 2.0 ** -12
+    a, b = a.to(dtype), b.to(dtype)
+    eng = _virtual(world, M, N, dtype, kernel_device, timeout_s=10)
+    out = _run_in_turn(eng, a, b, poisoned_empty((world, M // world, N), dtype, kernel_device), kernel_device)
+    assert_gemm_rs_close(out, a, b)
+    again = poisoned_empty((world, M // world, N), dtype, kernel_device)
+    assert torch.equal(_run_in_turn(eng, a, b, again, kernel_device, order=reversed(range(world))), out)
+    if not is_simulated(kernel_device):
+        assert torch.equal(_call(eng, a, b, kernel_device), out)
 
 
 def test_buffer_n_not_multiple_of_8(gen, kernel_device):

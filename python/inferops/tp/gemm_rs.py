@@ -306,13 +306,13 @@ class GemmReduceScatter:
         dev = self.device
         if not self._kernel_usable(world):
             self.path = "reference"
-            backend = ops.kernel_backend(_OP, dev)
-            if self.dtype not in KERNEL_DTYPES:
-                self.fallback_reason = f"no kernel for dtype {self.dtype}"
-            elif backend == "simt":
-                self.fallback_reason = f"{world} virtual ranks on {dev}: {_executor_refusal(dev, world)}"
-            elif dev.type != "cuda":
+            kernel = ops.kernel_backend(_OP, dev) != "reference"  # the CUDA kernel, or the executor's
+            if dev.type != "cuda" and not kernel:
                 self.fallback_reason = f"tensors on {dev}"
+            elif self.dtype not in KERNEL_DTYPES:
+                self.fallback_reason = f"no kernel for dtype {self.dtype}"
+            elif kernel:
+                self.fallback_reason = f"{world} virtual ranks on {dev}: {_executor_refusal(dev, world)}"
             else:
                 self.fallback_reason = "the gemm_reduce_scatter CUDA kernel is not available in this build"
             self.workspace = torch.zeros((world, 0), dtype=torch.uint8, device=dev)
