@@ -1,10 +1,22 @@
-"""gemm_reduce_scatter kernel on the GPU (marked gpu; skipped without CUDA): one rank
-equals matmul; virtual ranks 2, 4 and 8 equal the reference for M not a multiple of
-the tile, M == world size, bf16/fp16 and both weight layouts, bitwise repeatably; 100
-repeated calls reuse the flags; CUDA-graph capture and replay; a late peer (phase-2
-reduction) gives the same bits as the epilogue reduction; a peer that never arrives
-times out and is reported instead of hanging; real ranks on 2+ GPUs through
-symmetric memory."""
+"""gemm_reduce_scatter kernel on the GPU (marked gpu): one rank equals matmul; virtual
+ranks 2, 4 and 8 equal the reference for M not a multiple of the tile, M == world size,
+bf16/fp16 and both weight layouts, bitwise repeatably; 100 repeated calls reuse the
+flags; CUDA-graph capture and replay; a late peer (phase-2 reduction) gives the same
+bits as the epilogue reduction; a peer that never arrives times out and is reported
+instead of hanging; real ranks on 2+ GPUs through symmetric memory.
+
+Without a GPU the tests taking ``kernel_device`` run on the CPU SIMT executor, which
+runs one grid at a time and a grid's blocks one after another. One rank (no buffers,
+no waits) runs as on a GPU. Virtual ranks cannot run as the engine runs them: every
+rank's phase 2 waits for the tiles the other ranks' grids push, so the first grid
+launched could only spin until its timeout. There they run *in turn*
+(``_run_in_turn``), which also runs on a GPU: the ranks before the last one time out
+(after pushing every partial; their rows become NaN), the last one finds every peer's
+partial and reduces all its tiles in its GEMM epilogues (with one block, since in a
+bigger grid a block's phase 2 would wait for a tile that a later block computes and
+marks), then each timed-out rank is relaunched as the same call (state rewound) and
+finds every flag up. The tests that need concurrently running grids (CUDA graphs,
+streams, a peer arriving late) or several GPUs stay on ``cuda_device``."""
 
 from __future__ import annotations
 
@@ -15,7 +27,16 @@ import torch
 import torch.distributed as dist
 from inferops import tp
 from inferops._core import ops
-from inferops.testing import assert_close, poisoned_empty
+from inferops.reference import tp as ref
+from inferops.testing import (
+    assert_close,
+    is_simulated,
+    kernel_backend_for,
+    kernel_module,
+    poisoned_empty,
+    stream_handle,
+    synchronize,
+)
 
 from tests.distributed import run_distributed
 from tests.tp.common import assert_gemm_rs_close
@@ -34,17 +55,97 @@ def _operands(gen, world, M, K, N, dtype, device, layout="nk"):
     return a, b
 
 
+class _Buffers:
+    """What ``GemmReduceScatter.virtual`` allocates for the kernel (zeroed workspace, state
+    and peer addresses), for raw launches where the engine takes the reference: virtual
+    ranks on the SIMT executor."""
+
+    def __init__(self, world, max_m, n, dtype, device, timeout_s):
+        per = -(-tp.buffer_bytes(max_m, n, world, dtype.itemsize) // 256) * 256
+        self.world_size, self.max_m, self.n, self.timeout_s = world, max_m, n, float(timeout_s)
+        self.workspace = torch.zeros((world, per), dtype=torch.uint8, device=device)
+        self.state = torch.zeros((world, tp.gemm_rs.STATE_WORDS), dtype=torch.int32, device=device)
+        self.peers = torch.tensor([self.workspace[r].data_ptr() for r in range(world)], dtype=torch.int64,
+                                  device=device)
+
+
+def _virtual(world, max_m, n, dtype, device, timeout_s):
+    """The virtual engine on a GPU; its buffers alone on the executor (see the module doc)."""
+    eng = tp.GemmReduceScatter.virtual(world, max_m, n, dtype, device, timeout_s=timeout_s)
+    if not is_simulated(device):
+        assert eng.path == "virtual"
+        return eng
+    assert eng.path == "reference" and "one grid at a time" in eng.fallback_reason, eng.fallback_reason
+    return _Buffers(world, max_m, n, dtype, device, timeout_s)
+
+
+def _launch(eng, r, a, b, out, device, *, timeout_s=None, blocks=0):
+    """Rank r's kernel through the raw binding, on eng's buffers."""
+    kernel_module(device).gemm_reduce_scatter(
+        ops.dlpack(a[r]), ops.dlpack(b[r]), ops.dlpack(out[r]), ops.dlpack(eng.peers), ops.dlpack(eng.state[r]),
+        r, eng.world_size, eng.max_m, eng.n, eng.workspace.shape[1],
+        eng.timeout_s if timeout_s is None else timeout_s, blocks, stream_handle(device))
+
+
+def _run_in_turn(eng, a, b, out, device, order=None, wait_s=0.02):
+    """One call of W virtual ranks with one grid running at a time (the SIMT executor's
+    way; see the module doc). Every rank but the last of ``order`` first times out after
+    ``wait_s``, with all its rows NaN; the last one runs with one block and must not wait.
+    Returns out."""
+    W = eng.world_size
+    order = list(range(W)) if order is None else list(order)
+    before = eng.state.clone()
+    for i, r in enumerate(order):
+        last = i == W - 1
+        _launch(eng, r, a, b, out, device, timeout_s=None if last else wait_s, blocks=1 if last else 0)
+    synchronize(device)
+    st = eng.state.cpu()
+    for r in order[:-1]:  # waited for ranks launched after it: timed out, rows NaN (never stale)
+        # The source it gave up on: a later rank, or itself where, one block at a time, a block
+        # waits for one of its own tiles that a later block of its grid computes.
+        assert int(st[r, 2]) == 1 and int(st[r, 3]) in order[order.index(r):], (r, st[r].tolist())
+        assert torch.isnan(out[r]).all(), r
+    assert st[order[-1], 2] == 0, st[order[-1]].tolist()
+    for r in order[:-1]:  # the same call again (epoch and error rewound): every partial is there
+        eng.state[r].copy_(before[r])
+        _launch(eng, r, a, b, out, device)
+    synchronize(device)
+    assert eng.state[:, 2].tolist() == [0] * W, eng.state.tolist()
+    assert eng.state[:, 0].tolist() == (before[:, 0] + 1).tolist()  # one epoch per call on every rank
+    assert eng.state[:, 1].tolist() == [0] * W
+    return out
+
+
+def _call(eng, a, b, device):
+    """eng(a, b) on a GPU (concurrent ranks), the ranks in turn on the executor."""
+    if not is_simulated(device) or eng.world_size == 1:
+        out = eng(a, b)
+        synchronize(device)
+        eng.check()
+        return out
+    W, M, N = a.shape[0], a.shape[1], b.shape[2]
+    return _run_in_turn(eng, a, b, poisoned_empty((W, M // W, N), a.dtype, device), device)
+
+
+# On the executor: the same tails (M, N, K) with fewer tiles and k steps.
+_SIMULATED_SHAPE = {(100, 1024, 1000): (100, 256, 1000), (2048, 256, 512): (520, 64, 264)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["nk", "kn"])
 @pytest.mark.parametrize("M, K, N", [(1, 512, 384), (100, 1024, 1000), (2048, 256, 512), (333, 72, 136)])
-def test_one_rank_equals_matmul(M, K, N, layout, dtype, gen, cuda_device):
-    eng = tp.GemmReduceScatter(None, max_m=2048, n=1024, dtype=dtype, device=cuda_device)
-    assert eng.path == "local" and ops.kernel_backend("virtual_gemm_reduce_scatter", cuda_device) == "cuda"
-    a, b = _operands(gen, 1, M, K, N, dtype, cuda_device, layout)
-    out = poisoned_empty((M, N), dtype, cuda_device)
+def test_one_rank_equals_matmul(M, K, N, layout, dtype, gen, kernel_device):
+    if is_simulated(kernel_device):
+        M, K, N = _SIMULATED_SHAPE.get((M, K, N), (M, K, N))
+    eng = tp.GemmReduceScatter(None, max_m=2048, n=1024, dtype=dtype, device=kernel_device)
+    assert eng.path == "local"
+    assert ops.kernel_backend("virtual_gemm_reduce_scatter", kernel_device) == kernel_backend_for(kernel_device)
+    a, b = _operands(gen, 1, M, K, N, dtype, kernel_device, layout)
+    out = poisoned_empty((M, N), dtype, kernel_device)
     eng(a[0], b[0], out=out)
     assert_close(out, a[0].double() @ b[0].double(), dtype)
     assert_close(tp.gemm_reduce_scatter(a[0], b[0]), a[0].double() @ b[0].double(), dtype)
+    assert eng.state[0].tolist() == [1] + [0] * (tp.gemm_rs.STATE_WORDS - 1)  # ran once, no error
 
 
 CASES = {  # name: M as a function of W
@@ -58,6 +159,7 @@ CASES = {  # name: M as a function of W
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_virtual_ranks_equal_reference(world, case, dtype, gen, cuda_device):
+    """Concurrent grids (stays on cuda_device); the executor runs these cases in turn below."""
     M, K, N = CASES[case](world), 256, 264
     eng = tp.GemmReduceScatter.virtual(world, 1040, 264, dtype, cuda_device, timeout_s=10)
     assert eng.path == "virtual"
@@ -71,31 +173,82 @@ def test_virtual_ranks_equal_reference(world, case, dtype, gen, cuda_device):
         assert torch.equal(eng(a, b), out)  # deterministic: fixed summation order
 
 
-def test_buffer_n_not_multiple_of_8(gen, cuda_device):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_ranks_in_turn_equal_reference(world, case, dtype, gen, kernel_device):
+    """The virtual-rank cases with one grid at a time (``_run_in_turn``: how the executor
+    runs them; on a GPU too)."""
+    M, K, N = CASES[case](world), 256, 264
+    layouts = ("nk", "kn")
+    if is_simulated(kernel_device):  # fewer k steps; each dtype with one layout (orthogonal paths)
+        K, layouts = 64, ("nk",) if dtype == torch.bfloat16 else ("kn",)
+    eng = _virtual(world, 1040, 264, dtype, kernel_device, timeout_s=10)
+    for layout in layouts:
+        a, b = _operands(gen, world, M, K, N, dtype, kernel_device, layout)
+        out = _run_in_turn(eng, a, b, poisoned_empty((world, M // world, N), dtype, kernel_device), kernel_device)
+        assert_gemm_rs_close(out, a, b, name=f"W={world} {case} {layout}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_summation_order_is_fixed_whichever_reduction_ran(dtype, gen, kernel_device):
+    """Partials whose fp32 sum depends on the order: ranks 0 and 1 push exact negatives
+    (scaled by 2^12), the others small ones (2^-12), so summing 0, 1, 2, 3 cancels the big
+    ones exactly and keeps the small ones' bits, while any other order rounds them away
+    (with partials of one magnitude every order gives the same bits, as fp32 holds the sum
+    of a few bf16/fp16 values exactly). The ranks run in turn twice, the second time in
+    reverse: rank 3, reduced in its GEMM epilogues the first time, is reduced in phase 2
+    the second time (rank 0 the other way round); a GPU also runs them concurrently."""
+    world, M, K, N = 4, 4 * 37, 64, 264
+    a, b = _operands(gen, world, M, K, N, torch.float32, kernel_device)
+    a[1] = -a[0]
+    b[1] = b[0]
+    a[:2] *= 2.0 ** 12
+    a[2:] *= 2.0 ** -12
+    a, b = a.to(dtype), b.to(dtype)
+    eng = _virtual(world, M, N, dtype, kernel_device, timeout_s=10)
+    out = _run_in_turn(eng, a, b, poisoned_empty((world, M // world, N), dtype, kernel_device), kernel_device)
+    assert_gemm_rs_close(out, a, b)
+    again = poisoned_empty((world, M // world, N), dtype, kernel_device)
+    assert torch.equal(_run_in_turn(eng, a, b, again, kernel_device, order=reversed(range(world))), out)
+    if not is_simulated(kernel_device):
+        assert torch.equal(_call(eng, a, b, kernel_device), out)
+
+
+def test_buffer_n_not_multiple_of_8(gen, kernel_device):
     """Engine n = 1001 (slots of 34 x 1001 elements, not a multiple of 8) with N = 1000: the
     16-byte pushes into slots of source >= 1 and parity 1 must stay aligned (two calls: both
     parities)."""
     world, dtype = 3, torch.bfloat16
-    eng = tp.GemmReduceScatter.virtual(world, 100, 1001, dtype, cuda_device, timeout_s=10)
+    eng = _virtual(world, 100, 1001, dtype, kernel_device, timeout_s=10)
     for i in range(2):
-        a, b = _operands(gen, world, 99, 64, 1000, dtype, cuda_device)
-        out = eng(a, b)
-        torch.cuda.synchronize()
-        eng.check()
+        a, b = _operands(gen, world, 99, 64, 1000, dtype, kernel_device)
+        out = _call(eng, a, b, kernel_device)
         assert_gemm_rs_close(out, a, b, name=f"call {i}")
 
 
-def test_hundred_repeated_calls_reuse_flags(gen, cuda_device):
+def test_hundred_repeated_calls_reuse_flags(gen, kernel_device):
+    """100 calls (the executor: 6, ranks in turn), then as many of one rank: flags and
+    epochs carry over between calls with no host reset, in both parities, as the tiling
+    changes."""
     world, dtype = 4, torch.bfloat16
-    eng = tp.GemmReduceScatter.virtual(world, 512, 256, dtype, cuda_device, timeout_s=10)
-    for i in range(100):
+    calls, K = (6, 64) if is_simulated(kernel_device) else (100, 128)
+    eng = _virtual(world, 512, 256, dtype, kernel_device, timeout_s=10)
+    for i in range(calls):
         M = 512 if i % 3 else 37 * world  # the tiling changes between calls too
-        a, b = _operands(gen, world, M, 128, 256, dtype, cuda_device)
-        out = eng(a, b)
+        a, b = _operands(gen, world, M, K, 256, dtype, kernel_device)
+        out = _call(eng, a, b, kernel_device)
         assert_gemm_rs_close(out, a, b, name=f"call {i}")
-    eng.check()
-    assert eng.state[:, 0].tolist() == [100] * world  # one epoch per call, no host reset
+    if not is_simulated(kernel_device):
+        eng.check()
+    assert eng.state[:, 0].tolist() == [calls] * world  # one epoch per call, no host reset
     assert eng.state[:, 1].tolist() == [0] * world
+    one = tp.GemmReduceScatter(None, 512, 256, dtype, kernel_device)  # one rank: the engine on the executor too
+    for i in range(calls):
+        a, b = _operands(gen, 1, 512 if i % 3 else 37, K, 256, dtype, kernel_device)
+        assert_gemm_rs_close(one(a[0], b[0])[None], a, b, name=f"one rank, call {i}")
+    one.check()
+    assert one.state[0, :2].tolist() == [calls, 0]
 
 
 def test_cuda_graph_capture_and_replay(gen, cuda_device):
@@ -120,26 +273,30 @@ def test_cuda_graph_capture_and_replay(gen, cuda_device):
     assert eng.state[:, 0].tolist() == [4, 4]  # warm-up + 3 replays: epochs advance in the graph
 
 
-def test_peer_that_never_arrives_times_out(gen, cuda_device):
+def test_peer_that_never_arrives_times_out(gen, kernel_device):
     world, dtype, M, K, N = 2, torch.bfloat16, 256, 64, 128
-    eng = tp.GemmReduceScatter.virtual(world, M, N, dtype, cuda_device, timeout_s=0.2)
-    a, b = _operands(gen, world, M, K, N, dtype, cuda_device)
-    out = torch.empty(M // world, N, dtype=dtype, device=cuda_device)
+    eng = _virtual(world, M, N, dtype, kernel_device, timeout_s=0.2)
+    a, b = _operands(gen, world, M, K, N, dtype, kernel_device)
+    out = torch.empty(world, M // world, N, dtype=dtype, device=kernel_device)
     t0 = time.monotonic()
     # Rank 0 alone: rank 1's kernel is never launched, so its tiles never arrive.
-    ops.ext().gemm_reduce_scatter(ops.dlpack(a[0]), ops.dlpack(b[0]), ops.dlpack(out), ops.dlpack(eng.peers),
-                                  ops.dlpack(eng.state[0]), 0, world, M, N, eng.workspace.shape[1], eng.timeout_s,
-                                  1, ops.cuda_stream(cuda_device))
-    torch.cuda.synchronize()
+    _launch(eng, 0, a, b, out, kernel_device, blocks=1)
+    synchronize(kernel_device)
     assert time.monotonic() - t0 < 30
     # Rank 0's rows it could not reduce are NaN, never silently stale (out was uninitialized).
-    assert torch.isnan(out).any()
-    with pytest.raises(RuntimeError, match="rank 0 timed out after 0.2 s waiting for rank 1"):
+    assert torch.isnan(out[0]).any()
+    assert eng.state[0, 2:5].tolist() == [1, 1, 0]  # timeout, waiting for rank 1, on tile 0
+    assert eng.state[0, :2].tolist() == [1, 0]  # the call still ended: the epoch moved on
+    if is_simulated(kernel_device):  # the engine takes the reference there: rerun rank 0 in turn
+        eng.state.zero_()
+        eng.workspace.zero_()  # what reset() does
+        res = _call(eng, a, b, kernel_device)
+    else:
+        with pytest.raises(RuntimeError, match="rank 0 timed out after 0.2 s waiting for rank 1"):
+            eng.check()
+        eng.reset()
         eng.check()
-    eng.reset()
-    eng.check()
-    res = eng(a, b)
-    eng.check()
+        res = _call(eng, a, b, kernel_device)
     assert_gemm_rs_close(res, a, b, name="after reset")
 
 
@@ -177,10 +334,27 @@ def test_late_peer_takes_phase_two_with_the_same_bits(timeout_s, gen, cuda_devic
         _LATE_PEER_FINITE_PASSED.append(True)
 
 
-def test_row_parallel_linear_one_rank(gen, cuda_device):
-    layer = tp.RowParallelLinear(256, 384, None, max_tokens=512, dtype=torch.bfloat16, device=cuda_device)
+@pytest.mark.parametrize("world", [1, 3])
+def test_fp32_engine_takes_the_reference_where_the_kernel_runs(world, gen, kernel_device):
+    """fp32 has no kernel: path "reference". Its calls go through the op, whose kernel
+    route (CUDA, or the executor for CPU tensors) used to launch the kernel anyway, which
+    refuses fp32 (TypeError); it must run the reference."""
+    eng = tp.GemmReduceScatter.virtual(world, 48, 40, torch.float32, kernel_device)
+    assert eng.path == "reference" and eng.fallback_reason == "no kernel for dtype torch.float32"
+    a, b = _operands(gen, world, 48, 16, 40, torch.float32, kernel_device)
+    exact = ref.gemm_reduce_scatter_stacked(a.double(), b.double(), round_partials=False,
+                                            compute_dtype=torch.float64)
+    assert_close(eng(a, b), exact, torch.float32)
+    layer = tp.RowParallelLinear(16, 40, None, dtype=torch.float32, device=kernel_device)  # one rank
+    assert layer.path == "reference"
+    want = torch.nn.functional.linear(a[0].double(), layer.weight.double(), layer.bias.double())
+    assert_close(layer(a[0]), want, torch.float32)
+
+
+def test_row_parallel_linear_one_rank(gen, kernel_device):
+    layer = tp.RowParallelLinear(256, 384, None, max_tokens=512, dtype=torch.bfloat16, device=kernel_device)
     assert layer.path == "local"
-    x = torch.randn(200, 256, generator=gen).to(cuda_device, torch.bfloat16)
+    x = torch.randn(200, 256, generator=gen).to(kernel_device, torch.bfloat16)
     want = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
     assert_close(layer(x), want, torch.bfloat16)
 

@@ -11,11 +11,15 @@ run yet): the existing one-rank and virtual-rank correctness cases with the wgmm
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 
 import pytest
 import torch
+from inferops import build_info
+from inferops._core import ops
+from inferops.testing import is_simulated, kernel_module
 from inferops.tp import gemm_rs as gemm_rs_mod
 
 _SRC = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "tp" / "gemm_rs.cu"
@@ -197,8 +201,10 @@ def test_ring_schedule():
 
 
 @pytest.fixture
-def wgmma_loop(monkeypatch, cuda_device):
-    if torch.cuda.get_device_capability(cuda_device) != (9, 0):
+def wgmma_loop(monkeypatch, kernel_device):
+    if is_simulated(kernel_device):
+        pytest.skip("the SIMT executor does not model wgmma (INFEROPS_TP_GEMM=wgmma is refused there)")
+    if torch.cuda.get_device_capability(kernel_device) != (9, 0):
         pytest.skip("wgmma needs an sm_90 device")
     monkeypatch.setenv(gemm_rs_mod.GEMM_ENV, "wgmma")
 
@@ -208,28 +214,62 @@ def wgmma_loop(monkeypatch, cuda_device):
 @pytest.mark.parametrize("layout", ["nk", "kn"])  # "kn" keeps mma.sync: must still be right
 @pytest.mark.parametrize("M, K, N", [(1, 512, 384), (100, 1024, 1000), (2048, 256, 512), (333, 72, 136),
                                      (640, 4096, 1024)])
-def test_wgmma_one_rank_equals_matmul(M, K, N, layout, dtype, gen, cuda_device, wgmma_loop):
+def test_wgmma_one_rank_equals_matmul(M, K, N, layout, dtype, gen, kernel_device, wgmma_loop):
     from tests.tp import test_gemm_rs_gpu as g
 
-    g.test_one_rank_equals_matmul(M, K, N, layout, dtype, gen, cuda_device)
+    g.test_one_rank_equals_matmul(M, K, N, layout, dtype, gen, kernel_device)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["tile_tail", "m_eq_world", "large"])
 @pytest.mark.parametrize("world", [2, 4, 8])
-def test_wgmma_virtual_ranks_equal_reference(world, case, dtype, gen, cuda_device, wgmma_loop):
+def test_wgmma_virtual_ranks_equal_reference(world, case, dtype, gen, kernel_device, wgmma_loop):
     from tests.tp import test_gemm_rs_gpu as g
 
-    g.test_virtual_ranks_equal_reference(world, case, dtype, gen, cuda_device)
+    g.test_virtual_ranks_equal_reference(world, case, dtype, gen, kernel_device)
 
 
 @pytest.mark.gpu
-def test_wgmma_repeated_calls_and_graph(gen, cuda_device, wgmma_loop):
+def test_wgmma_repeated_calls_and_graph(gen, kernel_device, wgmma_loop):
     from tests.tp import test_gemm_rs_gpu as g
 
-    g.test_hundred_repeated_calls_reuse_flags(gen, cuda_device)
-    g.test_cuda_graph_capture_and_replay(gen, cuda_device)
+    g.test_hundred_repeated_calls_reuse_flags(gen, kernel_device)
+    g.test_cuda_graph_capture_and_replay(gen, kernel_device)
+
+
+def _cxx_exceptions_abort() -> bool:
+    """True under the AddressSanitizer build of the executor with only libasan preloaded:
+    ASan's __cxa_throw interceptor, set up before libstdc++ is loaded, then finds no real
+    __cxa_throw and aborts the process on the first C++ exception thrown from _simt
+    ("CHECK failed: asan_interceptors.cpp ... real___cxa_throw"). Preloading libstdc++
+    as well (LD_PRELOAD="libasan.so libstdc++.so") lets such exceptions through."""
+    san = build_info().get("simt", {}).get("sanitizer") or ""
+    return "address" in san and "libstdc++" not in os.environ.get("LD_PRELOAD", "")
+
+
+@pytest.mark.gpu
+def test_wgmma_refused_on_the_executor(gen, kernel_device, monkeypatch):
+    """The executor builds the wgmma kernel without its body (sm_90a only: it would reach
+    __trap()): both the engine and the raw binding refuse the switch before any launch."""
+    if not is_simulated(kernel_device):
+        pytest.skip("a GPU runs or refuses wgmma by its compute capability (test_wgmma_refuses_non_sm90)")
+    monkeypatch.setenv(gemm_rs_mod.GEMM_ENV, "wgmma")
+    dt = torch.bfloat16
+    eng = gemm_rs_mod.GemmReduceScatter(None, 128, 128, dt, kernel_device)
+    assert eng.path == "local"
+    a = torch.randn(128, 64, generator=gen).to(dt)
+    w = torch.randn(128, 64, generator=gen).to(dt)
+    with pytest.raises(ValueError, match="SIMT executor .*does not model wgmma"):
+        eng(a, w.t())
+    out = torch.empty(128, 128, dtype=dt)
+    if _cxx_exceptions_abort():
+        return  # the raw binding's refusal is a C++ exception: checked by the plain executor run
+    with pytest.raises(ValueError, match="the SIMT executor does not model wgmma"):
+        kernel_module(kernel_device).gemm_reduce_scatter(
+            ops.dlpack(a), ops.dlpack(w.t()), ops.dlpack(out), ops.dlpack(eng.peers), ops.dlpack(eng.state[0]),
+            0, 1, 128, 128, 0, 1.0, 0, 0)
+    assert eng.state[0].tolist() == [0] * gemm_rs_mod.STATE_WORDS  # nothing ran
 
 
 @pytest.mark.gpu

@@ -13,7 +13,10 @@ Paths (``GemmReduceScatter.path`` says which one a given object runs):
   buffers on the device, each rank's kernel on its own stream with at most
   ``SMs / W`` blocks, so all ranks' spin-waiting kernels are resident at once.
 * ``"local"``: one rank (no group, or a group of size 1): the fused kernel with
-  its epilogue writing the output directly.
+  its epilogue writing the output directly. Also CPU tensors under the SIMT
+  executor backend (``inferops.testing.backend("simt")``), which runs the kernel;
+  virtual ranks (W > 1) take the reference there: their grids wait on each other
+  and the executor runs one grid at a time.
 * ``"fallback"``: matmul then ``dist.reduce_scatter_tensor`` (CPU / gloo, no
   symmetric memory, fp32, or no compiled kernel); ``fallback_reason`` says why.
 * ``"reference"``: the PyTorch reference on one process (CPU tensors, or no kernel).
@@ -71,6 +74,9 @@ def _check_gemm_main_loop(device: torch.device) -> None:
     """Refuse INFEROPS_TP_GEMM=wgmma where the wgmma kernel cannot run, before any launch."""
     if gemm_main_loop() != "wgmma":
         return
+    if device.type != "cuda":  # CPU tensors reach a kernel only on the SIMT executor
+        raise ValueError(f"expected a CUDA device for {GEMM_ENV}=wgmma: the SIMT executor (CPU tensors) does "
+                         f"not model wgmma, got {device}")
     archs = str(build_info().get("cuda_archs", "")).replace(";", ",").split(",")
     if "90a" not in archs:  # without the arch-specific target the kernel body is compiled out
         raise ValueError(f"expected an extension built for sm_90a (INFEROPS_CUDA_ARCHS with 90a) for "
@@ -119,9 +125,22 @@ def _sm_count(device_index: int) -> int:
     return int(ops.ext().device_info(device_index)["sm_count"])
 
 
+def _executor_refusal(device: torch.device, world: int) -> str | None:
+    """Why virtual ranks cannot run on ``device``'s kernels, or None. The SIMT executor
+    (CPU tensors) runs one grid at a time, its blocks one after another: every rank's
+    reduce phase waits for tiles that the other ranks' grids push, so with W > 1 the
+    first grid could only spin until its timeout (concurrent grids are not modelled)."""
+    if device.type != "cuda" and world > 1:
+        return ("the SIMT executor runs one grid at a time, and virtual ranks' kernels wait on each other "
+                "(concurrent grids are not modelled)")
+    return None
+
+
 def _virtual_cuda(a, b, workspace, state, peers, max_m, n_max, timeout_s):
-    a, b = a.detach(), b.detach()  # DLPack refuses tensors that require grad (inference op)
     W, M, _ = a.shape
+    if a.dtype not in KERNEL_DTYPES or _executor_refusal(a.device, W) is not None:
+        return ref.gemm_reduce_scatter_stacked(a, b)  # no kernel for these: the op's reference
+    a, b = a.detach(), b.detach()  # DLPack refuses tensors that require grad (inference op)
     N = b.shape[2]
     out = torch.empty((W, M // W, N), dtype=a.dtype, device=a.device)
     ext, dev = ops.ext(), a.device
@@ -264,9 +283,11 @@ class GemmReduceScatter:
         self.workspace = self.state = self.peers = None
         self._symm_handle = None
 
-    def _kernel_usable(self) -> bool:
-        return (self.device.type == "cuda" and self.dtype in KERNEL_DTYPES
-                and ops.kernel_backend(_OP, self.device) == "cuda")
+    def _kernel_usable(self, world: int) -> bool:
+        """The kernel runs for this object's tensors: a CUDA device with the compiled kernel,
+        or CPU tensors under the SIMT backend (``inferops.testing.backend("simt")``) for one rank."""
+        return (self.dtype in KERNEL_DTYPES and ops.kernel_backend(_OP, self.device) in ("cuda", "simt")
+                and _executor_refusal(self.device, world) is None)
 
     def _fused_unavailable_reason(self) -> str | None:
         if self.device.type != "cuda":
@@ -283,11 +304,17 @@ class GemmReduceScatter:
     def _alloc_local(self, world: int) -> None:
         """Buffers of ``world`` ranks on this device (virtual mode, or one rank)."""
         dev = self.device
-        if not self._kernel_usable():
+        if not self._kernel_usable(world):
             self.path = "reference"
-            self.fallback_reason = (f"tensors on {dev}" if dev.type != "cuda" else
-                                    f"no kernel for dtype {self.dtype}" if self.dtype not in KERNEL_DTYPES else
-                                    "the gemm_reduce_scatter CUDA kernel is not available in this build")
+            kernel = ops.kernel_backend(_OP, dev) != "reference"  # the CUDA kernel, or the executor's
+            if dev.type != "cuda" and not kernel:
+                self.fallback_reason = f"tensors on {dev}"
+            elif self.dtype not in KERNEL_DTYPES:
+                self.fallback_reason = f"no kernel for dtype {self.dtype}"
+            elif kernel:
+                self.fallback_reason = f"{world} virtual ranks on {dev}: {_executor_refusal(dev, world)}"
+            else:
+                self.fallback_reason = "the gemm_reduce_scatter CUDA kernel is not available in this build"
             self.workspace = torch.zeros((world, 0), dtype=torch.uint8, device=dev)
             self.state = torch.zeros((world, STATE_WORDS), dtype=torch.int32, device=dev)
             self.peers = torch.zeros((world,), dtype=torch.int64, device=dev)
@@ -440,18 +467,23 @@ class GemmReduceScatter:
         """Zero flags, epochs and errors (collective on real ranks). No call may be in flight."""
         if self.state is None or self.path in ("fallback", "reference"):
             return
-        torch.cuda.synchronize(self.device)
+        _synchronize(self.device)
         if self.path == "symm_mem":
             dist.barrier(group=self.group)
         self.workspace.zero_()
         self.state.zero_()
-        torch.cuda.synchronize(self.device)
+        _synchronize(self.device)
         if self.path == "symm_mem":
             dist.barrier(group=self.group)
 
     def __repr__(self) -> str:
         return (f"GemmReduceScatter(path={self.path!r}, world_size={self.world_size}, rank={self.rank}, "
                 f"max_m={self.max_m}, n={self.n}, dtype={self.dtype}, device={self.device})")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # the SIMT executor (CPU tensors) runs every launch to completion
+        torch.cuda.synchronize(device)
 
 
 # --- functional forms ---------------------------------------------------------------------------
