@@ -518,7 +518,7 @@ const unsigned char* collective(int op, const char* what, unsigned mask, const v
     g = &w.groups[w.ngroups++];
     *g = Group{mask, 0u, op, what};
   }
-  std::memcpy(w.payload[f.lane], payload, bytes);
+  if (bytes != 0) std::memcpy(w.payload[f.lane], payload, bytes);  // __syncwarp: no payload (nullptr)
   g->arrived |= 1u << f.lane;
   ++s.progress;
   f.wait = Wait::kCollective;
