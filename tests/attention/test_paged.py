@@ -409,7 +409,7 @@ def test_cuda_append_kv(dtype, page_size, hkv, d, gen, kernel_device):
     positions = positions.to(torch.int32)
     k = torch.randn(B * n_per, hkv, d, generator=gen).to(dtype)
     v = torch.randn(B * n_per, hkv, d, generator=gen).to(dtype)
-    ek, ev = kc.cpu(), vc.cpu()
+    ek, ev = kc.to("cpu", copy=True), vc.to("cpu", copy=True)  # a copy also when kc is on the CPU
     ref.append_kv(ek, ev, k, v, bt, seq_ids, positions)
     append_kv(kc, vc, k.to(kernel_device), v.to(kernel_device), bt.to(kernel_device),
               seq_ids.to(kernel_device), positions.to(kernel_device))
