@@ -317,6 +317,8 @@ GPU_CASES = [c for c in CASES if c["d"] in (64, 128)] + [
     dict(batch=3, hq=8, hkv=8, d=128, page_size=16, seq_lens=[32768, 0, 4097],
          simt=dict(seq_lens=[2100, 0, 517])),
     dict(batch=2, hq=56, hkv=8, d=128, page_size=16, seq_lens=[700, 1]),  # G = 7: partial warp
+    # G = 3 at head_dim 64: 5 token rows (bdz) of 24 threads, a partial warp; odd page size
+    dict(batch=3, hq=6, hkv=2, d=64, page_size=5, seq_lens=[37, 0, 16]),
 ]
 
 
@@ -396,8 +398,12 @@ def test_cuda_paged_decode_bad_page_unvalidated_stays_in_bounds(gen, kernel_devi
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("page_size,hkv,d", [(1, 1, 64), (16, 8, 128), (64, 2, 128), (16, 3, 40)])
-def test_cuda_append_kv(dtype, page_size, hkv, d, gen, kernel_device):
+@pytest.mark.parametrize("page_size,hkv,d,misaligned", [
+    (1, 1, 64, False), (16, 8, 128, False), (64, 2, 128, False), (16, 3, 40, False),
+    (5, 3, 20, False),  # odd page size; a token's row (60 elements) is no multiple of 8: scalar copies
+    (16, 2, 128, True),  # k and v 2 bytes off 16-byte alignment: scalar copies
+])
+def test_cuda_append_kv(dtype, page_size, hkv, d, misaligned, gen, kernel_device):
     B, n_per = 4, 9
     max_pages = math.ceil(40 / page_size)
     P = B * max_pages + 5  # distinct pages per sequence: no two tokens share a slot
@@ -409,14 +415,34 @@ def test_cuda_append_kv(dtype, page_size, hkv, d, gen, kernel_device):
     positions = positions.to(torch.int32)
     k = torch.randn(B * n_per, hkv, d, generator=gen).to(dtype)
     v = torch.randn(B * n_per, hkv, d, generator=gen).to(dtype)
+    k_dev, v_dev = k.to(kernel_device), v.to(kernel_device)
+    if misaligned:  # same values, stored one element past an aligned base
+        k_dev = torch.empty(k.numel() + 1, dtype=dtype, device=kernel_device)[1:].view(k.shape).copy_(k)
+        v_dev = torch.empty(v.numel() + 1, dtype=dtype, device=kernel_device)[1:].view(v.shape).copy_(v)
+        assert k_dev.data_ptr() % 16 != 0 and v_dev.data_ptr() % 16 != 0
     ek, ev = kc.to("cpu", copy=True), vc.to("cpu", copy=True)  # a copy also when kc is on the CPU
     ref.append_kv(ek, ev, k, v, bt, seq_ids, positions)
-    append_kv(kc, vc, k.to(kernel_device), v.to(kernel_device), bt.to(kernel_device),
-              seq_ids.to(kernel_device), positions.to(kernel_device))
+    append_kv(kc, vc, k_dev, v_dev, bt.to(kernel_device), seq_ids.to(kernel_device),
+              positions.to(kernel_device))
     assert inferops._core.ops.kernel_backend("append_kv", kc.device) == kernel_backend_for(kc.device)
     exact = Tolerance(0.0, 0.0)
     assert_close(kc, ek, exact, name="k_cache")  # untouched slots must still be NaN
     assert_close(vc, ev, exact, name="v_cache")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_cuda_paged_decode_nan_propagates(num_splits, gen, kernel_device):
+    """A NaN key makes exactly the query heads that read it NaN (out and lse); the other kv
+    head and the other sequence stay finite, through the bdz and the split merges."""
+    q, kc, vc, bt, sl = make_case(gen, batch=2, hq=6, hkv=2, d=64, page_size=5, seq_lens=[37, 23],
+                                  device=kernel_device)
+    kc[int(bt[0, 3]), 2, 1, 7] = float("nan")  # token 17 of sequence 0, kv head 1 (q heads 3..5)
+    out, lse = paged_decode(q, kc, vc, bt, sl, num_splits=num_splits)
+    eo, el = ref.paged_decode(q.double(), kc.double(), vc.double(), bt, sl, compute_dtype=torch.float64)
+    assert torch.isnan(el[0, 3:]).all() and not torch.isnan(el[0, :3]).any()
+    assert_close(out, eo, torch.bfloat16)  # NaN passes only where the reference is NaN
+    assert_close(lse, el, LSE_TOLERANCE)
 
 
 @pytest.mark.gpu

@@ -135,6 +135,8 @@ GPU_CASES = [
     dict(groups=1, members=4, prefix=32768, suffix=100, page_size=16, hq=32, hkv=8, d=128, loners=1,
          simt=dict(prefix=1100, hq=8, hkv=2)),
     dict(groups=2, members=7, prefix=129, suffix=0, page_size=16, hq=56, hkv=8, d=64, loners=3),
+    # odd page size (shared pages straddle key tiles), G = 3
+    dict(groups=2, members=4, prefix=77, suffix=3, page_size=5, hq=6, hkv=2, d=64, loners=1),
 ]
 
 
