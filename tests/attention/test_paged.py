@@ -7,10 +7,20 @@ import math
 import pytest
 import torch
 
+import inferops
 from inferops.attention import PagedKVCache, append_kv, merge_states, paged_decode
 from inferops.attention.paged import LSE_TOLERANCE, choose_num_splits
 from inferops.reference import attention as ref
-from inferops.testing import Tolerance, assert_close, poison_
+from inferops.testing import (
+    Tolerance,
+    assert_close,
+    is_simulated,
+    kernel_backend_for,
+    kernel_module,
+    poison_,
+    stream_handle,
+    synchronize,
+)
 
 NEG_INF = float("-inf")
 
@@ -296,22 +306,37 @@ def test_opcheck_cpu(gen):
                            torch.tensor([0, 1], dtype=torch.int32), torch.tensor([4, 0], dtype=torch.int32)))
 
 
-# --- CUDA kernels ----------------------------------------------------------------------------
+# --- the kernels (on a GPU, or on the CPU SIMT executor: kernel_device) ----------------------
 
 GPU_CASES = [c for c in CASES if c["d"] in (64, 128)] + [
-    dict(batch=512, hq=32, hkv=8, d=128, page_size=16, seq_lens=[1 + (i * 37) % 300 for i in range(512)]),
-    dict(batch=3, hq=8, hkv=8, d=128, page_size=16, seq_lens=[32768, 0, 4097]),
+    # On the executor (simulated threads are slow) the two large cases run smaller, keeping what
+    # they test: many sequences of mixed lengths; a long sequence next to an empty one, with the
+    # default split factor well above 1.
+    dict(batch=512, hq=32, hkv=8, d=128, page_size=16, seq_lens=[1 + (i * 37) % 300 for i in range(512)],
+         simt=dict(batch=24, seq_lens=[1 + (i * 37) % 300 for i in range(24)])),
+    dict(batch=3, hq=8, hkv=8, d=128, page_size=16, seq_lens=[32768, 0, 4097],
+         simt=dict(seq_lens=[2100, 0, 517])),
     dict(batch=2, hq=56, hkv=8, d=128, page_size=16, seq_lens=[700, 1]),  # G = 7: partial warp
+    # G = 3 at head_dim 64: 5 token rows (bdz) of 24 threads, a partial warp; odd page size
+    dict(batch=3, hq=6, hkv=2, d=64, page_size=5, seq_lens=[37, 0, 16]),
 ]
+
+
+def sized_for(case, device):
+    """`case` without its `simt` entry, with that entry's sizes applied on the SIMT executor."""
+    case = dict(case)
+    small = case.pop("simt", {})
+    return {**case, **small} if is_simulated(device) else case
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
-def test_cuda_paged_decode(case, dtype, num_splits, gen, cuda_device):
-    q, kc, vc, bt, sl = make_case(gen, **case, dtype=dtype, device=cuda_device)
+def test_cuda_paged_decode(case, dtype, num_splits, gen, kernel_device):
+    q, kc, vc, bt, sl = make_case(gen, **sized_for(case, kernel_device), dtype=dtype, device=kernel_device)
     out, lse = paged_decode(q, kc, vc, bt, sl, num_splits=num_splits)
+    assert inferops._core.ops.kernel_backend("paged_decode", q.device) == kernel_backend_for(q.device)
     eo, el = ref.paged_decode(q.double(), kc.double(), vc.double(), bt, sl,
                               compute_dtype=torch.float64)
     assert_close(out, eo, dtype)
@@ -321,7 +346,24 @@ def test_cuda_paged_decode(case, dtype, num_splits, gen, cuda_device):
 
 
 @pytest.mark.gpu
+def test_cuda_paged_decode_strided_q(gen, kernel_device):
+    """q a strided view (head stride 128, batch stride 40*128, 16-byte aligned): read in place."""
+    q, kc, vc, bt, sl = make_case(gen, batch=3, hq=32, hkv=8, d=128, page_size=16,
+                                  seq_lens=[100, 37, 250], device=kernel_device)
+    q_store = torch.randn(3, 40, 128, generator=gen).bfloat16().to(kernel_device)
+    q_store[:, 4:36] = q
+    qv = q_store[:, 4:36]
+    expect = ref.paged_decode(q.double(), kc.double(), vc.double(), bt, sl, compute_dtype=torch.float64)
+    for num_splits in (1, 3):
+        out, lse = paged_decode(qv, kc, vc, bt, sl, num_splits=num_splits)
+        assert_close(out, expect[0], torch.bfloat16, name=f"out, {num_splits} splits")
+        assert_close(lse, expect[1], LSE_TOLERANCE, name=f"lse, {num_splits} splits")
+
+
+@pytest.mark.gpu
 def test_cuda_paged_decode_graph_and_strided_q(gen, cuda_device):
+    """Stays on cuda_device: CUDA-graph capture and replay (the strided q also runs on the
+    executor, test_cuda_paged_decode_strided_q)."""
     q, kc, vc, bt, sl = make_case(gen, batch=8, hq=32, hkv=8, d=128, page_size=16,
                                   seq_lens=[100 * (i + 1) for i in range(8)], device=cuda_device)
     q_store = torch.randn(8, 40, 128, device=cuda_device).bfloat16()
@@ -341,25 +383,31 @@ def test_cuda_paged_decode_graph_and_strided_q(gen, cuda_device):
 
 
 @pytest.mark.gpu
-def test_cuda_paged_decode_bad_page_unvalidated_stays_in_bounds(gen, cuda_device):
-    """validate=False with a bad page id: no crash, no out-of-bounds access (run under memcheck)."""
+def test_cuda_paged_decode_bad_page_unvalidated_stays_in_bounds(gen, kernel_device):
+    """validate=False with a bad page id: no crash, no out-of-bounds access (run under memcheck
+    on a GPU, under AddressSanitizer on the executor)."""
     q, kc, vc, bt, sl = make_case(gen, batch=2, hq=8, hkv=2, d=128, page_size=16,
-                                  seq_lens=[40, 40], device=cuda_device)
+                                  seq_lens=[40, 40], device=kernel_device)
     bt[0, 1] = 1 << 30
     out, lse = paged_decode(q, kc, vc, bt, sl, validate=False)
-    torch.cuda.synchronize()
-    ok = ref.paged_decode(q.double(), kc.double(), vc.double(), bt[1:], sl[1:], compute_dtype=torch.float64)
+    synchronize(kernel_device)
+    ok = ref.paged_decode(q[1:].double(), kc.double(), vc.double(), bt[1:], sl[1:], compute_dtype=torch.float64)
     assert_close(out[1:], ok[0], torch.bfloat16)  # the other sequence is untouched
+    assert_close(lse[1:], ok[1], LSE_TOLERANCE)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("page_size,hkv,d", [(1, 1, 64), (16, 8, 128), (64, 2, 128), (16, 3, 40)])
-def test_cuda_append_kv(dtype, page_size, hkv, d, gen, cuda_device):
+@pytest.mark.parametrize("page_size,hkv,d,misaligned", [
+    (1, 1, 64, False), (16, 8, 128, False), (64, 2, 128, False), (16, 3, 40, False),
+    (5, 3, 20, False),  # odd page size; a token's row (60 elements) is no multiple of 8: scalar copies
+    (16, 2, 128, True),  # k and v 2 bytes off 16-byte alignment: scalar copies
+])
+def test_cuda_append_kv(dtype, page_size, hkv, d, misaligned, gen, kernel_device):
     B, n_per = 4, 9
     max_pages = math.ceil(40 / page_size)
     P = B * max_pages + 5  # distinct pages per sequence: no two tokens share a slot
-    kc = poison_(torch.empty(P, page_size, hkv, d, dtype=dtype, device=cuda_device))
+    kc = poison_(torch.empty(P, page_size, hkv, d, dtype=dtype, device=kernel_device))
     vc = poison_(torch.empty_like(kc))
     bt = torch.randperm(P, generator=gen)[: B * max_pages].view(B, max_pages).to(torch.int32)
     seq_ids = torch.arange(B, dtype=torch.int32).repeat_interleave(n_per)
@@ -367,13 +415,43 @@ def test_cuda_append_kv(dtype, page_size, hkv, d, gen, cuda_device):
     positions = positions.to(torch.int32)
     k = torch.randn(B * n_per, hkv, d, generator=gen).to(dtype)
     v = torch.randn(B * n_per, hkv, d, generator=gen).to(dtype)
-    ek, ev = kc.cpu(), vc.cpu()
+    k_dev, v_dev = k.to(kernel_device), v.to(kernel_device)
+    if misaligned:  # same values, stored one element past an aligned base
+        k_dev = torch.empty(k.numel() + 1, dtype=dtype, device=kernel_device)[1:].view(k.shape).copy_(k)
+        v_dev = torch.empty(v.numel() + 1, dtype=dtype, device=kernel_device)[1:].view(v.shape).copy_(v)
+        assert k_dev.data_ptr() % 16 != 0 and v_dev.data_ptr() % 16 != 0
+    ek, ev = kc.to("cpu", copy=True), vc.to("cpu", copy=True)  # a copy also when kc is on the CPU
     ref.append_kv(ek, ev, k, v, bt, seq_ids, positions)
-    append_kv(kc, vc, k.to(cuda_device), v.to(cuda_device), bt.to(cuda_device),
-              seq_ids.to(cuda_device), positions.to(cuda_device))
+    append_kv(kc, vc, k_dev, v_dev, bt.to(kernel_device), seq_ids.to(kernel_device),
+              positions.to(kernel_device))
+    assert inferops._core.ops.kernel_backend("append_kv", kc.device) == kernel_backend_for(kc.device)
     exact = Tolerance(0.0, 0.0)
     assert_close(kc, ek, exact, name="k_cache")  # untouched slots must still be NaN
     assert_close(vc, ev, exact, name="v_cache")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_cuda_paged_decode_nan_propagates(num_splits, gen, kernel_device):
+    """A NaN key makes exactly the query heads that read it NaN (out and lse); the other kv
+    head and the other sequence stay finite, through the bdz and the split merges."""
+    q, kc, vc, bt, sl = make_case(gen, batch=2, hq=6, hkv=2, d=64, page_size=5, seq_lens=[37, 23],
+                                  device=kernel_device)
+    kc[int(bt[0, 3]), 2, 1, 7] = float("nan")  # token 17 of sequence 0, kv head 1 (q heads 3..5)
+    out, lse = paged_decode(q, kc, vc, bt, sl, num_splits=num_splits)
+    eo, el = ref.paged_decode(q.double(), kc.double(), vc.double(), bt, sl, compute_dtype=torch.float64)
+    assert torch.isnan(el[0, 3:]).all() and not torch.isnan(el[0, :3]).any()
+    assert_close(out, eo, torch.bfloat16)  # NaN passes only where the reference is NaN
+    assert_close(lse, el, LSE_TOLERANCE)
+
+
+@pytest.mark.gpu
+def test_cuda_head_dim_without_kernel_refused(gen, kernel_device):
+    """head_dim 32 has no kernel: the same ValueError on a GPU and on the executor."""
+    q, kc, vc, bt, sl = make_case(gen, batch=2, hq=6, hkv=3, d=32, page_size=5, seq_lens=[11, 9],
+                                  device=kernel_device)
+    with pytest.raises(ValueError, match="expected head_dim 64 or 128 for `q` on the GPU, got 32"):
+        paged_decode(q, kc, vc, bt, sl)
 
 
 # --- multi-token queries (causal among the new tokens) ------------------------------------
@@ -431,8 +509,8 @@ def test_multi_token_queries_validation(gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size,d", [(1, 64), (16, 128)])
-def test_cuda_multi_token_queries(page_size, d, gen, cuda_device):
-    q, kc, vc, bt, sl, qo = _multi_case(gen, device=cuda_device, d=d, page_size=page_size)
+def test_cuda_multi_token_queries(page_size, d, gen, kernel_device):
+    q, kc, vc, bt, sl, qo = _multi_case(gen, device=kernel_device, d=d, page_size=page_size)
     out, lse = paged_decode(q, kc, vc, bt, sl, qo_indptr=qo)
     eo, el = causal_oracle(q.cpu(), kc.cpu(), vc.cpu(), bt.cpu(), sl.cpu(), qo.cpu())
     assert_close(out, eo, torch.bfloat16)
@@ -441,23 +519,22 @@ def test_cuda_multi_token_queries(page_size, d, gen, cuda_device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_cuda_paged_decode_poisoned_outputs(num_splits, gen, cuda_device):
+def test_cuda_paged_decode_poisoned_outputs(num_splits, gen, kernel_device):
     """Raw binding, every output buffer poisoned: each element must be written (or, for the
     split partials, never read where unwritten)."""
     from torch.utils.dlpack import to_dlpack as dl
 
-    from inferops._core.extension import extension
-
     q, kc, vc, bt, sl = make_case(gen, batch=5, hq=16, hkv=4, d=128, page_size=16,
-                                  seq_lens=[0, 1, 200, 700, 33], device=cuda_device)
+                                  seq_lens=[0, 1, 200, 700, 33], device=kernel_device)
     out = poison_(torch.empty_like(q))
-    lse = poison_(torch.empty(q.shape[:2], device=cuda_device))
-    po = poison_(torch.empty(num_splits, *q.shape, device=cuda_device))
-    pl = poison_(torch.empty(num_splits, *q.shape[:2], device=cuda_device))
-    extension().paged_decode(dl(q), dl(kc), dl(vc), dl(bt), dl(sl), dl(out), dl(lse),
-                             dl(po) if num_splits > 1 else None, dl(pl) if num_splits > 1 else None,
-                             num_splits, 128**-0.5, torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
+    lse = poison_(torch.empty(q.shape[:2], device=kernel_device))
+    po = poison_(torch.empty(num_splits, *q.shape, device=kernel_device))
+    pl = poison_(torch.empty(num_splits, *q.shape[:2], device=kernel_device))
+    kernel_module(kernel_device).paged_decode(
+        dl(q), dl(kc), dl(vc), dl(bt), dl(sl), dl(out), dl(lse),
+        dl(po) if num_splits > 1 else None, dl(pl) if num_splits > 1 else None,
+        num_splits, 128**-0.5, stream_handle(kernel_device))
+    synchronize(kernel_device)
     eo, el = ref.paged_decode(q.double(), kc.double(), vc.double(), bt, sl, compute_dtype=torch.float64)
     assert_close(out, eo, torch.bfloat16)
     assert_close(lse, el, LSE_TOLERANCE)

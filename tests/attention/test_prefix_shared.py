@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import inferops
 from inferops.attention import (
     PagedKVCache,
     PrefixPlan,
@@ -16,7 +17,15 @@ from inferops.attention import (
 from inferops.attention.paged import LSE_TOLERANCE
 from inferops.attention.prefix_shared import shared_work
 from inferops.reference import attention as ref
-from inferops.testing import assert_close
+from inferops.testing import (
+    assert_close,
+    is_simulated,
+    kernel_backend_for,
+    kernel_module,
+    poison_,
+    stream_handle,
+    synchronize,
+)
 
 
 def build_batch(g, *, groups, members, prefix, suffix, page_size, hq, hkv, d, device="cpu",
@@ -110,24 +119,42 @@ def test_helper_end_to_end_cpu(gen):
         attn.decode(q)
 
 
-# --- CUDA -------------------------------------------------------------------------------------
+# --- the kernels (on a GPU, or on the CPU SIMT executor: kernel_device) ----------------------
 
 GPU_CASES = [
     dict(groups=2, members=3, prefix=70, suffix=5, page_size=1, hq=4, hkv=4, d=64, loners=2),
     dict(groups=3, members=1, prefix=40, suffix=9, page_size=16, hq=8, hkv=2, d=128, loners=1),
     dict(groups=2, members=5, prefix=200, suffix=30, page_size=64, hq=32, hkv=4, d=128, loners=0),
-    dict(groups=8, members=64, prefix=300, suffix=20, page_size=16, hq=32, hkv=8, d=128, loners=0),
-    dict(groups=1, members=4, prefix=32768, suffix=100, page_size=16, hq=32, hkv=8, d=128, loners=1),
+    # On the executor (simulated threads, tensor-core tiles included, are slow) the two large
+    # cases run smaller, keeping what they test at the same GQA ratio (G = 4; fewer kv heads
+    # only mean fewer blocks): groups of more than 64 kernel rows (several work items per group,
+    # the last one partial) over a prefix whose last key tile is partial; a long prefix split
+    # several ways (8 on the executor's 132 modelled SMs) next to a loner.
+    dict(groups=8, members=64, prefix=300, suffix=20, page_size=16, hq=32, hkv=8, d=128, loners=0,
+         simt=dict(groups=2, members=17, prefix=100, hq=8, hkv=2)),
+    dict(groups=1, members=4, prefix=32768, suffix=100, page_size=16, hq=32, hkv=8, d=128, loners=1,
+         simt=dict(prefix=1100, hq=8, hkv=2)),
     dict(groups=2, members=7, prefix=129, suffix=0, page_size=16, hq=56, hkv=8, d=64, loners=3),
+    # odd page size (shared pages straddle key tiles), G = 3
+    dict(groups=2, members=4, prefix=77, suffix=3, page_size=5, hq=6, hkv=2, d=64, loners=1),
 ]
+
+
+def sized_for(case, device):
+    """`case` without its `simt` entry, with that entry's sizes applied on the SIMT executor."""
+    case = dict(case)
+    small = case.pop("simt", {})
+    return {**case, **small} if is_simulated(device) else case
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "g{groups}m{members}-pre{prefix}-p{page_size}-G{hq}_{hkv}-d{d}".format(**c))
-def test_cuda_equals_reference_and_paged_decode(case, dtype, gen, cuda_device):
-    plan, cache, lay, q = build_batch(gen, **case, device=cuda_device, dtype=dtype, empty_suffix=True)
+def test_cuda_equals_reference_and_paged_decode(case, dtype, gen, kernel_device):
+    plan, cache, lay, q = build_batch(gen, **sized_for(case, kernel_device), device=kernel_device,
+                                      dtype=dtype, empty_suffix=True)
     out, lse = prefix_shared_decode(q, cache.k, cache.v, lay)
+    assert inferops._core.ops.kernel_backend("prefix_shared_decode", q.device) == kernel_backend_for(q.device)
     eo, el = ref.paged_decode(q.double(), cache.k.double(), cache.v.double(), lay.block_tables,
                               lay.seq_lens, compute_dtype=torch.float64)
     assert_close(out, eo, dtype)
@@ -147,6 +174,7 @@ def Tolerance2(dtype):
 
 @pytest.mark.gpu
 def test_cuda_graph_capture(gen, cuda_device):
+    """Stays on cuda_device: CUDA-graph capture and replay."""
     plan, cache, lay, q = build_batch(gen, groups=2, members=8, prefix=500, suffix=40, page_size=16,
                                       hq=32, hkv=8, d=128, device=cuda_device)
     prefix_shared_decode(q, cache.k, cache.v, lay, validate=False)
@@ -195,8 +223,8 @@ def test_multi_token_cpu(gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
-def test_cuda_multi_token(d, gen, cuda_device):
-    plan, cache, lay, q, qo = _multi_token_case(gen, device=cuda_device, d=d)
+def test_cuda_multi_token(d, gen, kernel_device):
+    plan, cache, lay, q, qo = _multi_token_case(gen, device=kernel_device, d=d)
     out, lse = prefix_shared_decode(q, cache.k, cache.v, lay, qo_lens=qo)
     (eo, el), _ = _multi_token_expected(q, cache, lay, qo)
     assert_close(out, eo, torch.bfloat16)
@@ -212,29 +240,27 @@ def test_opcheck_cpu(gen):
 
 
 @pytest.mark.gpu
-def test_cuda_poisoned_outputs_and_partials(gen, cuda_device):
+def test_cuda_poisoned_outputs_and_partials(gen, kernel_device):
     """Raw binding: out/lse poisoned, partial_out all NaN (slots the shared kernel never
     writes must be skipped by the merge, not multiplied by zero)."""
     from torch.utils.dlpack import to_dlpack as dl
 
-    from inferops._core.extension import extension
-    from inferops.testing import poison_
-
+    hq, hkv = (8, 2) if is_simulated(kernel_device) else (32, 8)  # G = 4 either way
     plan, cache, lay, q = build_batch(gen, groups=2, members=5, prefix=300, suffix=20, page_size=16,
-                                      hq=32, hkv=8, d=128, device=cuda_device, loners=3, empty_suffix=True)
+                                      hq=hq, hkv=hkv, d=128, device=kernel_device, loners=3, empty_suffix=True)
     shared, suffix, tps = 3, 2, 16 * 2
     B, Hq, D = q.shape
     out = poison_(torch.empty_like(q))
-    lse = poison_(torch.empty(B, Hq, device=cuda_device))
-    po = poison_(torch.empty(shared + suffix, B, Hq, D, device=cuda_device))
-    pl = poison_(torch.empty(shared + suffix, B, Hq, device=cuda_device))
+    lse = poison_(torch.empty(B, Hq, device=kernel_device))
+    po = poison_(torch.empty(shared + suffix, B, Hq, D, device=kernel_device))
+    pl = poison_(torch.empty(shared + suffix, B, Hq, device=kernel_device))
     pl[:shared].fill_(float("-inf"))
-    extension().prefix_shared_decode(
+    kernel_module(kernel_device).prefix_shared_decode(
         dl(q), dl(cache.k), dl(cache.v), dl(lay.block_tables), dl(lay.seq_lens), dl(lay.shared_lens),
         dl(lay.group_indptr), dl(lay.group_page_indptr), dl(lay.group_pages), dl(lay.work_items(4)),
         dl(out), dl(lse), dl(po), dl(pl), shared, suffix, tps, D**-0.5,
-        torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
+        stream_handle(kernel_device))
+    synchronize(kernel_device)
     eo, el = ref.paged_decode(q.double(), cache.k.double(), cache.v.double(), lay.block_tables,
                               lay.seq_lens, compute_dtype=torch.float64)
     assert_close(out, eo, torch.bfloat16)

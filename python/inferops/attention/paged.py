@@ -20,6 +20,7 @@ import torch
 
 from .._core import ops
 from .._core.demos import Demo, register_demo
+from .._core.extension import simt_extension
 from ..reference import attention as ref
 from ..testing import Tolerance
 from ..validation import check_dtype, check_same_device, check_shape, check_tensor
@@ -206,8 +207,19 @@ def _check_append_indices(block_tables, seq_ids, positions, num_pages, page_size
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
+def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device | str) -> int:
+    """SMs of the device the kernels for tensors on ``device`` run on: the CUDA device's;
+    on a CPU device the SIMT executor's modelled device (its ``device_info``), or 132 (an
+    H100) without the executor (the split factors are then unused: the reference runs)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    mod = simt_extension()
+    return int(mod.device_info(0)["sm_count"]) if mod is not None else 132
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, sm_count: int) -> int:
@@ -228,7 +240,7 @@ def _paged_decode_cuda(q, k_cache, v_cache, block_tables, seq_lens, scale, num_s
     dev = q.device
     if num_splits <= 0:
         num_splits = choose_num_splits(B, k_cache.shape[2], block_tables.shape[1] * k_cache.shape[1],
-                                       _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()))
+                                       sm_count(dev))
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
     lse = torch.empty((B, Hq), dtype=torch.float32, device=dev)
     if num_splits > 1:
@@ -353,7 +365,7 @@ def check_decode_query(op: str, q, k_cache, v_cache) -> tuple[int, int, int]:
         raise ValueError(f"expected head_dim {Dc} (the cache's) for `q`, got {D}")
     if Hq % Hkv != 0:
         raise ValueError(f"expected num_q_heads ({Hq}) to be a multiple of num_kv_heads ({Hkv})")
-    if q.is_cuda and ops.kernel_backend(op, q.device) == "cuda" and D not in (64, 128):
+    if ops.kernel_backend(op, q.device) in ("cuda", "simt") and D not in (64, 128):
         raise ValueError(f"expected head_dim 64 or 128 for `q` on the GPU, got {D}")
     return rows, Hq, D
 

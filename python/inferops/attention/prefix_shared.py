@@ -22,7 +22,6 @@ from .paged import (
     LSE_TOLERANCE,
     PagedKVCache,
     _misaligned,
-    _sm_count,
     append_kv,
     check_block_tables,
     check_decode_query,
@@ -30,6 +29,7 @@ from .paged import (
     choose_num_splits,
     decode_outputs_like,
     expand_queries,
+    sm_count,
 )
 from .prefix_plan import PrefixLayout, PrefixPlan
 
@@ -190,8 +190,7 @@ def prefix_shared_decode(
                     f"query row {j} (request {int(rows[j])}) is at position {int(seq_lens[j]) - 1}, "
                     f"inside its shared prefix ({int(shared_lens[j])} tokens): multi-token queries "
                     "must start at or after position shared_len - 1")
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
-        if q.is_cuda else 132
+    sms = sm_count(q.device)
     shared_tiles = layout.max_shared_pages * page_size // SHARED_KEYS
     shared_splits = max(1, min(math.ceil(sms / max(1, work.shape[0] * Hkv)), max(1, shared_tiles // 2), 64))
     suffix_len = layout.max_own_tokens
