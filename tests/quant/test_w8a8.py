@@ -352,15 +352,17 @@ def test_cuda_quantize_nan_inf_rows_like_reference(qdtype, gen, kernel_device):
     x = randn((6, 520), torch.float32, kernel_device, gen, 4.0)
     x[1, 7] = float("nan")
     x[3, 300] = float("inf")
+    x[4, 11] = float("-inf")
     q_ref, s_ref = ref.quantize_per_token(x, qdtype)
     q, s = quantize_per_token(x, qdtype)
     assert torch.isnan(s[1]) and torch.isnan(s_ref[1])
     assert torch.isinf(s[3]) and torch.equal(s[3], s_ref[3])
-    good = [0, 2, 4, 5]
+    assert torch.isinf(s[4]) and s[4] > 0 and torch.equal(s[4], s_ref[4])
+    good = [0, 2, 5]
     assert torch.equal(s[good], s_ref[good])
     assert torch.equal(q[good].view(torch.uint8), q_ref[good].view(torch.uint8))
     if qdtype == FP8:
-        assert torch.isnan(q[1].float()).all() and torch.isnan(q[3, 300].float())
+        assert torch.isnan(q[1].float()).all() and torch.isnan(q[3, 300].float()) and torch.isnan(q[4, 11].float())
         others = torch.ones(520, dtype=torch.bool, device=kernel_device)
         others[300] = False
         assert bool((q[3].float()[others] == 0).all())
