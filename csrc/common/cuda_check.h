@@ -7,10 +7,14 @@
 
 #include "check.h"
 
+// A failed call's error is also the runtime's "last error" until cudaGetLastError reads it:
+// consume it here, where it is reported, or the next op's INFEROPS_CUDA_CHECK_LAUNCH
+// (e.g. after a refused cudaLaunchKernelEx) would raise it again, blaming that op.
 #define INFEROPS_CUDA_CHECK(expr)                                                              \
   do {                                                                                         \
     cudaError_t inferops_err_ = (expr);                                                        \
     if (inferops_err_ != cudaSuccess) {                                                        \
+      (void)cudaGetLastError();                                                                \
       ::inferops::detail::fail<::inferops::Error>(__FILE__, __LINE__, #expr, "CUDA error ",    \
                                                   cudaGetErrorName(inferops_err_), ": ",       \
                                                   cudaGetErrorString(inferops_err_));          \

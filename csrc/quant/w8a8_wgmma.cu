@@ -225,6 +225,12 @@ void launch_w8a8_matmul_wgmma(const W8A8Params& p, DType in_dtype, DType out_dty
   DeviceGuard guard(device);
   INFEROPS_CHECK_TYPE(in_dtype == DType::kFloat8E4M3, "expected float8_e4m3fn `x_q` for path=\"wgmma\", got ",
                       dtype_name(in_dtype), " (INT8 runs on path=\"mma\")");
+#ifdef INFEROPS_SIMT
+  // wgmma (warpgroup MMA, matrix descriptors, async proxy) is not modelled by the CPU SIMT
+  // executor: refuse here rather than reach the kernel's __trap() fallback.
+  INFEROPS_CHECK(false, "w8a8_matmul path=\"wgmma\": wgmma is not modelled by the SIMT executor "
+                 "(path=\"mma\" runs there)");
+#endif
   const DeviceInfo& info = device_info(device);
   INFEROPS_CHECK_ARG(info.cc_major == 9 && info.cc_minor == 0,
                      "expected an sm_90 (Hopper) device for path=\"wgmma\" (wgmma is sm_90a only), got sm_",

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import inferops
 from inferops._core.extension import extension
 from inferops.quant import (
     hadamard_matrix,
@@ -25,7 +26,17 @@ from inferops.quant.hadamard import (
     prepare_hadamard,
 )
 from inferops.reference import quant_w8a8 as ref
-from inferops.testing import Tolerance, assert_close, poison_, randn
+from inferops.testing import (
+    Tolerance,
+    assert_close,
+    is_simulated,
+    kernel_backend_for,
+    kernel_module,
+    poison_,
+    randn,
+    stream_handle,
+    synchronize,
+)
 from torch.utils.dlpack import to_dlpack
 
 FP8 = torch.float8_e4m3fn
@@ -315,17 +326,18 @@ GPU_SIZES = sorted(set(MODEL_SIZES) | {8, 256, 512, 2048, 32768, 96, 160, 224, 2
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", GPU_SIZES)
-def test_cuda_rotation_matches_float64(n, dtype, gen, cuda_device):
-    x = randn((37, n), dtype, cuda_device, gen)
+def test_cuda_rotation_matches_float64(n, dtype, gen, kernel_device):
+    x = randn((3 if is_simulated(kernel_device) else 37, n), dtype, kernel_device, gen)
     y, _ = hadamard_quantize(x, None)
+    assert inferops._core.ops.kernel_backend("hadamard_quantize", y.device) == kernel_backend_for(y.device)
     assert_close(y, ref.hadamard_rotate(x, compute_dtype=torch.float64), dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("qdtype", [torch.int8, FP8], ids=["int8", "fp8"])
 @pytest.mark.parametrize("n", MODEL_SIZES + [96, 344 * 8])
-def test_cuda_quantized_matches_reference(n, qdtype, gen, cuda_device):
-    x = randn((65, n), torch.bfloat16, cuda_device, gen)
+def test_cuda_quantized_matches_reference(n, qdtype, gen, kernel_device):
+    x = randn((5 if is_simulated(kernel_device) else 65, n), torch.bfloat16, kernel_device, gen)
     x[3] = 0
     q, s = hadamard_quantize(x, qdtype)
     q_ref, s_ref = ref.hadamard_quantize(x, qdtype)
@@ -374,34 +386,44 @@ def _check_against_float64(x, out, s, qdtype):
 # Every model size plus every tensor-core size (m = 108, 344 with 2^k = 8 .. 32768 / m) and
 # small-p shapes of the other paths.
 POISON_SIZES = sorted(set(MODEL_SIZES) | set(TC_SIZES) | {96, 224, 160, 12 * 256, 8, 32768})
+# On the executor: every factor class at its smallest n (m = 1, 12, 20, 28: p = 8; m = 108,
+# 344: p = 8, where the second n-tile is dropped), the tensor-core n-tiling cases p = 16
+# (one n-tile pair) and p = 32 (two pairs), shared-memory FWHT stages with and without a
+# dense factor (4096, 28672 = 28 * 1024: also the largest kernel row but one; 32768 runs in
+# test_cuda_rotation_matches_float64).
+SIM_POISON_SIZES = {8, 96, 160, 224, 108 * 8, 108 * 16, 108 * 32, 344 * 8, 4096, 28672}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("qdtype", [torch.int8, FP8, None], ids=["int8", "fp8", "none"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("n", POISON_SIZES)
-def test_cuda_poisoned_outputs_match_float64(n, dtype, qdtype, gen, cuda_device):
+def test_cuda_poisoned_outputs_match_float64(n, dtype, qdtype, gen, kernel_device):
     """The kernel through the binding with NaN / INT_MIN-poisoned `out` and `scale`: every
     element and every scale is written and satisfies _check_against_float64 (zero row:
     scale 1e-10 and zero codes)."""
     m, _ = hadamard_factorization(n)
-    rows = 37
-    x = randn((rows, n), dtype, cuda_device, gen, scale=3.0)
-    x[5] = 0
+    rows, zero = 37, 5
+    if is_simulated(kernel_device):
+        if n not in SIM_POISON_SIZES:
+            pytest.skip("the executor runs SIM_POISON_SIZES")
+        rows, zero = 3, 1
+    x = randn((rows, n), dtype, kernel_device, gen, scale=3.0)
+    x[zero] = 0
     odt = dtype if qdtype is None else qdtype
-    out = torch.empty(rows, n, dtype=odt, device=cuda_device)
+    out = torch.empty(rows, n, dtype=odt, device=kernel_device)
     if qdtype == FP8:
         out.view(torch.uint8).fill_(0x7F)  # e4m3 NaN
     else:
         poison_(out)
-    s = poison_(torch.empty(rows if qdtype is not None else 0, device=cuda_device))
-    hm = None if m == 1 else to_dlpack(_dense_factor_for_kernel(m, cuda_device))  # host tensor for m <= 28
-    extension().hadamard_quantize(to_dlpack(x), hm, to_dlpack(out), to_dlpack(s), m,
-                                  torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
+    s = poison_(torch.empty(rows if qdtype is not None else 0, device=kernel_device))
+    hm = None if m == 1 else to_dlpack(_dense_factor_for_kernel(m, kernel_device))  # host tensor for m <= 28
+    kernel_module(kernel_device).hadamard_quantize(to_dlpack(x), hm, to_dlpack(out), to_dlpack(s), m,
+                                                   stream_handle(kernel_device))
+    synchronize(kernel_device)
     _check_against_float64(x, out, s, qdtype)
     if qdtype is not None:
-        assert s[5].item() == pytest.approx(ref.SCALE_MIN) and bool((out[5].float() == 0).all())
+        assert s[zero].item() == pytest.approx(ref.SCALE_MIN) and bool((out[zero].float() == 0).all())
     # The public op (which may pick other launch paths) satisfies the same rule.
     got, got_s = hadamard_quantize(x, qdtype)
     _check_against_float64(x, got, got_s, qdtype)
@@ -419,10 +441,26 @@ def test_cuda_tensor_core_path_many_tokens(n, gen, cuda_device):
 
 
 @pytest.mark.gpu
-def test_cuda_small_sizes_use_reference(gen, cuda_device):
+@pytest.mark.parametrize("n", [224, 108 * 8, 4096])  # scalar dense factor, tensor cores, FWHT only
+def test_cuda_misaligned_and_strided_input(n, gen, kernel_device):
+    """A contiguous row block 2 bytes off 16-byte alignment and a column slice of a wider
+    buffer (row stride > n) reach the kernel as aligned contiguous rows (the op copies)."""
+    rows = 5
+    buf = randn((rows * n + 1,), torch.bfloat16, kernel_device, gen, scale=2.0)
+    x_off = buf[1:].view(rows, n)
+    wide = randn((rows, n + 24), torch.bfloat16, kernel_device, gen, scale=2.0)
+    x_str = wide[:, 8:8 + n]
+    for x in (x_off, x_str):
+        for qdtype in (torch.int8, None):
+            out, s = hadamard_quantize(x, qdtype)
+            _check_against_float64(x, out, s, qdtype)
+
+
+@pytest.mark.gpu
+def test_cuda_small_sizes_use_reference(gen, kernel_device):
     """2^k < 8 (n = 2, 4, 12, 24, ...) runs the reference on the GPU tensors."""
     for n in (2, 4, 12, 24, 40):
-        x = randn((3, n), torch.bfloat16, cuda_device, gen)
+        x = randn((3, n), torch.bfloat16, kernel_device, gen)
         assert_close(hadamard_transform(x), ref.hadamard_rotate(x, compute_dtype=torch.float64), torch.bfloat16)
 
 
@@ -458,10 +496,10 @@ def test_cuda_graph_capture(n, gen, cuda_device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [4096, 14336, 11008])  # FWHT only, scalar dense factor, tensor-core factor
 @pytest.mark.parametrize("qdtype", [torch.int8, FP8])
-def test_cuda_nan_row_gives_nan_scale(n, qdtype, gen, cuda_device):
+def test_cuda_nan_row_gives_nan_scale(n, qdtype, gen, kernel_device):
     """A NaN anywhere in a token spreads over its rotated row: its scale is NaN (as the
     reference's amax), never a finite scale with finite codes; other tokens are unaffected."""
-    x = randn((3, n), torch.bfloat16, cuda_device, gen)
+    x = randn((3, n), torch.bfloat16, kernel_device, gen)
     x[1, 5] = float("nan")
     q, s = hadamard_quantize(x, qdtype)
     assert torch.isnan(s[1]) and torch.isfinite(s[[0, 2]]).all()

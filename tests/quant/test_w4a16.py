@@ -17,7 +17,18 @@ from inferops.quant import (
 )
 from inferops.quant import w4a16 as w4a16_mod
 from inferops.reference import quant_w4a16 as ref
-from inferops.testing import TOLERANCES, assert_close, poison_
+from inferops.testing import (
+    TOLERANCES,
+    assert_close,
+    is_simulated,
+    kernel_backend_for,
+    kernel_module,
+    poison_,
+    stream_handle,
+    synchronize,
+)
+
+from tests.quant._executor import cxx_exceptions_abort
 
 REL_MEAN_ERR = 1e-3  # issue 5: W4A16 relative mean error bound
 
@@ -184,7 +195,20 @@ def test_split_k_fills_the_gpu(sms):
                 assert ctas >= 2 * sms, (M, K, N, s)  # decode: every SM streams weights
 
 
-# --- GPU --------------------------------------------------------------------------------------
+# --- the kernels (on a GPU, or on the CPU SIMT executor: kernel_device) ------------------------
+# The fused GEMM always launches through cudaLaunchKernelEx (with a cluster dimension when
+# splits > 1); the executor does not model thread-block clusters and refuses that launch
+# with cudaErrorNotSupported, so its tests skip there (test_executor_refuses_fused_launch
+# checks the refusal). int4_dequantize and the "dequant" path run on the executor.
+
+FUSED_ON_EXECUTOR = ("the fused W4A16 GEMM launches with cudaLaunchKernelEx (thread-block clusters for "
+                     "split-K), which the SIMT executor refuses with cudaErrorNotSupported")
+
+
+def _skip_fused_on_executor(device):
+    if is_simulated(device):
+        pytest.skip(FUSED_ON_EXECUTOR)
+
 
 ISSUE_KN = [(128, 128), (4096, 4096), (4096, 11008), (11008, 4096), (14336, 4096), (4096, 14336),
             (16 * 7, 64 * 3), (128 * 5, 64 * 7)]
@@ -196,23 +220,50 @@ def _cuda_fused(x, w, bias, splits):
     M, N = x.shape[0], w.out_features
     out = poison_(torch.empty(M, N, dtype=x.dtype, device=x.device))
     d = ops.dlpack
-    extension().w4a16_matmul(d(x), d(w.qweight), d(w.scales), None if w.zeros is None else d(w.zeros),
-                             None if bias is None else d(bias), d(out), w.group_len, splits,
-                             ops.cuda_stream(x.device))
+    kernel_module(x.device).w4a16_matmul(d(x), d(w.qweight), d(w.scales), None if w.zeros is None else d(w.zeros),
+                                         None if bias is None else d(bias), d(out), w.group_len, splits,
+                                         stream_handle(x.device))
+    synchronize(x.device)
     return out
+
+
+@pytest.mark.gpu
+def test_executor_refuses_fused_launch(gen, kernel_device):
+    """What the fused tests' skip on the executor rests on: its launch (with or without a
+    cluster dimension) is refused with cudaErrorNotSupported and raises, through the raw
+    binding and through the public op; nothing runs half-modelled. Regression: the refusal
+    used to stay in the runtime's last error and fail the next, unrelated launch check."""
+    if not is_simulated(kernel_device):
+        pytest.skip("checks the SIMT executor's refusal of cudaLaunchKernelEx")
+    if cxx_exceptions_abort():
+        pytest.skip("the refusal is a C++ exception: ASan without libstdc++ preloaded aborts on it "
+                    "(the plain executor run and CI's ASan run check it)")
+    w = _weight(gen, 128, 256, 128, True, torch.bfloat16, kernel_device)
+    x = torch.randn(3, 256, generator=gen).to(kernel_device, torch.bfloat16)
+    for splits in (1, 2):
+        with pytest.raises(RuntimeError, match="cudaErrorNotSupported"):
+            _cuda_fused(x, w, None, splits)
+    with pytest.raises(RuntimeError, match="cudaErrorNotSupported"):
+        w4a16_matmul(x, w, path="fused")
+    # The refused launch's error is reported once: the next op's launch check must not raise
+    # it again (INFEROPS_CUDA_CHECK consumes the runtime's last error, as on a GPU).
+    expect = ref.dequantize(w.qweight, w.scales, w.zeros, w.group_len)
+    assert torch.equal(dequantize(w), expect)
+    _check(w4a16_matmul(x, w, path="dequant"), x, w, None, "dequant after a refused fused launch", cublas=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("K,N", ISSUE_KN, ids=lambda v: str(v))
 @pytest.mark.parametrize("M", ISSUE_M)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_fused_matches_float64(K, N, M, dtype, gen, cuda_device):
+def test_cuda_fused_matches_float64(K, N, M, dtype, gen, kernel_device):
+    _skip_fused_on_executor(kernel_device)
     group = 128 if K % 128 == 0 else -1
     symmetric = (M + K) % 2 == 0
-    w = _weight(gen, N, K, group, symmetric, dtype, cuda_device)
-    x = torch.randn(M, K, generator=gen).to(cuda_device, dtype)
-    bias = (torch.randn(N, generator=gen) * 0.5).to(cuda_device, dtype) if M % 2 else None
-    sms = torch.cuda.get_device_properties(cuda_device).multi_processor_count
+    w = _weight(gen, N, K, group, symmetric, dtype, kernel_device)
+    x = torch.randn(M, K, generator=gen).to(kernel_device, dtype)
+    bias = (torch.randn(N, generator=gen) * 0.5).to(kernel_device, dtype) if M % 2 else None
+    sms = kernel_module(kernel_device).device_info(kernel_device.index)["sm_count"]
     splits = w4a16_mod.choose_splits(M, N, K, sms)
     _check(_cuda_fused(x, w, bias, splits), x, w, bias, f"fused M={M} K={K} N={N} splits={splits}")
     _check(w4a16_matmul(x, w, bias), x, w, bias, f"auto M={M} K={K} N={N}",
@@ -220,26 +271,30 @@ def test_cuda_fused_matches_float64(K, N, M, dtype, gen, cuda_device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["fused", "dequant"])
 @pytest.mark.parametrize("M", [1, 17, 64, 256, 4096])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group", [128, -1, 64])
-def test_cuda_both_paths_every_m(M, symmetric, group, gen, cuda_device):
+def test_cuda_both_paths_every_m(M, symmetric, group, path, gen, kernel_device):
+    if path == "fused":
+        _skip_fused_on_executor(kernel_device)
     K, N = 1024, 576
-    w = _weight(gen, N, K, group, symmetric, torch.bfloat16, cuda_device)
-    x = torch.randn(M, K, generator=gen).to(cuda_device, torch.bfloat16)
-    bias = torch.randn(N, generator=gen).to(cuda_device, torch.bfloat16)
-    for path in ("fused", "dequant"):
-        _check(w4a16_matmul(x, w, bias, path=path), x, w, bias, f"{path} M={M}", cublas=path == "dequant")
+    w = _weight(gen, N, K, group, symmetric, torch.bfloat16, kernel_device)
+    x = torch.randn(M, K, generator=gen).to(kernel_device, torch.bfloat16)
+    bias = torch.randn(N, generator=gen).to(kernel_device, torch.bfloat16)
+    _check(w4a16_matmul(x, w, bias, path=path), x, w, bias, f"{path} M={M}", cublas=path == "dequant")
+    assert ops.kernel_backend("w4a16_matmul", x.device) == kernel_backend_for(x.device)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 8])
 @pytest.mark.parametrize("M", [5, 20, 40, 70])  # the 16 / 32 / 64-row kernels, two m-blocks
-def test_cuda_split_counts_and_determinism(splits, M, gen, cuda_device):
+def test_cuda_split_counts_and_determinism(splits, M, gen, kernel_device):
+    _skip_fused_on_executor(kernel_device)
     K, N = 1024, 256
-    w = _weight(gen, N, K, 128, False, torch.float16, cuda_device)
-    x = torch.randn(M, K, generator=gen).to(cuda_device, torch.float16)
-    bias = torch.randn(N, generator=gen).to(cuda_device, torch.float16)
+    w = _weight(gen, N, K, 128, False, torch.float16, kernel_device)
+    x = torch.randn(M, K, generator=gen).to(kernel_device, torch.float16)
+    bias = torch.randn(N, generator=gen).to(kernel_device, torch.float16)
     a = _cuda_fused(x, w, bias, splits)
     _check(a, x, w, bias, f"splits={splits}")
     assert torch.equal(a, _cuda_fused(x, w, bias, splits)), "not deterministic"
@@ -249,25 +304,30 @@ def test_cuda_split_counts_and_determinism(splits, M, gen, cuda_device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("K,N,group", [(4096, 4096, 128), (112, 192, -1), (11008, 320, 64)])
-def test_cuda_dequantize_is_exact(dtype, symmetric, K, N, group, gen, cuda_device):
-    w = _weight(gen, N, K, group, symmetric, dtype, cuda_device)
-    out = poison_(torch.empty(N, K, dtype=dtype, device=cuda_device))
+def test_cuda_dequantize_is_exact(dtype, symmetric, K, N, group, gen, kernel_device):
+    if is_simulated(kernel_device) and (K, N) == (4096, 4096):
+        K, N = 1024, 1024  # same group layout, 1/16 of the weight (simulated threads are slow)
+    w = _weight(gen, N, K, group, symmetric, dtype, kernel_device)
+    out = poison_(torch.empty(N, K, dtype=dtype, device=kernel_device))
     d = ops.dlpack
-    extension().int4_dequantize(d(w.qweight), d(w.scales), None if w.zeros is None else d(w.zeros), d(out),
-                                w.group_len, ops.cuda_stream(cuda_device))
+    kernel_module(kernel_device).int4_dequantize(d(w.qweight), d(w.scales), None if w.zeros is None else d(w.zeros),
+                                                 d(out), w.group_len, stream_handle(kernel_device))
+    synchronize(kernel_device)
     expect = ref.dequantize(w.qweight.cpu(), w.scales.cpu(), None if w.zeros is None else w.zeros.cpu(), w.group_len)
     assert torch.equal(out.cpu(), expect)
     assert torch.equal(dequantize(w).cpu(), expect)
+    assert ops.kernel_backend("int4_dequantize", w.qweight.device) == kernel_backend_for(w.qweight.device)
 
 
 @pytest.mark.gpu
-def test_cuda_unaligned_x_and_packing_on_gpu(gen, cuda_device):
+def test_cuda_unaligned_x_and_packing_on_gpu(gen, kernel_device):
+    _skip_fused_on_executor(kernel_device)  # M = 7: the fused kernel's misaligned-x handling
     K, N, M = 256, 128, 7
-    wf = torch.randn(N, K, generator=gen).to(cuda_device)
+    wf = torch.randn(N, K, generator=gen).to(kernel_device)
     w = pack_int4(wf, 128, dtype=torch.bfloat16)  # packing runs on the GPU too
     w_cpu = pack_int4(wf.cpu(), 128, dtype=torch.bfloat16)
     assert torch.equal(w.qweight.cpu(), w_cpu.qweight) and torch.equal(w.scales.cpu(), w_cpu.scales)
-    buf = torch.randn(M * K + 1, generator=gen).to(cuda_device, torch.bfloat16)
+    buf = torch.randn(M * K + 1, generator=gen).to(kernel_device, torch.bfloat16)
     x = buf[1:].view(M, K)  # contiguous, 2 bytes off 16-byte alignment
     _check(w4a16_matmul(x, w), x, w, None, "unaligned x")
 

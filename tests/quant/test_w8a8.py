@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+import inferops
 from inferops._core.extension import extension
 from inferops.quant import quantize_per_token, quantize_weight_per_channel, w8a8_matmul
 from inferops.reference import quant_w8a8 as ref
-from inferops.testing import Tolerance, assert_close, poison_, randn
+from inferops.testing import (
+    Tolerance,
+    assert_close,
+    is_simulated,
+    kernel_backend_for,
+    kernel_module,
+    poison_,
+    randn,
+    stream_handle,
+    synchronize,
+)
 from torch.utils.dlpack import to_dlpack
+
+from tests.quant._executor import cxx_exceptions_abort
 
 FP8 = torch.float8_e4m3fn
 QDTYPES = [torch.int8, FP8]
@@ -215,22 +228,32 @@ def test_compile_fullgraph(gen):
     assert torch.equal(got, f(x))
 
 
-# --- CUDA -----------------------------------------------------------------------------------
+# --- the kernels (on a GPU, or on the CPU SIMT executor: kernel_device) ----------------------
 
 GPU_SHAPES = [  # (M, K, N): issue sizes, hostile M, odd multiples of the 128 x 128 x 64 tile, tails
     (1, 4096, 4096), (3, 4096, 11008), (16, 11008, 4096), (17, 4096, 14336), (64, 14336, 4096),
     (4096, 4096, 4096), (4096, 128, 128), (200, 192, 384), (129, 208, 100), (1, 16, 1),
 ]
+# The executor (simulated threads) runs the small ones of those plus shapes that keep every
+# hostile case: M = 1, partial M / N tiles, odd N, a K tail of 16 / 48 bytes in the last
+# k tile, more k tiles than pipeline stages (K = 1040: 17 tiles, the 4-stage ring wraps
+# four times), several block rows and columns.
+SIM_SHAPES = [(1, 16, 1), (129, 208, 100), (200, 192, 384), (4096, 128, 128), (1, 1040, 72), (3, 560, 131),
+              (257, 336, 260)]
+_SIM_SHAPES = set(SIM_SHAPES)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
-@pytest.mark.parametrize("mkn", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cuda_matmul_matches_float64(mkn, qdtype, gen, cuda_device):
+@pytest.mark.parametrize("mkn", sorted(set(GPU_SHAPES) | _SIM_SHAPES), ids=lambda s: "x".join(map(str, s)))
+def test_cuda_matmul_matches_float64(mkn, qdtype, gen, kernel_device):
     M, K, N = mkn
-    x_q, xs, w_q, ws = _quantized(gen, M, K, N, qdtype, cuda_device, zero_rows=(0,) if M > 2 else ())
-    for out_dtype, bias in ((torch.bfloat16, None), (torch.float16, randn((N,), torch.float32, cuda_device, gen))):
+    if is_simulated(kernel_device) and mkn not in _SIM_SHAPES:
+        pytest.skip("a GPU-sized shape: the executor runs SIM_SHAPES")
+    x_q, xs, w_q, ws = _quantized(gen, M, K, N, qdtype, kernel_device, zero_rows=(0,) if M > 2 else ())
+    for out_dtype, bias in ((torch.bfloat16, None), (torch.float16, randn((N,), torch.float32, kernel_device, gen))):
         y = w8a8_matmul(x_q, xs, w_q, ws, out_dtype, bias)
+        assert inferops._core.ops.kernel_backend("w8a8_matmul", y.device) == kernel_backend_for(y.device)
         r = _ref64(x_q, xs, w_q, ws, bias)
         assert_close(y, r, _mm_tol(r, out_dtype))
         mean_rel = float((y.double() - r).abs().mean() / r.abs().mean())
@@ -239,28 +262,56 @@ def test_cuda_matmul_matches_float64(mkn, qdtype, gen, cuda_device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
-def test_cuda_matmul_writes_every_output(qdtype, gen, cuda_device):
+def test_cuda_matmul_writes_every_output(qdtype, gen, kernel_device):
     M, K, N = 131, 320, 259  # partial tiles in M and N, odd N (scalar tail stores)
-    x_q, xs, w_q, ws = _quantized(gen, M, K, N, qdtype, cuda_device)
-    out = poison_(torch.empty(M, N, dtype=torch.bfloat16, device=cuda_device))
-    extension().w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws), None, to_dlpack(out),
-                            torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
+    x_q, xs, w_q, ws = _quantized(gen, M, K, N, qdtype, kernel_device)
+    out = poison_(torch.empty(M, N, dtype=torch.bfloat16, device=kernel_device))
+    kernel_module(kernel_device).w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws), None,
+                                             to_dlpack(out), stream_handle(kernel_device))
+    synchronize(kernel_device)
     r = _ref64(x_q, xs, w_q, ws)
     assert_close(out, r, _mm_tol(r, torch.bfloat16))
 
 
 @pytest.mark.gpu
-def test_cuda_matmul_out_at_odd_element_offset(gen, cuda_device):
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
+def test_cuda_matmul_strided_and_misaligned_inputs(qdtype, gen, kernel_device):
+    """Row strides larger than K (column slices of wider buffers, stride a multiple of 16)
+    go to the kernel as they are (ldx / ldw); views whose base is not 16-byte aligned are
+    rejected by the binding and copied by the public op."""
+    M, K, N = 67, 208, 90
+    x_q, xs, w_q, ws = _quantized(gen, M, K + 48, N, qdtype, kernel_device)
+    xv, wv = x_q[:, 16:16 + K], w_q[:, :K]  # strides K + 48 = 256 bytes, base +16 / +0 bytes
+    assert not xv.is_contiguous() and xv.stride(0) == K + 48
+    out = poison_(torch.empty(M, N, dtype=torch.float16, device=kernel_device))
+    kernel_module(kernel_device).w8a8_matmul(to_dlpack(xv), to_dlpack(xs), to_dlpack(wv), to_dlpack(ws), None,
+                                             to_dlpack(out), stream_handle(kernel_device))
+    synchronize(kernel_device)
+    r = _ref64(xv, xs, wv, ws)
+    assert_close(out, r, _mm_tol(r, torch.float16))
+    xm = x_q[:, 1:1 + K]  # base 1 byte past alignment
+    if not cxx_exceptions_abort():  # a C++ exception: see tests/quant/_executor.py
+        with pytest.raises(ValueError, match="16-byte aligned base"):
+            kernel_module(kernel_device).w8a8_matmul(to_dlpack(xm), to_dlpack(xs), to_dlpack(wv), to_dlpack(ws),
+                                                     None, to_dlpack(out), stream_handle(kernel_device))
+    buf = torch.empty(M * K + 3, dtype=qdtype, device=kernel_device)
+    xo = buf[3:].view(M, K)  # contiguous, 3 bytes off
+    xo.copy_(xv)
+    y = w8a8_matmul(xo, xs, wv, ws, torch.bfloat16)
+    assert_close(y, r, _mm_tol(r, torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_cuda_matmul_out_at_odd_element_offset(gen, kernel_device):
     """A contiguous `out` view 2 bytes past an aligned base with even N: the kernel must
     fall back to scalar stores (paired 4-byte stores would fault as misaligned)."""
     M, K, N = 5, 64, 40
-    x_q, xs, w_q, ws = _quantized(gen, M, K, N, torch.int8, cuda_device)
-    buf = torch.zeros(M * N + 1, dtype=torch.bfloat16, device=cuda_device)
+    x_q, xs, w_q, ws = _quantized(gen, M, K, N, torch.int8, kernel_device)
+    buf = torch.zeros(M * N + 1, dtype=torch.bfloat16, device=kernel_device)
     out = buf[1:].view(M, N)
-    extension().w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws), None, to_dlpack(out),
-                            torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
+    kernel_module(kernel_device).w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws), None,
+                                             to_dlpack(out), stream_handle(kernel_device))
+    synchronize(kernel_device)
     r = _ref64(x_q, xs, w_q, ws)
     assert_close(out, r, _mm_tol(r, torch.bfloat16))
     assert buf[0].item() == 0
@@ -270,12 +321,15 @@ def test_cuda_matmul_out_at_odd_element_offset(gen, cuda_device):
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("mk", [(1, 4096), (37, 11008), (300, 14336), (5, 100), (3, 7)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_cuda_quantize_bit_exact(mk, dtype, qdtype, gen, cuda_device):
+def test_cuda_quantize_bit_exact(mk, dtype, qdtype, gen, kernel_device):
     M, K = mk
-    x = randn((M, K), dtype, cuda_device, gen, 4.0)
+    if is_simulated(kernel_device):
+        M = min(M, 9)  # one block per row: a few rows of each width cover every path
+    x = randn((M, K), dtype, kernel_device, gen, 4.0)
     x[0] = 0  # zero row: finite scale, zero output
     q_ref, s_ref = ref.quantize_per_token(x, qdtype)
     q, s = quantize_per_token(x, qdtype)
+    assert inferops._core.ops.kernel_backend("quantize_per_token", q.device) == kernel_backend_for(q.device)
     assert torch.equal(s, s_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert s[0].item() == pytest.approx(ref.SCALE_MIN)
@@ -295,33 +349,36 @@ def test_cuda_reference_equals_cpu_reference(qdtype, gen, cuda_device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["int8", "fp8"])
-def test_cuda_quantize_nan_inf_rows_like_reference(qdtype, gen, cuda_device):
+def test_cuda_quantize_nan_inf_rows_like_reference(qdtype, gen, kernel_device):
     """A NaN in a row gives a NaN scale (torch.amax / clamp propagate NaN; fmaxf would drop
     it and quantize the NaN to -qmax); an inf gives scale inf. Other rows stay bit-exact."""
-    x = randn((6, 520), torch.float32, cuda_device, gen, 4.0)
+    x = randn((6, 520), torch.float32, kernel_device, gen, 4.0)
     x[1, 7] = float("nan")
     x[3, 300] = float("inf")
+    x[4, 11] = float("-inf")
     q_ref, s_ref = ref.quantize_per_token(x, qdtype)
     q, s = quantize_per_token(x, qdtype)
     assert torch.isnan(s[1]) and torch.isnan(s_ref[1])
     assert torch.isinf(s[3]) and torch.equal(s[3], s_ref[3])
-    good = [0, 2, 4, 5]
+    assert torch.isinf(s[4]) and s[4] > 0 and torch.equal(s[4], s_ref[4])
+    good = [0, 2, 5]
     assert torch.equal(s[good], s_ref[good])
     assert torch.equal(q[good].view(torch.uint8), q_ref[good].view(torch.uint8))
     if qdtype == FP8:
-        assert torch.isnan(q[1].float()).all() and torch.isnan(q[3, 300].float())
-        others = torch.ones(520, dtype=torch.bool, device=cuda_device)
+        assert torch.isnan(q[1].float()).all() and torch.isnan(q[3, 300].float()) and torch.isnan(q[4, 11].float())
+        others = torch.ones(520, dtype=torch.bool, device=kernel_device)
         others[300] = False
         assert bool((q[3].float()[others] == 0).all())
 
 
 @pytest.mark.gpu
-def test_cuda_quantize_writes_every_output(gen, cuda_device):
-    x = randn((9, 4104), torch.bfloat16, cuda_device, gen)
-    q = poison_(torch.empty(9, 4104, dtype=torch.int8, device=cuda_device))
-    s = poison_(torch.empty(9, device=cuda_device))
-    extension().quantize_per_token(to_dlpack(x), to_dlpack(q), to_dlpack(s), torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
+def test_cuda_quantize_writes_every_output(gen, kernel_device):
+    x = randn((9, 4104), torch.bfloat16, kernel_device, gen)
+    q = poison_(torch.empty(9, 4104, dtype=torch.int8, device=kernel_device))
+    s = poison_(torch.empty(9, device=kernel_device))
+    kernel_module(kernel_device).quantize_per_token(to_dlpack(x), to_dlpack(q), to_dlpack(s),
+                                                    stream_handle(kernel_device))
+    synchronize(kernel_device)
     q_ref, s_ref = ref.quantize_per_token(x, torch.int8)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 

@@ -18,8 +18,19 @@ from inferops._core.extension import extension
 from inferops.quant import w8a8 as w8a8_mod
 from inferops.quant import w8a8_matmul
 from inferops.reference import quant_w8a8 as ref
-from inferops.testing import Tolerance, assert_close, poison_, randn
+from inferops.testing import (
+    Tolerance,
+    assert_close,
+    is_simulated,
+    kernel_module,
+    poison_,
+    randn,
+    stream_handle,
+    synchronize,
+)
 from torch.utils.dlpack import to_dlpack
+
+from tests.quant._executor import cxx_exceptions_abort
 
 FP8 = torch.float8_e4m3fn
 _SRC = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "quant" / "w8a8_wgmma.cu"
@@ -242,7 +253,9 @@ def test_pipeline_schedule():
         assert committed - pending_allowed >= kt + 1  # groups 0..kt complete
 
 
-# --- CUDA -----------------------------------------------------------------------------------
+# --- the kernel (on a GPU; on the CPU SIMT executor these skip: wgmma is not modelled) -------
+
+WGMMA_ON_EXECUTOR = "wgmma is not modelled by the SIMT executor (its launcher refuses path='wgmma' there)"
 
 GPU_SHAPES = [  # (M, K, N): the issue's Llama shapes at M = 4096, hostile M, partial tiles, K tails
     (4096, 4096, 4096), (4096, 4096, 14336), (4096, 14336, 4096), (4096, 8192, 8192),
@@ -252,23 +265,30 @@ GPU_SHAPES = [  # (M, K, N): the issue's Llama shapes at M = 4096, hostile M, pa
 
 
 def _is_sm90(device) -> bool:
-    return torch.cuda.get_device_capability(device) == (9, 0)
+    return tuple(kernel_module(device).device_info(device.index or 0)["compute_capability"]) == (9, 0)
+
+
+def _skip_on_executor(device):
+    if is_simulated(device):
+        pytest.skip(WGMMA_ON_EXECUTOR)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mkn", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cuda_wgmma_matches_float64(mkn, gen, cuda_device):
-    if not _is_sm90(cuda_device):
+def test_cuda_wgmma_matches_float64(mkn, gen, kernel_device):
+    _skip_on_executor(kernel_device)
+    if not _is_sm90(kernel_device):
         pytest.skip("path='wgmma' needs sm_90")
     M, K, N = mkn
-    x_q, xs, w_q, ws = _quantized(gen, M, K, N, cuda_device)
-    stream = torch.cuda.current_stream().cuda_stream
+    x_q, xs, w_q, ws = _quantized(gen, M, K, N, kernel_device)
+    stream = stream_handle(kernel_device)
     for out_dtype in (torch.bfloat16, torch.float16):
-        for bias in (None, randn((N,), torch.float32, cuda_device, gen)):
-            out = poison_(torch.empty(M, N, dtype=out_dtype, device=cuda_device))
-            extension().w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws),
-                                    None if bias is None else to_dlpack(bias), to_dlpack(out), stream, "wgmma")
-            torch.cuda.synchronize()
+        for bias in (None, randn((N,), torch.float32, kernel_device, gen)):
+            out = poison_(torch.empty(M, N, dtype=out_dtype, device=kernel_device))
+            kernel_module(kernel_device).w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws),
+                                                     None if bias is None else to_dlpack(bias), to_dlpack(out),
+                                                     stream, "wgmma")
+            synchronize(kernel_device)
             r = _ref64(x_q, xs, w_q, ws, bias)
             assert_close(out, r, _mm_tol(r, out_dtype))
             mean_rel = float((out.double() - r).abs().mean() / r.abs().mean())
@@ -276,12 +296,13 @@ def test_cuda_wgmma_matches_float64(mkn, gen, cuda_device):
 
 
 @pytest.mark.gpu
-def test_cuda_wgmma_public_and_env(gen, cuda_device, monkeypatch):
+def test_cuda_wgmma_public_and_env(gen, kernel_device, monkeypatch):
     """The public path and the env flip reach the wgmma kernel and agree with the mma one."""
-    if not _is_sm90(cuda_device):
+    _skip_on_executor(kernel_device)
+    if not _is_sm90(kernel_device):
         pytest.skip("path='wgmma' needs sm_90")
-    x_q, xs, w_q, ws = _quantized(gen, 257, 512, 300, cuda_device)
-    b = randn((300,), torch.float32, cuda_device, gen)
+    x_q, xs, w_q, ws = _quantized(gen, 257, 512, 300, kernel_device)
+    b = randn((300,), torch.float32, kernel_device, gen)
     y_mma = w8a8_matmul(x_q, xs, w_q, ws, torch.float16, b, path="mma")
     y_wg = w8a8_matmul(x_q, xs, w_q, ws, torch.float16, b, path="wgmma")
     monkeypatch.setenv(w8a8_mod.W8A8_PATH_ENV, "wgmma")
@@ -293,9 +314,31 @@ def test_cuda_wgmma_public_and_env(gen, cuda_device, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_wgmma_rejects_non_sm90(gen, cuda_device):
-    if _is_sm90(cuda_device):
+def test_cuda_wgmma_rejects_non_sm90(gen, kernel_device):
+    _skip_on_executor(kernel_device)
+    if _is_sm90(kernel_device):
         pytest.skip("this device is sm_90: the refusal path needs another GPU")
-    x_q, xs, w_q, ws = _quantized(gen, 4, 32, 8, cuda_device)
+    x_q, xs, w_q, ws = _quantized(gen, 4, 32, 8, kernel_device)
     with pytest.raises(ValueError, match=r'sm_90 \(Hopper\) device for path="wgmma"'):
         w8a8_matmul(x_q, xs, w_q, ws, torch.bfloat16, path="wgmma")
+
+
+@pytest.mark.gpu
+def test_executor_refuses_wgmma_clearly(gen, kernel_device):
+    """On the executor path='wgmma' raises a clear error (not the kernel's __trap()), through
+    the raw binding and the public op, and the mma path still runs afterwards."""
+    if not is_simulated(kernel_device):
+        pytest.skip("checks the SIMT executor's refusal of the wgmma kernel")
+    if cxx_exceptions_abort():
+        pytest.skip("the refusal is a C++ exception: ASan without libstdc++ preloaded aborts on it "
+                    "(the plain executor run and CI's ASan run check it)")
+    x_q, xs, w_q, ws = _quantized(gen, 5, 64, 24, kernel_device)
+    out = torch.empty(5, 24, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="wgmma is not modelled by the SIMT executor"):
+        kernel_module(kernel_device).w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws), None,
+                                                 to_dlpack(out), stream_handle(kernel_device), "wgmma")
+    with pytest.raises(RuntimeError, match="wgmma is not modelled by the SIMT executor"):
+        w8a8_matmul(x_q, xs, w_q, ws, torch.bfloat16, path="wgmma")
+    y = w8a8_matmul(x_q, xs, w_q, ws, torch.bfloat16, path="mma")
+    r = _ref64(x_q, xs, w_q, ws)
+    assert_close(y, r, _mm_tol(r, torch.bfloat16))

@@ -65,6 +65,16 @@ def _sm_count(index: int) -> int:
     return props.multi_processor_count if props.major >= 9 else 0
 
 
+def _device_sm_count(device: torch.device) -> int:
+    """_sm_count for the device the fused kernel runs on. A CPU tensor reaches the kernel only
+    on the SIMT executor, which has no torch.cuda device: ask its module for the device it
+    models (sm_90, 132 SMs)."""
+    if device.type != "cuda":
+        info = ops.ext().device_info(0)
+        return int(info["sm_count"]) if info["compute_capability"][0] >= 9 else 0
+    return _sm_count(device.index if device.index is not None else 0)
+
+
 def _use_dequant(m: int, path: str) -> bool:
     return path == "dequant" or (path == "auto" and m >= DEQUANT_MIN_M)
 
@@ -83,7 +93,7 @@ def _matmul_cuda(x, qweight, scales, zeros, bias, group_size, path):
     if x.data_ptr() % 16:  # a row-offset view: the kernel wants 16-byte aligned rows
         x = x.clone()
     bias = None if bias is None else bias.contiguous()
-    splits = choose_splits(M, N, K, _sm_count(x.device.index if x.device.index is not None else 0))
+    splits = choose_splits(M, N, K, _device_sm_count(x.device))
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     ops.ext().w4a16_matmul(d(x), d(qweight), d(scales), None if zeros is None else d(zeros),
                            None if bias is None else d(bias), d(out), group_size, splits, stream)
