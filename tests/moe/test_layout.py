@@ -367,6 +367,27 @@ def test_cuda_permute_unpermute(hidden, dtype, gen, kernel_device):
     assert_close(out, ref.unpermute(y.double(), lay.dst_index, w.double(), torch.float64), dtype)
 
 
+@pytest.mark.gpu
+def test_cuda_rejects_fp32_rows_and_compiles(gen, kernel_device):
+    """The kernels take fp16/bf16 rows wherever they run (the simt route too: fp32 is only
+    for the reference); routing_layout -> permute -> unpermute under torch.compile."""
+    ids = _ids(gen, 9, 2, 8).to(kernel_device)
+    lay = routing_layout(ids, 8, align=4)
+    with pytest.raises(TypeError, match="expected dtype float16 or bfloat16 for `x`, got float32"):
+        permute(torch.zeros(9, 16, device=kernel_device), lay)
+    with pytest.raises(TypeError, match="expected dtype float16 or bfloat16 for `y`, got float32"):
+        unpermute(torch.zeros(lay.capacity, 16, device=kernel_device), lay, torch.ones(9, 2, device=kernel_device))
+    x = torch.randn(9, 16, generator=gen).to(kernel_device, torch.bfloat16)
+    w = torch.rand(9, 2, generator=gen).to(kernel_device)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def moe_identity(x, ids, w):
+        lay = routing_layout(ids, 8, align=4, validate=False)
+        return unpermute(permute(x, lay), lay, w)
+
+    assert_close(moe_identity(x, ids, w), x.double() * w.double().sum(1, keepdim=True), torch.bfloat16)
+
+
 def test_opcheck_cpu(gen):
     ids = _ids(gen, 9, 2, 8)
     placement = default_placement(8, 2)
