@@ -534,7 +534,7 @@ const unsigned char* collective(int op, const char* what, unsigned mask, const v
     g = &w.groups[w.ngroups++];
     *g = Group{mask, 0u, op, what};
   }
-  std::memcpy(w.payload[f.lane], payload, bytes);
+  if (bytes) std::memcpy(w.payload[f.lane], payload, bytes);  // __syncwarp: nullptr, 0
   g->arrived |= 1u << f.lane;
   ++s.progress;
   f.wait = Wait::kCollective;
