@@ -201,6 +201,27 @@ def _varlen_inputs(gen, device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_writes_every_output_element(dtype, gen, kernel_device):
+    """Raw binding, poisoned o and final_state (the key-sum column is written by the first
+    value-tile block only), q / k / v strided views of one packed tensor, V = 100 (a
+    partial second value tile), a partial last chunk, normalize with an initial state."""
+    B, T, H, K, V = 2, 70, 2, 32, 100
+    packed = randn((B, T, H, 2 * K + V + 8), dtype, kernel_device, gen, 0.5)
+    q, k, v = packed[..., :K], packed[..., K + 4:2 * K + 4], packed[..., 2 * K + 8:]
+    s0 = torch.rand(B, H, K, V + 1, generator=gen).to(kernel_device)
+    o = poison_(torch.empty(B, T, H, V, dtype=dtype, device=kernel_device))
+    final = poison_(torch.empty(B, H, K, V + 1, device=kernel_device))
+    kernel_module(kernel_device).causal_linear_attention(
+        to_dlpack(q), to_dlpack(k), to_dlpack(v), to_dlpack(o), to_dlpack(s0), to_dlpack(final), None, 0.3, True,
+        True, stream_handle(kernel_device))
+    synchronize(kernel_device)
+    eo, es = _oracle(q, k, v, scale=0.3, initial_state=s0, normalize=True, use_relu=True)
+    assert_close(o, eo, _out_tol(dtype, T))
+    assert_close(final, es, STATE_TOL)
+
+
+@pytest.mark.gpu
 def test_cuda_varlen_and_steps(gen, kernel_device):
     """Packed sequences (an empty one, partial chunks), then decode steps that continue the
     chunked state exactly (raw binding: poisoned output, stream handle)."""

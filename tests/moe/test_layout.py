@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from inferops.moe import default_placement, permute, routing_layout, unpermute
 from inferops.reference import moe as ref
 import inferops
-from inferops.testing import assert_close, is_simulated, kernel_backend_for
+from inferops.testing import (
+    assert_close,
+    is_simulated,
+    kernel_backend_for,
+    kernel_module,
+    poison_,
+    stream_handle,
+    synchronize,
+)
 
 FIELDS = ["tokens_per_expert", "expert_offsets", "dst_index", "src_index", "tokens_per_rank",
           "send_index", "send_offsets", "errors"]
@@ -300,6 +309,27 @@ def test_cuda_layout_equals_reference(case, gen, kernel_device):
     assert inferops._core.ops.kernel_backend("routing_layout", lay.src_index.device) == kernel_backend_for(kernel_device)
     expect = ref.routing_layout(ids, placement, c["R"], c["align"], cap)
     _assert_layout_equal(lay, dict(zip(FIELDS, expect)))
+
+
+@pytest.mark.gpu
+def test_cuda_layout_writes_every_output(gen, kernel_device):
+    """Raw binding with every output poisoned: int64 ids (with -1, out of range, beyond
+    int32), an expert on no valid rank, capacity drops, 1100 tokens (two pass-3 chunks)."""
+    T, k, E, R, align = 1100, 3, 40, 5, 4
+    ids = _ids(gen, T, k, E, dtype=torch.int64)
+    ids[::9, 0] = -1
+    ids[4::13, 2] = E + 2**33
+    placement = torch.randint(0, R, (E,), generator=gen, dtype=torch.int32)
+    placement[7] = -1
+    cap = T * k // 2
+    outs = [poison_(torch.empty(s, dtype=torch.int32, device=kernel_device))
+            for s in ((E,), (E + 1,), (T, k), (cap,), (R,), (T, R), (R + 1,), (2,))]
+    kernel_module(kernel_device).routing_layout(to_dlpack(ids.to(kernel_device)),
+                                                to_dlpack(placement.to(kernel_device)),
+                                                *(to_dlpack(o) for o in outs), align, stream_handle(kernel_device))
+    synchronize(kernel_device)
+    _assert_layout_equal(dict(zip(FIELDS, outs)),
+                         dict(zip(FIELDS, ref.routing_layout(ids, placement, R, align, cap))))
 
 
 @pytest.mark.gpu
