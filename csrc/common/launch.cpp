@@ -4,7 +4,6 @@
 #include <array>
 #include <map>
 #include <mutex>
-#include <set>
 #include <tuple>
 
 namespace inferops {
@@ -43,13 +42,17 @@ void set_dynamic_smem_raw(const void* kernel, int bytes, int device) {
                  " bytes of shared memory, device ", device, " allows ",
                  info.max_smem_per_block_optin);
   if (bytes <= 48 * 1024) return;
+  // The attribute is a limit: keep the largest size set per (kernel, device) and only ever
+  // raise it. (Caching each exact size set, as before, let a smaller size lower the limit
+  // and a later larger launch, already "done", skip raising it again: the launch then
+  // failed with cudaErrorInvalidValue, e.g. routing_layout with R = 64, then 1, then 64.)
   static std::mutex mu;
-  static std::set<std::tuple<const void*, int, int>> done;
+  static std::map<std::pair<const void*, int>, int> raised;
   std::lock_guard<std::mutex> lock(mu);
-  if (!done.insert({kernel, device, bytes}).second) return;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err != cudaSuccess) done.erase({kernel, device, bytes});
-  INFEROPS_CUDA_CHECK(err);
+  int& limit = raised[{kernel, device}];
+  if (bytes <= limit) return;
+  INFEROPS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  limit = bytes;
 }
 
 int max_active_blocks_raw(const void* kernel, int threads, int smem_bytes, int device) {

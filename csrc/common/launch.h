@@ -40,9 +40,9 @@ class DeviceGuard {
 };
 
 // Raises a kernel's dynamic shared-memory limit when it needs more than 48 KiB,
-// after checking the device can give that much. The attribute is set once per
-// (kernel, device, bytes): launchers call this on every launch, and a CUDA API
-// call per launch is host overhead a decode step cannot afford.
+// after checking the device can give that much. The attribute is only raised, once
+// per (kernel, device) and larger size: launchers call this on every launch, and a
+// CUDA API call per launch is host overhead a decode step cannot afford.
 void set_dynamic_smem_raw(const void* kernel, int bytes, int device);
 template <typename Kernel>
 void set_dynamic_smem(Kernel kernel, int bytes, int device) {

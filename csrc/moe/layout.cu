@@ -9,7 +9,8 @@
 // and a running count per expert the chunks before -- so rows of an expert
 // follow (token, slot) order exactly. Pass 3 does the same per destination
 // rank over tokens (a token's rank mask deduplicates experts on one rank).
-// Shared memory: (2 + 32) * E + 1 + 33 * R ints (E = 1024, R = 64: 144.3 KiB).
+// Shared memory: (3 + 32) * E + 1 + 33 * R ints (E = 1024, R = 64: 148.3 KiB), carved
+// out and sized by one function (smem_ints).
 // For T = 4096, k = 8, E = 256: 32 chunks of a few barriers each.
 #include "common/kernel_launch.cuh"
 #include "common/cuda_check.h"
@@ -31,6 +32,12 @@ __device__ __forceinline__ int load_id(const LayoutParams& p, int t, int j) {
                      : static_cast<const int32_t*>(p.topk_ids)[off];
 }
 
+
+// Ints of dynamic shared memory: counts, running [E], offs [E + 1], warp_cnt [kWarps][E],
+// rank_run [R], warp_rcnt [kWarps][R] (the kernel's carve-up below, in this order).
+__host__ __device__ constexpr int smem_ints(int E, int R) {
+  return (3 + kWarps) * E + 1 + (1 + kWarps) * R;
+}
 
 __global__ void __launch_bounds__(kThreads, 1) RoutingLayoutKernel(const __grid_constant__ LayoutParams p) {
   INFEROPS_DYNAMIC_SMEM(int, smem, 16);
@@ -165,7 +172,8 @@ __global__ void __launch_bounds__(kThreads, 1) RoutingLayoutKernel(const __grid_
 
 void launch_routing_layout(const LayoutParams& p, int device, std::uintptr_t stream) {
   DeviceGuard guard(device);
-  const int smem = ((2 + kWarps) * p.num_experts + 1 + (1 + kWarps) * p.world_size) * 4;
+  // (This once counted (2 + kWarps) [E] arrays: warp_rcnt ran 4 E bytes past the end, #22.)
+  const int smem = smem_ints(p.num_experts, p.world_size) * 4;
   set_dynamic_smem(RoutingLayoutKernel, smem, device);
   launch_kernel(RoutingLayoutKernel, 1, kThreads, smem, as_stream(stream), p);
   INFEROPS_CUDA_CHECK_LAUNCH();

@@ -213,6 +213,22 @@ void overflow_handler(int sig, siginfo_t* info, void* uctx) {
       std::abort();
     }
   }
+  // The guard page after the shared-memory window: an access at least ~1 KiB past the end
+  // of the dynamic shared memory (the canary only sees the bytes before the page).
+  const Scheduler& sc = S();
+  if (sc.window && a >= reinterpret_cast<uintptr_t>(sc.window + kSmemWindow) &&
+      a < reinterpret_cast<uintptr_t>(sc.window + kSmemWindow) + page_size()) {
+    char msg[256];
+    const Fiber* f = sc.current;
+    const int n = std::snprintf(
+        msg, sizeof msg,
+        "simt: thread (%u,%u,%u) of block (%u,%u,%u) accessed dynamic shared memory %zu bytes past the end "
+        "of its %zu bytes\n",
+        f ? f->tid.x : 0, f ? f->tid.y : 0, f ? f->tid.z : 0, g_blockIdx.x, g_blockIdx.y, g_blockIdx.z,
+        static_cast<std::size_t>(a - reinterpret_cast<uintptr_t>(sc.dyn + sc.dyn_bytes)), sc.dyn_bytes);
+    if (n > 0) (void)!write(2, msg, static_cast<std::size_t>(n));
+    std::abort();
+  }
   // Not ours: hand the fault to whoever handled it before.
   struct sigaction& prev = sig == SIGSEGV ? g_prev_segv : g_prev_bus;
   sigaction(sig, &prev, nullptr);

@@ -6,10 +6,21 @@ import pytest
 import torch
 from torch.utils.dlpack import to_dlpack
 
+import inferops
 from inferops._core.extension import extension
 from inferops.linear_attention import causal_linear_attention, linear_attention_step
 from inferops.reference import linear_attention as ref
-from inferops.testing import Tolerance, assert_close, randn
+from inferops.testing import (
+    Tolerance,
+    assert_close,
+    is_simulated,
+    kernel_backend_for,
+    kernel_module,
+    poison_,
+    randn,
+    stream_handle,
+    synchronize,
+)
 
 STATE_TOL = Tolerance(atol=2e-3, rtol=2e-3)
 
@@ -157,7 +168,7 @@ def test_opcheck_cpu(gen):
                           (q[:, 0], k[:, 0], v[:, 0], s, 0.2, False, False))
 
 
-# --- CUDA -----------------------------------------------------------------------------------
+# --- the kernels (on a GPU, or on the CPU SIMT executor: kernel_device) ----------------------
 
 
 @pytest.mark.gpu
@@ -165,29 +176,107 @@ def test_opcheck_cpu(gen):
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 4096])
 @pytest.mark.parametrize("K,V", [(32, 32), (64, 100), (128, 128)])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_cuda_matches_oracle(T, K, V, normalize, dtype, gen, cuda_device):
+def test_cuda_matches_oracle(T, K, V, normalize, dtype, gen, kernel_device):
     B, H = (1, 2) if T == 4096 else (2, 3)
-    q, k, v = _qkv(gen, B, T, H, K, V, dtype, cuda_device, scale=0.5 if T < 4096 else 0.25)
-    s0 = torch.rand(B, H, K, V + normalize, generator=gen).to(cuda_device)
+    long = T == 4096
+    if is_simulated(kernel_device):  # less simulated work (~45 ms a 64-token chunk of a block at K = 128)
+        if long:
+            T, H = 260, 1  # 4 full chunks and a partial one; the long-sequence tolerance kept
+        else:
+            B, H = (1, 2) if K == 128 else (2, 2)
+    q, k, v = _qkv(gen, B, T, H, K, V, dtype, kernel_device, scale=0.25 if long else 0.5)
+    s0 = torch.rand(B, H, K, V + normalize, generator=gen).to(kernel_device)
     o, s = causal_linear_attention(q, k, v, initial_state=s0, output_final_state=True, normalize=normalize,
                                    use_relu=normalize)
+    assert inferops._core.ops.kernel_backend("causal_linear_attention", o.device) == kernel_backend_for(kernel_device)
     eo, es = _oracle(q, k, v, initial_state=s0, normalize=normalize, use_relu=normalize)
-    assert_close(o, eo, _out_tol(dtype, T))
-    assert_close(s, es, Tolerance(1e-2, 1e-3) if T == 4096 else STATE_TOL)
+    assert_close(o, eo, _out_tol(dtype, 4096 if long else T))
+    assert_close(s, es, Tolerance(1e-2, 1e-3) if long else STATE_TOL)
+
+
+def _varlen_inputs(gen, device):
+    lens = [5, 0, 200, 1, 64]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return lens, cu, _qkv(gen, 1, sum(lens), 4, 64, 64, device=device)
 
 
 @pytest.mark.gpu
-def test_cuda_varlen_and_steps(gen, cuda_device):
-    lens = [5, 0, 200, 1, 64]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=cuda_device)
-    q, k, v = _qkv(gen, 1, sum(lens), 4, 64, 64, device=cuda_device)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_writes_every_output_element(dtype, gen, kernel_device):
+    """Raw binding, poisoned o and final_state (the key-sum column is written by the first
+    value-tile block only), q / k / v strided views of one packed tensor, V = 100 (a
+    partial second value tile), a partial last chunk, normalize with an initial state."""
+    B, T, H, K, V = 2, 70, 2, 32, 100
+    packed = randn((B, T, H, 2 * K + V + 8), dtype, kernel_device, gen, 0.5)
+    q, k, v = packed[..., :K], packed[..., K + 4:2 * K + 4], packed[..., 2 * K + 8:]
+    s0 = torch.rand(B, H, K, V + 1, generator=gen).to(kernel_device)
+    o = poison_(torch.empty(B, T, H, V, dtype=dtype, device=kernel_device))
+    final = poison_(torch.empty(B, H, K, V + 1, device=kernel_device))
+    kernel_module(kernel_device).causal_linear_attention(
+        to_dlpack(q), to_dlpack(k), to_dlpack(v), to_dlpack(o), to_dlpack(s0), to_dlpack(final), None, 0.3, True,
+        True, stream_handle(kernel_device))
+    synchronize(kernel_device)
+    eo, es = _oracle(q, k, v, scale=0.3, initial_state=s0, normalize=True, use_relu=True)
+    assert_close(o, eo, _out_tol(dtype, T))
+    assert_close(final, es, STATE_TOL)
+
+
+@pytest.mark.gpu
+def test_cuda_varlen_and_steps(gen, kernel_device):
+    """Packed sequences (an empty one, partial chunks), then decode steps that continue the
+    chunked state exactly (raw binding: poisoned output, stream handle)."""
+    lens, cu, (q, k, v) = _varlen_inputs(gen, kernel_device)
     o, s = causal_linear_attention(q, k, v, output_final_state=True, cu_seqlens=cu, normalize=True, use_relu=True)
     for i in range(len(lens)):
         t0, t1 = int(cu[i]), int(cu[i + 1])
         eo, es = _oracle(q[:, t0:t1], k[:, t0:t1], v[:, t0:t1], normalize=True, use_relu=True)
         assert_close(o[:, t0:t1], eo, _out_tol(torch.bfloat16, t1 - t0))
         assert_close(s[i:i + 1], es, STATE_TOL)
-    # decode steps continue the chunked state exactly, inside a CUDA graph
+    qq, kk, vv = _qkv(gen, 5, 1, 4, 64, 64, device=kernel_device)
+    qq, kk, vv = qq[:, 0], kk[:, 0], vv[:, 0]
+    state = s.clone()
+    expect_o, expect_s = ref.linear_attention_step(qq, kk, vv, state.double(), normalize=True, use_relu=True)
+    out = poison_(torch.empty_like(vv))
+    kernel_module(kernel_device).linear_attention_step(
+        to_dlpack(qq), to_dlpack(kk), to_dlpack(vv), to_dlpack(state), to_dlpack(out), 64**-0.5, True, True,
+        stream_handle(kernel_device))
+    synchronize(kernel_device)
+    assert_close(out, expect_o.double(), Tolerance(1e-2, 1e-2))
+    assert_close(state, expect_s, Tolerance(1e-4, 1e-5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_cuda_step_matches_recurrence(dtype, normalize, gen, kernel_device):
+    """linear_attention_step through the public op: strided q / k / v (last dim contiguous),
+    V + 1 not a multiple of 32 (a partial warp), odd key dim, both feature maps."""
+    B, H, K, V = 3, 2, 40, 70
+    base = randn((B, H, 3 * K + V + 5), dtype, kernel_device, gen, 0.5)
+    q, k, v = base[..., :K], base[..., K + 2:2 * K + 2], base[..., 2 * K + 5:2 * K + 5 + V]
+    s = randn((B, H, K, V + normalize), torch.float32, kernel_device, gen)
+    expect_o, expect_s = ref.linear_attention_step(q.double(), k.double(), v.double(), s.double(),
+                                                   normalize=normalize, use_relu=normalize)
+    o, s2 = linear_attention_step(q, k, v, s, normalize=normalize, use_relu=normalize)
+    assert s2 is s
+    assert inferops._core.ops.kernel_backend("linear_attention_step", o.device) == kernel_backend_for(kernel_device)
+    assert_close(o, expect_o, dtype if dtype != torch.float32 else Tolerance(1e-4, 1e-4))
+    assert_close(s, expect_s, Tolerance(1e-4, 1e-5))
+
+
+@pytest.mark.gpu
+def test_cuda_rejects_unsupported_key_dim(gen, kernel_device):
+    # the public op checks the kernel's key dims wherever the kernel runs (the simt route too)
+    q, k, v = _qkv(gen, 1, 5, 1, 48, 8, device=kernel_device)
+    with pytest.raises(ValueError, match="expected key dim 32, 64 or 128 for `q` on the GPU, got 48"):
+        causal_linear_attention(q, k, v)
+
+
+@pytest.mark.gpu
+def test_cuda_steps_in_graph(gen, cuda_device):
+    # CUDA graph capture: needs CUDA (the eager steps run on the executor above)
+    lens, cu, (q, k, v) = _varlen_inputs(gen, cuda_device)
+    _, s = causal_linear_attention(q, k, v, output_final_state=True, cu_seqlens=cu, normalize=True, use_relu=True)
     qq, kk, vv = _qkv(gen, 5, 1, 4, 64, 64, device=cuda_device)
     qq, kk, vv = qq[:, 0], kk[:, 0], vv[:, 0]
     state = s.clone()

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from inferops.moe import default_placement, permute, routing_layout, unpermute
 from inferops.reference import moe as ref
-from inferops.testing import assert_close
+import inferops
+from inferops.testing import (
+    assert_close,
+    is_simulated,
+    kernel_backend_for,
+    kernel_module,
+    poison_,
+    stream_handle,
+    synchronize,
+)
 
 FIELDS = ["tokens_per_expert", "expert_offsets", "dst_index", "src_index", "tokens_per_rank",
           "send_index", "send_offsets", "errors"]
@@ -271,53 +281,141 @@ def test_kernel_shared_memory_fits():
     # launch_routing_layout's dynamic smem at the limits (E = 1024, R = 64), plus the static
     # err[2] (cuobjdump --dump-resource-usage reports SHARED:1040 with the 1 KiB reserve),
     # must fit the 227 KiB opt-in of sm_90
+    # counts, running [E], offs [E + 1], warp_cnt [warps][E], rank_run [R], warp_rcnt [warps][R]
     E, R, warps = 1024, 64, 32
-    smem = ((2 + warps) * E + 1 + (1 + warps) * R) * 4
+    smem = ((3 + warps) * E + 1 + (1 + warps) * R) * 4
     assert smem + 1040 <= 228 * 1024
 
 
-# --- CUDA ------------------------------------------------------------------------------------
+# --- the kernels (on a GPU, or on the CPU SIMT executor: kernel_device) ---------------------
+
+# On the executor (one 1024-thread block run fiber by fiber) T = 4096, k = 8 takes ~2 s:
+# 1500 tokens keep many pass-2 chunks and two pass-3 token chunks.
+GPU_CASES = CASES + [dict(T=4096, k=8, E=256, R=8, align=128), dict(T=3000, k=2, E=1024, R=64, align=1)]
+SIM_CASES = GPU_CASES[:-2] + [dict(T=1500, k=8, E=256, R=8, align=128), GPU_CASES[-1]]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("c", CASES + [dict(T=4096, k=8, E=256, R=8, align=128), dict(T=3000, k=2, E=1024, R=64, align=1)],
-                         ids=lambda c: "T{T}k{k}E{E}R{R}a{align}".format(**c))
-def test_cuda_layout_equals_reference(c, gen, cuda_device):
+@pytest.mark.parametrize("case", range(len(GPU_CASES)), ids=lambda i: "T{T}k{k}E{E}R{R}a{align}".format(**GPU_CASES[i]))
+def test_cuda_layout_equals_reference(case, gen, kernel_device):
+    c = (SIM_CASES if is_simulated(kernel_device) else GPU_CASES)[case]
     ids = _ids(gen, c["T"], c["k"], c["E"])
     if c["T"]:  # (ids[0] of an empty T = 0 tensor raises IndexError)
         ids[::7] = ids[0].clone()  # many tokens on the same experts
     placement = torch.randint(0, c["R"], (c["E"],), generator=gen, dtype=torch.int32)
     cap = c["T"] * c["k"] + c["E"] * (c["align"] - 1)
-    lay = routing_layout(ids.to(cuda_device), c["E"], placement=placement.to(cuda_device), world_size=c["R"],
+    lay = routing_layout(ids.to(kernel_device), c["E"], placement=placement.to(kernel_device), world_size=c["R"],
                          align=c["align"])
+    assert inferops._core.ops.kernel_backend("routing_layout", lay.src_index.device) == kernel_backend_for(kernel_device)
     expect = ref.routing_layout(ids, placement, c["R"], c["align"], cap)
     _assert_layout_equal(lay, dict(zip(FIELDS, expect)))
 
 
 @pytest.mark.gpu
-def test_cuda_layout_errors_and_capacity(cuda_device):
-    ids = torch.tensor([[0, 9], [-3, 1], [2, 2]] + [[0, 0]] * 20, dtype=torch.int64, device=cuda_device)
+def test_cuda_layout_writes_every_output(gen, kernel_device):
+    """Raw binding with every output poisoned: int64 ids (with -1, out of range, beyond
+    int32), an expert on no valid rank, capacity drops, 1100 tokens (two pass-3 chunks)."""
+    T, k, E, R, align = 1100, 3, 40, 5, 4
+    ids = _ids(gen, T, k, E, dtype=torch.int64)
+    ids[::9, 0] = -1
+    ids[4::13, 2] = E + 2**33
+    placement = torch.randint(0, R, (E,), generator=gen, dtype=torch.int32)
+    placement[7] = -1
+    cap = T * k // 2
+    outs = [poison_(torch.empty(s, dtype=torch.int32, device=kernel_device))
+            for s in ((E,), (E + 1,), (T, k), (cap,), (R,), (T, R), (R + 1,), (2,))]
+    kernel_module(kernel_device).routing_layout(to_dlpack(ids.to(kernel_device)),
+                                                to_dlpack(placement.to(kernel_device)),
+                                                *(to_dlpack(o) for o in outs), align, stream_handle(kernel_device))
+    synchronize(kernel_device)
+    _assert_layout_equal(dict(zip(FIELDS, outs)),
+                         dict(zip(FIELDS, ref.routing_layout(ids, placement, R, align, cap))))
+
+
+@pytest.mark.gpu
+def test_cuda_layout_errors_and_capacity(kernel_device):
+    ids = torch.tensor([[0, 9], [-3, 1], [2, 2]] + [[0, 0]] * 20, dtype=torch.int64, device=kernel_device)
+    ids[5, 1] = 2**33  # beyond int32: load_id clamps it, still out of range
     lay = routing_layout(ids, 4, capacity=10, validate=False)
     expect = ref.routing_layout(ids.cpu(), default_placement(4, 1), 1, 1, 10)
     _assert_layout_equal(lay, dict(zip(FIELDS, expect)))
-    assert lay.errors.tolist()[0] == 2 and lay.errors.tolist()[1] > 0
+    assert lay.errors.tolist()[0] == 3 and lay.errors.tolist()[1] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E", [1, 3, 32, 33, 200, 1024])
+@pytest.mark.parametrize("R", [1, 64])
+def test_cuda_layout_shared_memory_across_expert_counts(E, R, gen, kernel_device):
+    """Regression (#22): launch_routing_layout sized the dynamic shared memory one [E] int
+    array short of what the kernel carves out (counts, running, offs [E + 1], warp_cnt
+    [32 E], rank_run, warp_rcnt), so pass 3 wrote past the end. On the executor the
+    smem guard (the canary, exact under ASan) fails such a launch; here every layout must
+    also equal the reference, with an expert on no valid rank and capacity drops."""
+    T, k = 70, min(4, E)
+    ids = _ids(gen, T, k, E)
+    ids[::5] = ids[0].clone()
+    placement = torch.randint(0, R, (E,), generator=gen, dtype=torch.int32)
+    if E > 1:
+        placement[E // 2] = R  # an expert placed on no valid rank
+    for cap in (T * k + E * 7, T * k // 2):
+        lay = routing_layout(ids.to(kernel_device), E, placement=placement.to(kernel_device), world_size=R,
+                             align=8, capacity=cap, validate=False)
+        expect = ref.routing_layout(ids, placement, R, 8, cap)
+        _assert_layout_equal(lay, dict(zip(FIELDS, expect)))
+
+
+@pytest.mark.gpu
+def test_cuda_layout_smaller_then_larger_shared_memory(gen, kernel_device):
+    """Regression: set_dynamic_smem (csrc/common/launch.cpp) cached each exact size it had
+    set, so a smaller size lowered the kernel's limit and a later launch of an already
+    seen larger size skipped raising it again (cudaErrorInvalidValue). E = 1001 (> 48 KiB,
+    a size no other test launches) with R = 64, then 2, then 64 again."""
+    E, T, k = 1001, 40, 2
+    ids = _ids(gen, T, k, E)
+    for R in (64, 2, 64):
+        placement = default_placement(E, R)
+        lay = routing_layout(ids.to(kernel_device), E, placement=placement.to(kernel_device), world_size=R)
+        _assert_layout_equal(lay, dict(zip(FIELDS, ref.routing_layout(ids, placement, R, 1, T * k))))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [2048, 7168, 100])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_permute_unpermute(hidden, dtype, gen, cuda_device):
+def test_cuda_permute_unpermute(hidden, dtype, gen, kernel_device):
     T, k, E = 333, 8, 64
-    ids = _ids(gen, T, k, E).to(cuda_device)
+    if is_simulated(kernel_device) and hidden == 7168:
+        hidden = 2056  # still 257 vectors a row (> 2 x the block's 128 threads), at 2 s less
+    ids = _ids(gen, T, k, E).to(kernel_device)
     lay = routing_layout(ids, E, align=16)
-    x = torch.randn(T, hidden, generator=gen).to(cuda_device, dtype)
+    x = torch.randn(T, hidden, generator=gen).to(kernel_device, dtype)
     xp = permute(x, lay)
     assert torch.equal(xp, ref.permute(x, lay.src_index))  # data movement: exact
-    y = torch.randn(xp.shape, generator=gen).to(cuda_device, dtype)
+    y = torch.randn(xp.shape, generator=gen).to(kernel_device, dtype)
     y[lay.src_index < 0] = float("nan")  # padding rows: unpermute must never read them
-    w = torch.rand(T, k, generator=gen).to(cuda_device)
+    w = torch.rand(T, k, generator=gen).to(kernel_device)
     out = unpermute(y, lay, w)
     assert_close(out, ref.unpermute(y.double(), lay.dst_index, w.double(), torch.float64), dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_rejects_fp32_rows_and_compiles(gen, kernel_device):
+    """The kernels take fp16/bf16 rows wherever they run (the simt route too: fp32 is only
+    for the reference); routing_layout -> permute -> unpermute under torch.compile."""
+    ids = _ids(gen, 9, 2, 8).to(kernel_device)
+    lay = routing_layout(ids, 8, align=4)
+    with pytest.raises(TypeError, match="expected dtype float16 or bfloat16 for `x`, got float32"):
+        permute(torch.zeros(9, 16, device=kernel_device), lay)
+    with pytest.raises(TypeError, match="expected dtype float16 or bfloat16 for `y`, got float32"):
+        unpermute(torch.zeros(lay.capacity, 16, device=kernel_device), lay, torch.ones(9, 2, device=kernel_device))
+    x = torch.randn(9, 16, generator=gen).to(kernel_device, torch.bfloat16)
+    w = torch.rand(9, 2, generator=gen).to(kernel_device)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def moe_identity(x, ids, w):
+        lay = routing_layout(ids, 8, align=4, validate=False)
+        return unpermute(permute(x, lay), lay, w)
+
+    assert_close(moe_identity(x, ids, w), x.double() * w.double().sum(1, keepdim=True), torch.bfloat16)
 
 
 def test_opcheck_cpu(gen):
@@ -371,5 +469,5 @@ def test_unpermute_drops_strided_cpu(wdtype, gen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("hidden,vec_aligned", [(2048, True), (4097, False)])
-def test_cuda_unpermute_drops_strided(hidden, vec_aligned, wdtype, gen, cuda_device):
-    _unpermute_drops_strided(gen, cuda_device, hidden, wdtype, vec_aligned)
+def test_cuda_unpermute_drops_strided(hidden, vec_aligned, wdtype, gen, kernel_device):
+    _unpermute_drops_strided(gen, kernel_device, hidden, wdtype, vec_aligned)

@@ -166,10 +166,13 @@ def _unpermute_op(y: torch.Tensor, dst_index: torch.Tensor, topk_weights: torch.
     return ref.unpermute(y, dst_index, topk_weights)
 
 
-def _check_rows(name, t):
+def _check_rows(name, t, op):
     check_tensor(name, t)
-    # fp32 runs the reference (CPU, e.g. gloo tests); the CUDA kernels take fp16/bf16
-    check_dtype(name, t, (torch.float16, torch.bfloat16) if t.is_cuda else (torch.float16, torch.bfloat16, torch.float32))
+    # fp32 runs the reference (CPU, e.g. gloo tests); the kernels (on a GPU, or on the SIMT
+    # executor for CPU tensors) take fp16/bf16
+    # (the simt routing is not traceable: under torch.compile the binding's own check raises)
+    kernel = t.is_cuda or (not torch.compiler.is_compiling() and ops.kernel_backend(op, t.device) == "simt")
+    check_dtype(name, t, (torch.float16, torch.bfloat16) if kernel else (torch.float16, torch.bfloat16, torch.float32))
     if t.dim() != 2:
         raise ValueError(f"expected `{name}` of shape [rows, hidden], got {list(t.shape)}")
     if t.stride(-1) != 1:
@@ -179,7 +182,7 @@ def _check_rows(name, t):
 def permute(x: torch.Tensor, layout: RoutingLayout) -> torch.Tensor:
     """``x [T, hidden]`` (fp16/bf16) -> expert-major ``[layout.capacity, hidden]``: row r is
     ``x[layout.src_index[r]]``; padding rows are zeros (safe to feed a grouped GEMM)."""
-    _check_rows("x", x)
+    _check_rows("x", x, "permute")
     if x.shape[0] != layout.dst_index.shape[0]:
         raise ValueError(f"expected {layout.dst_index.shape[0]} rows in `x` (the layout's tokens), got {x.shape[0]}")
     check_same_device({"x": x, "layout": layout.src_index})
@@ -190,7 +193,7 @@ def unpermute(y: torch.Tensor, layout: RoutingLayout, topk_weights: torch.Tensor
     """Expert outputs ``y [layout.capacity, hidden]`` -> ``[T, hidden]``:
     ``out[t] = sum_j topk_weights[t, j] * y[dst_index[t, j]]``, accumulated in fp32;
     dropped slots contribute nothing. ``topk_weights``: ``[T, k]`` fp32/fp16/bf16."""
-    _check_rows("y", y)
+    _check_rows("y", y, "unpermute")
     if y.shape[0] != layout.capacity:
         raise ValueError(f"expected {layout.capacity} rows in `y` (the layout's capacity), got {y.shape[0]}")
     check_tensor("topk_weights", topk_weights)
