@@ -118,7 +118,7 @@ def _check_demo(demo, device, g, seed, args, simulated):
     ok = True
     try:
         for i, (o, r) in enumerate(zip(out, ref)):
-            tol = demo.dtype if i == 0 else (demo.aux_tolerance or o.dtype)
+            tol = (demo.tolerance or demo.dtype) if i == 0 else (demo.aux_tolerance or o.dtype)
             assert_close(o, r, tol, name=f"{demo.op} output {i}", seed=seed)
     except AssertionError as e:
         ok = False

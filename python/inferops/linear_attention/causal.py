@@ -211,6 +211,9 @@ register_demo(Demo(
     baseline=lambda q, k, v: ref.causal_linear_attention(q, k, v),
     reference64=_demo_ref64,
     dtype=torch.bfloat16,
+    # The kernel feeds the tensor cores bf16 operands (intra-chunk scores, the state), as fla
+    # does: tests/linear_attention/test_causal.py checks bf16 outputs at 2e-2 as well.
+    tolerance=Tolerance(atol=2e-2, rtol=2e-2),
     aux_tolerance=Tolerance(atol=2e-2, rtol=2e-2),
 ))
 
