@@ -111,6 +111,9 @@ def kernel_backend(name: str, device: torch.device | str) -> str:
     if (
         torch.device(device).type == "cpu"
         and info.cuda_kernel is not None
+        # Under torch.compile the executor routing (a ContextVar) cannot be traced: wrappers
+        # then skip their kernel-only checks, which the executor's binding repeats at run time.
+        and not torch.compiler.is_compiling()
         and _simt_kernel_enabled(info.cuda_kernel)
     ):
         return "simt"
