@@ -72,10 +72,11 @@ if want sanitizer && [ -z "${INFEROPS_SKIP_SANITIZER:-}" ] && command -v compute
   step memcheck_linear sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
     $PY -m pytest -m gpu tests/linear_attention -q -p no:cacheprovider \
     -k "poisoned_output_and_module or varlen_and_steps or (cuda_matches_oracle and 65 and dtype0 and 64-100) \
-        or (cuda_matches_float64 and 7x7 and 32 and dtype0)"
+        or (cuda_matches_float64 and 7x7 and 32 and dtype0) or cuda_fp16_state_beyond or cuda_fp16_continues_large"
   step memcheck_moe sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
     $PY -m pytest -m gpu tests/moe -q -p no:cacheprovider \
-    -k "cuda_layout_errors_and_capacity or (cuda_permute_unpermute and 100 and dtype0) or (cuda_layout_equals_reference and T17)"
+    -k "cuda_layout_errors_and_capacity or (cuda_permute_unpermute and 100 and dtype0) or (cuda_layout_equals_reference and T17) \
+        or cuda_layout_shared_memory or cuda_layout_smaller_then_larger_shared_memory"
   step memcheck_quant sanitizer.log 600 compute-sanitizer --tool memcheck --error-exitcode 9 \
     $PY -m pytest -m gpu tests/quant -q -p no:cacheprovider \
     -k "split_counts or unaligned or graph_capture or (dequantize_is_exact and 112) \

@@ -9,8 +9,11 @@
 // and a running count per expert the chunks before -- so rows of an expert
 // follow (token, slot) order exactly. Pass 3 does the same per destination
 // rank over tokens (a token's rank mask deduplicates experts on one rank).
-// Shared memory: (3 + 32) * E + 1 + 33 * R ints (E = 1024, R = 64: 148.3 KiB), carved
-// out and sized by one function (smem_ints).
+// Dynamic shared memory: counts, running [E], offs [E + 1], warp_cnt [32][E],
+// rank_run [R], warp_rcnt [32][R]: (3 + 32) * E + 1 + 33 * R ints (E = 256, R = 8:
+// 36,900 bytes; E = 1024, R = 64: 151,812 bytes = 148.3 KiB). The kernel's pointers and
+// the launch size both come from smem_layout(E, R), and the launcher checks the total
+// against the device's opt-in limit (E and R that do not fit are an error naming them).
 // For T = 4096, k = 8, E = 256: 32 chunks of a few barriers each.
 #include "common/kernel_launch.cuh"
 #include "common/cuda_check.h"
@@ -33,21 +36,37 @@ __device__ __forceinline__ int load_id(const LayoutParams& p, int t, int j) {
 }
 
 
-// Ints of dynamic shared memory: counts, running [E], offs [E + 1], warp_cnt [kWarps][E],
-// rank_run [R], warp_rcnt [kWarps][R] (the kernel's carve-up below, in this order).
-__host__ __device__ constexpr int smem_ints(int E, int R) {
-  return (3 + kWarps) * E + 1 + (1 + kWarps) * R;
+// The dynamic shared memory in ints, in carve-up order: the kernel forms its pointers from
+// these offsets and the launcher allocates `total`, so the two cannot diverge again (#22: the
+// launch size was once counted separately, one [E] array short, and pass 3 ran past the end).
+struct SmemLayout {
+  int counts, running, offs, warp_cnt, rank_run, warp_rcnt, total;
+};
+__host__ __device__ constexpr SmemLayout smem_layout(int E, int R) {
+  SmemLayout l{};
+  int o = 0;
+  l.counts = o;    o += E;           // [E]
+  l.running = o;   o += E;           // [E]
+  l.offs = o;      o += E + 1;       // [E + 1]
+  l.warp_cnt = o;  o += kWarps * E;  // [kWarps][E]
+  l.rank_run = o;  o += R;           // [R]
+  l.warp_rcnt = o; o += kWarps * R;  // [kWarps][R]
+  l.total = o;
+  return l;
 }
+static_assert(smem_layout(256, 8).total * 4 == 36900, "the issue's main-job shape (#22)");
+constexpr int kStaticSmemBytes = 2 * sizeof(int);  // err[2] below
 
 __global__ void __launch_bounds__(kThreads, 1) RoutingLayoutKernel(const __grid_constant__ LayoutParams p) {
   INFEROPS_DYNAMIC_SMEM(int, smem, 16);
   const int E = p.num_experts, R = p.world_size;
-  int* counts = smem;                    // [E]
-  int* running = counts + E;             // [E]
-  int* offs = running + E;               // [E + 1]
-  int* warp_cnt = offs + E + 1;          // [kWarps][E]
-  int* rank_run = warp_cnt + kWarps * E; // [R]
-  int* warp_rcnt = rank_run + R;         // [kWarps][R]
+  const SmemLayout l = smem_layout(E, R);
+  int* const counts = smem + l.counts;
+  int* const running = smem + l.running;
+  int* const offs = smem + l.offs;
+  int* const warp_cnt = smem + l.warp_cnt;
+  int* const rank_run = smem + l.rank_run;
+  int* const warp_rcnt = smem + l.warp_rcnt;
   __shared__ int err[2];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int n = p.num_tokens * p.topk;
@@ -172,8 +191,13 @@ __global__ void __launch_bounds__(kThreads, 1) RoutingLayoutKernel(const __grid_
 
 void launch_routing_layout(const LayoutParams& p, int device, std::uintptr_t stream) {
   DeviceGuard guard(device);
-  // (This once counted (2 + kWarps) [E] arrays: warp_rcnt ran 4 E bytes past the end, #22.)
-  const int smem = smem_ints(p.num_experts, p.world_size) * 4;
+  const int E = p.num_experts, R = p.world_size;
+  const int64_t bytes = int64_t(smem_layout(E, R).total) * int64_t(sizeof(int));
+  const int limit = device_info(device).max_smem_per_block_optin;
+  INFEROPS_CHECK_ARG(bytes + kStaticSmemBytes <= limit, "routing_layout: E = ", E, " experts and R = ", R,
+                     " ranks need ", bytes, " bytes of shared memory ((3 + ", kWarps, ") E + 1 + ",
+                     1 + kWarps, " R ints), more than device ", device, " allows (", limit, ")");
+  const int smem = static_cast<int>(bytes);
   set_dynamic_smem(RoutingLayoutKernel, smem, device);
   launch_kernel(RoutingLayoutKernel, 1, kThreads, smem, as_stream(stream), p);
   INFEROPS_CUDA_CHECK_LAUNCH();

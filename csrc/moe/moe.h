@@ -56,7 +56,11 @@ struct PermuteParams {
   int32_t capacity;
 };
 
-constexpr int kMaxExperts = 1024;
+// E: the Python API documents 1..1024 (148.3 KiB of shared memory at R = 64); the C++ entry
+// takes up to kMaxExperts and launch_routing_layout rejects, naming E and R, any E and R whose
+// shared memory does not fit the device (about 1,600 experts at R = 64 on sm_90). The bound
+// here only keeps the int arithmetic of the shared-memory layout from overflowing.
+constexpr int kMaxExperts = 1 << 16;
 constexpr int kMaxRanks = 64;
 
 void routing_layout(const TensorView& topk_ids, const TensorView& placement,

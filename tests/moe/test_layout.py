@@ -364,6 +364,39 @@ def test_cuda_layout_shared_memory_across_expert_counts(E, R, gen, kernel_device
         _assert_layout_equal(lay, dict(zip(FIELDS, expect)))
 
 
+def _raw_layout(device, ids, placement, R, align, cap):
+    outs = [poison_(torch.empty(s, dtype=torch.int32, device=device))
+            for s in ((placement.numel(),), (placement.numel() + 1,), tuple(ids.shape), (cap,), (R,),
+                      (ids.shape[0], R), (R + 1,), (2,))]
+    kernel_module(device).routing_layout(to_dlpack(ids.to(device)), to_dlpack(placement.to(device)),
+                                         *(to_dlpack(o) for o in outs), align, stream_handle(device))
+    synchronize(device)
+    return outs
+
+
+@pytest.mark.gpu
+def test_cuda_layout_shared_memory_limit(gen, kernel_device):
+    """#22: the launcher sizes the shared memory from the kernel's own carve-up and checks it
+    against the device's opt-in limit. Through the raw binding (the public op stops at
+    E = 1024): the largest E that fits at R = 64 runs (an allocation up to the last bytes of
+    the limit: the executor's guard and ASan see any use past it) and equals the reference;
+    one more expert is an error that names E and R instead of a failed launch."""
+    R, T, k, align = 64, 40, 2, 4
+    limit = kernel_module(kernel_device).device_info(kernel_device.index or 0)["max_smem_per_block_optin"]
+    e_max = (limit // 4 - 2 - 1 - 33 * R) // 35  # (3 + 32) E + 1 + 33 R ints, + err[2] static
+    ids = _ids(gen, T, k, e_max)
+    ids[:, 0] = e_max - 1 - torch.arange(T)  # the last experts: the top of counts / offs
+    placement = default_placement(e_max, R)
+    cap = T * k + e_max * (align - 1)
+    outs = _raw_layout(kernel_device, ids, placement, R, align, cap)
+    _assert_layout_equal(dict(zip(FIELDS, outs)), dict(zip(FIELDS, ref.routing_layout(ids, placement, R, align, cap))))
+    E = e_max + 1
+    need = ((3 + 32) * E + 1 + 33 * R) * 4
+    with pytest.raises((ValueError, RuntimeError),
+                       match=f"routing_layout: E = {E} experts and R = {R} ranks need {need} bytes of shared memory"):
+        _raw_layout(kernel_device, _ids(gen, T, k, E), default_placement(E, R), R, align, T * k)
+
+
 @pytest.mark.gpu
 def test_cuda_layout_smaller_then_larger_shared_memory(gen, kernel_device):
     """Regression: set_dynamic_smem (csrc/common/launch.cpp) cached each exact size it had
