@@ -11,12 +11,19 @@
 // q_t . (z_0 + sum_{j<=t} k_j) (= row sum of mask(A) + q_t . z_prev).
 // Shared memory (K = 128): Q, K 17 KiB each, V 9 KiB, S 34 KiB + 18 KiB,
 // A / O staging 17 KiB, P 9 KiB: ~122 KiB, one block per SM.
+// fp16 range (#23): S is kept in fp32 but Q S needs it as an fp16 operand, and a state
+// entry above 65504 would round to inf. Each 16-column group of the operand copy is
+// therefore stored as S * 2^-e (e >= 0 chosen from the group's max |S|, e = 0 while it is
+// below 2^15) and Q S's fp32 accumulator is multiplied back by 2^e before P V is added:
+// see refresh_operand. bf16 has fp32's range and is never scaled.
 //
 // StepKernel: one token, one block per (sequence, head), one thread per state
 // column: S[:, c] += k v_c, o_c = scale q . S[:, c]; the normaliser column
 // (c = V, v = 1) gives the denominator. Reads and writes the state once:
 // memory bound on 2 * K * Vs * 4 bytes per (sequence, head).
 #include <mma.h>
+
+#include <type_traits>
 
 #include "common/kernel_launch.cuh"
 #include "common/cuda_check.h"
@@ -36,6 +43,9 @@ constexpr int kVt = 64;  // value columns per block
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr float kNormEps = 1e-6f;
+// The state operand copy is scaled (per 16 columns) once its max |S| reaches this.
+constexpr float kScaleFrom = 32768.f;  // 2^15: fp16's max finite is 65504 (< 2^16)
+static_assert(kVt / 16 == kWarps, "refresh_operand gives each warp one 16-column group");
 
 template <typename T, int K>
 struct ChunkSmem {
@@ -53,7 +63,8 @@ struct ChunkSmem {
   static constexpr int kP = kA + kC * kLdA * 4;
   static constexpr int kZ = kP + kC * kLdP * int(sizeof(T));
   static constexpr int kDen = kZ + K * 4;
-  static constexpr int kBytes = kDen + kC * 4;
+  static constexpr int kUp = kDen + kC * 4;   // [kVt / 16] fp32 2^e of each column group
+  static constexpr int kBytes = kUp + kVt / 16 * 4;
   static_assert(kK % 128 == 0 && kV % 128 == 0 && kS % 128 == 0 && kST % 128 == 0 &&
                     kA % 128 == 0 && kP % 128 == 0 && kZ % 16 == 0,
                 "shared-memory regions must stay aligned");
@@ -72,6 +83,7 @@ __global__ void __launch_bounds__(kThreads, 1) CausalChunkKernel(const __grid_co
   T* p_s = reinterpret_cast<T*>(smem + L::kP);
   float* z_s = reinterpret_cast<float*>(smem + L::kZ);
   float* den_s = reinterpret_cast<float*>(smem + L::kDen);
+  float* up_s = reinterpret_cast<float*>(smem + L::kUp);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int v0 = blockIdx.x * kVt, h = blockIdx.y, seq = blockIdx.z;
@@ -89,16 +101,48 @@ __global__ void __launch_bounds__(kThreads, 1) CausalChunkKernel(const __grid_co
   }
   const int64_t state_base = (int64_t(seq) * p.heads + h) * K * Vs;
 
+  // S (fp32) -> its operand copy st_s for Q S. Warp w owns columns [16 w, 16 w + 16):
+  // with m = max |S| over them, fp16 stores S * 2^-e, e = ilogb(m) - 14 (so the group's max
+  // lands in [2^14, 2^15)) when m >= 2^15, else e = 0, and up_s[w] = 2^e. Exact: scaling by
+  // a power of two commutes with rounding to fp16 for every entry that stays a normal
+  // number (|S| >= 2^(e - 14), i.e. within 2^28 of the group's max; smaller ones round as
+  // subnormals, an absolute error < 2^(e - 25), below the max entry's own rounding error),
+  // and Q (S 2^-e) times 2^e in fp32 is exact: the product equals what an fp16 without an
+  // upper range limit would give, and it is bit-identical to before while m < 2^15. A
+  // non-finite m (an fp32 state that already overflowed) keeps e = 0. Cost per chunk: one
+  // more pass over the K x 64 fp32 tile (max) and 5 shuffles per warp, against the three
+  // 64 x K x 64 products of the chunk; nothing for bf16.
+  auto refresh_operand = [&]() {
+    const int cg = warp * 16;
+    float down = 1.f, up = 1.f;
+    if constexpr (std::is_same_v<T, __half>) {
+      float m = 0.f;
+      for (int e = lane; e < K * 16; e += 32) m = fmaxf(m, fabsf(s_s[(e / 16) * L::kLdS + cg + e % 16]));
+      for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      if (m >= kScaleFrom && m <= 3.4028235e38f) {
+        const int ex = ilogbf(m) - 14;
+        up = ldexpf(1.f, ex);
+        down = ldexpf(1.f, -ex);
+      }
+    }
+    for (int e = lane; e < K * 16; e += 32) {
+      const int r = e / 16, c = cg + e % 16;
+      st_s[r * L::kLdV + c] = from_float<T>(s_s[r * L::kLdS + c] * down);
+    }
+    if (lane == 0) up_s[warp] = up;
+  };
+
   // State tile and key sum from the initial state (or zeros).
   for (int e = tid; e < K * kVt; e += kThreads) {
     const int r = e / kVt, c = e % kVt;
-    const float s0 = p.initial_state && v0 + c < V ? p.initial_state[state_base + int64_t(r) * Vs + v0 + c] : 0.f;
-    s_s[r * L::kLdS + c] = s0;
-    st_s[r * L::kLdV + c] = from_float<T>(s0);
+    s_s[r * L::kLdS + c] =
+        p.initial_state && v0 + c < V ? p.initial_state[state_base + int64_t(r) * Vs + v0 + c] : 0.f;
   }
   for (int r = tid; r < K; r += kThreads) {
     z_s[r] = p.normalize && p.initial_state ? p.initial_state[state_base + int64_t(r) * Vs + V] : 0.f;
   }
+  __syncthreads();
+  refresh_operand();
   __syncthreads();
 
   const T* qg = static_cast<const T*>(p.q);
@@ -185,6 +229,16 @@ __global__ void __launch_bounds__(kThreads, 1) CausalChunkKernel(const __grid_co
         wmma::load_matrix_sync(bs, st_s + kk * 16 * L::kLdV + j * 16, L::kLdV);
         wmma::mma_sync(acc, a, bs, acc);
       }
+      const float up = up_s[j];
+      if (up != 1.f) {  // warp-uniform, fp16 only: undo the operand's 2^-e (refresh_operand)
+        // through this warp's own A rows (fragment elements are opaque), before P V is added
+        float* tile = a_s + warp * 16 * L::kLdA + j * 16;
+        wmma::store_matrix_sync(tile, acc, L::kLdA, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 16 * 16; e += 32) tile[(e / 16) * L::kLdA + e % 16] *= up;
+        __syncwarp();
+        wmma::load_matrix_sync(acc, tile, L::kLdA, wmma::mem_row_major);
+      }
 #pragma unroll
       for (int kk = 0; kk < kC / 16; ++kk) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
@@ -232,10 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1) CausalChunkKernel(const __grid_co
       }
     }
     __syncthreads();
-    for (int e = tid; e < K * kVt; e += kThreads) {
-      const int r = e / kVt, c = e % kVt;
-      st_s[r * L::kLdV + c] = from_float<T>(s_s[r * L::kLdS + c]);
-    }
+    refresh_operand();
     __syncthreads();
   }
 
@@ -249,6 +300,9 @@ __global__ void __launch_bounds__(kThreads, 1) CausalChunkKernel(const __grid_co
     }
   }
 }
+
+// StepKernel's dynamic shared memory in floats: q [K], k [K], den [1] (kernel and launch).
+__host__ __device__ constexpr int step_smem_floats(int K) { return 2 * K + 1; }
 
 template <typename T>
 __global__ void StepKernel(const __grid_constant__ CausalParams p, float* state) {
@@ -326,7 +380,7 @@ void launch_step(const CausalParams& p, DType dtype, int device, std::uintptr_t 
     using T = typename decltype(tag)::type;
     const int Vs = p.normalize ? p.value_dim + 1 : p.value_dim;
     const int threads = (Vs + 31) / 32 * 32;
-    const int smem = (2 * p.key_dim + 1) * 4;
+    const int smem = step_smem_floats(p.key_dim) * 4;
     launch_kernel(StepKernel<T>, p.batch * p.heads, threads, smem, as_stream(stream), p,
                   p.final_state);
     INFEROPS_CUDA_CHECK_LAUNCH();

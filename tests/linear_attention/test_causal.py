@@ -265,6 +265,67 @@ def test_cuda_step_matches_recurrence(dtype, normalize, gen, kernel_device):
 
 
 @pytest.mark.gpu
+def test_cuda_fp16_state_beyond_fp16_range(kernel_device):
+    """Regression (#23): the fp32 state was rounded to fp16 for the Q S product, so once an
+    entry passed 65504 it became inf and so did every later output. k = v = 30 and
+    normalize: o = 30 for every token although |S| reaches 900 t (115200 after two chunks)."""
+    B, T, H, K, V = 1, 192, 1, 64, 64
+    g = torch.Generator().manual_seed(23)
+    q = (0.5 + 0.5 * torch.rand(B, T, H, K, generator=g)).half().to(kernel_device)
+    k = torch.full((B, T, H, K), 30.0, dtype=torch.float16, device=kernel_device)
+    v = torch.full((B, T, H, V), 30.0, dtype=torch.float16, device=kernel_device)
+    o, s = causal_linear_attention(q, k, v, scale=0.125, output_final_state=True, normalize=True)
+    eo, es = _oracle(q, k, v, scale=0.125, normalize=True)
+    assert torch.isfinite(o).all(), f"first non-finite token {int((~torch.isfinite(o)).nonzero()[0, 1])}"
+    assert_close(o, torch.full_like(eo, 30.0, dtype=torch.float64), _out_tol(torch.float16, T))
+    assert_close(s, es, STATE_TOL)
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_continues_large_initial_state(gen, kernel_device):
+    """Regression (#23): continuing from a finite fp32 state with entries around 7e4 (what a
+    long prefill with positive-mean k v leaves) gave inf in fp16. Column groups of 16 alternate
+    between large (scaled operand) and ordinary (unscaled) entries, V = 100 (two value tiles,
+    a partial one), two full chunks and a partial one; float64 oracle, poisoned outputs."""
+    B, T, H, K, V = 1, 130, 2, 64, 100
+    q = (torch.rand(B, T, H, K, generator=gen) * 0.5).half().to(kernel_device)
+    k = (torch.rand(B, T, H, K, generator=gen) * 0.5).half().to(kernel_device)
+    v = randn((B, T, H, V), torch.float16, kernel_device, gen, 0.5)
+    s0 = torch.randn(B, H, K, V + 1, generator=gen)
+    big = (torch.arange(V) // 16) % 2 == 0
+    s0[..., :V][..., big] = 7e4 * (0.5 + torch.rand(B, H, K, int(big.sum()), generator=gen))
+    s0[..., V] = 1e5 * (0.5 + torch.rand(B, H, K, generator=gen))
+    s0 = s0.to(kernel_device)
+    o = poison_(torch.empty(B, T, H, V, dtype=torch.float16, device=kernel_device))
+    final = poison_(torch.empty(B, H, K, V + 1, device=kernel_device))
+    kernel_module(kernel_device).causal_linear_attention(
+        to_dlpack(q), to_dlpack(k), to_dlpack(v), to_dlpack(o), to_dlpack(s0), to_dlpack(final), None, 0.125,
+        True, False, stream_handle(kernel_device))
+    synchronize(kernel_device)
+    eo, es = _oracle(q, k, v, scale=0.125, initial_state=s0, normalize=True)
+    assert torch.isfinite(o).all()
+    assert_close(o, eo, _out_tol(torch.float16, T))
+    assert_close(final, es, STATE_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_step_large_state(dtype, gen, kernel_device):
+    """The decode step with state entries past fp16's range (#23 checked it: the step keeps
+    S in fp32 on CUDA cores, only o is rounded); o finite and equal to the float64 step."""
+    B, H, K, V = 2, 2, 64, 64
+    q = (torch.rand(B, H, K, generator=gen) * 0.5).to(dtype).to(kernel_device)
+    k = (torch.rand(B, H, K, generator=gen) * 0.5).to(dtype).to(kernel_device)
+    v = randn((B, H, V), dtype, kernel_device, gen, 0.5)
+    s = (7e4 * (0.5 + torch.rand(B, H, K, V + 1, generator=gen))).to(kernel_device)
+    expect_o, expect_s = ref.linear_attention_step(q.double(), k.double(), v.double(), s.double(), normalize=True)
+    o, _ = linear_attention_step(q, k, v, s, normalize=True)
+    assert torch.isfinite(o).all()
+    assert_close(o, expect_o, dtype)
+    assert_close(s, expect_s, Tolerance(1e-4, 1e-5))
+
+
+@pytest.mark.gpu
 def test_cuda_rejects_unsupported_key_dim(gen, kernel_device):
     # the public op checks the kernel's key dims wherever the kernel runs (the simt route too)
     q, k, v = _qkv(gen, 1, 5, 1, 48, 8, device=kernel_device)
