@@ -47,9 +47,24 @@ constexpr int kTargetThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Dynamic shared memory, one definition for the kernel's carve-up and the launch size:
+// the K / V stages [kStages][kTile][kHeadDim] each, later reused by the merge of the bdz
+// partial states [bdz][G][red_stride] fp32 (acc [kHeadDim], m, l).
+template <typename T, int kHeadDim>
+constexpr int stage_elems() {
+  return kStages * kTile * kHeadDim;  // of K, then as many of V
+}
 template <typename T, int kHeadDim>
 constexpr int stage_smem_bytes() {
-  return kStages * kTile * kHeadDim * int(sizeof(T)) * 2;  // K and V
+  return stage_elems<T, kHeadDim>() * int(sizeof(T)) * 2;  // K and V
+}
+template <int kHeadDim>
+constexpr int red_stride() {
+  return kHeadDim + 2;
+}
+template <int kHeadDim>
+constexpr int red_smem_bytes(int bdz, int G) {
+  return bdz > 1 ? bdz * G * red_stride<kHeadDim>() * 4 : 0;
 }
 
 // Page offset (in elements) of token `tok` of a sequence, or -1 when its page
@@ -88,7 +103,7 @@ __global__ void __launch_bounds__(1024) PagedDecodeKernel(const __grid_constant_
 
   INFEROPS_DYNAMIC_SMEM(uint4, smem_raw, 16);
   T* k_smem = reinterpret_cast<T*>(smem_raw);     // [kStages][kTile][kHeadDim]
-  T* v_smem = k_smem + kStages * kTile * kHeadDim;  // [kStages][kTile][kHeadDim]
+  T* v_smem = k_smem + stage_elems<T, kHeadDim>();  // [kStages][kTile][kHeadDim]
 
   // q row, pre-scaled so that exp2(s) = exp(scale * q.k).
   float q[kVec];
@@ -183,8 +198,9 @@ __global__ void __launch_bounds__(1024) PagedDecodeKernel(const __grid_constant_
   const bool empty_state = l == 0.f;
   if (bdz > 1) {
     __syncthreads();
-    float* red = reinterpret_cast<float*>(smem_raw);  // [bdz][G][kHeadDim + 2]
-    float* mine = red + (tz * G + g) * (kHeadDim + 2);
+    constexpr int kRs = red_stride<kHeadDim>();
+    float* red = reinterpret_cast<float*>(smem_raw);  // [bdz][G][kRs]: red_smem_bytes
+    float* mine = red + (tz * G + g) * kRs;
 #pragma unroll
     for (int i = 0; i < kVec; ++i) mine[tx * kVec + i] = acc[i];
     if (tx == 0) {
@@ -194,12 +210,12 @@ __global__ void __launch_bounds__(1024) PagedDecodeKernel(const __grid_constant_
     __syncthreads();
     if (tz != 0) return;
     float M = -INFINITY;
-    for (int z = 0; z < bdz; ++z) M = fmaxf(M, red[(z * G + g) * (kHeadDim + 2) + kHeadDim]);
+    for (int z = 0; z < bdz; ++z) M = fmaxf(M, red[(z * G + g) * kRs + kHeadDim]);
     l = 0.f;
 #pragma unroll
     for (int i = 0; i < kVec; ++i) acc[i] = 0.f;
     for (int z = 0; z < bdz; ++z) {
-      const float* st = red + (z * G + g) * (kHeadDim + 2);
+      const float* st = red + (z * G + g) * kRs;
       const float mz = st[kHeadDim];
       const float w = mz == -INFINITY ? 0.f : exp2f(mz - M);
       l += w * st[kHeadDim + 1];
@@ -275,7 +291,7 @@ void launch_typed(const PagedDecodeParams& p, int device, cudaStream_t stream) {
   int bdz = kTargetThreads / (kBdx * G);
   bdz = bdz < 1 ? 1 : bdz > kTile ? kTile : bdz;
   const int smem_stages = stage_smem_bytes<T, kHeadDim>();
-  const int smem_red = bdz > 1 ? bdz * G * (kHeadDim + 2) * 4 : 0;
+  const int smem_red = red_smem_bytes<kHeadDim>(bdz, G);
   const int smem = smem_stages > smem_red ? smem_stages : smem_red;
   auto kernel = PagedDecodeKernel<T, kHeadDim>;
   set_dynamic_smem(kernel, smem, device);
