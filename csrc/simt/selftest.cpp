@@ -125,7 +125,8 @@ __global__ void Mma16816Kernel(Buffers b, int trans_b) {
 //   3 reads the accumulators before wgmma.wait_group (NaN); 4 two chained wgmmas, the
 //   first with scale-d 0 over accumulators preset to 1 (D = 2 A B^T); 5 no wgmma.fence;
 //   6 overwrites A while the wgmma is in flight (before any thread's wait); 7 warp 3 passes
-//   another descriptor; 8 half of the warpgroup has exited.
+//   another descriptor; 8 half of the warpgroup has exited; 9 warp 3 waits at __syncthreads
+//   instead (a deadlock).
 __global__ void WgmmaTileKernel(Buffers b, int mode) {
   INFEROPS_DYNAMIC_SMEM(unsigned char, raw, 1024);
   const int t = threadIdx.x;
@@ -143,6 +144,7 @@ __global__ void WgmmaTileKernel(Buffers b, int mode) {
   fence_proxy_async_shared();
   __syncthreads();
   if (mode == 8 && t >= 64) return;
+  if (mode == 9 && t >= 96) __syncthreads();
   uint64_t da = wg_desc_kmajor_128b(sa + 32), db = wg_desc_kmajor_128b(sb + 32);
   if (mode == 1) da &= ~(uint64_t(3) << 62);
   if (mode == 2) db = (db & ~(uint64_t(0x3FFF) << 32)) | (uint64_t(512 >> 4) << 32);

@@ -163,8 +163,10 @@ def test_wgmma_accumulators_read_before_wait_are_nan(gen):
         (6, r"wgmma.wait_group: shared address 0x[0-9a-f]+, an operand of an in-flight wgmma.mma_async, changed"),
         (7, r"wgmma.mma_async: the threads of warps 0-3 disagree on its operands"),
         (8, r"wgmma.mma_async: lanes 0x[0-9a-f]+ of warp [23] have exited"),
+        (9, r"deadlock in block \(0,0,0\).*threads 0-95 waiting in wgmma.mma_async \(warps 0-3, 96 threads "
+            r"arrived\); threads 96-127 waiting at __syncthreads"),
     ],
-    ids=["no_fence", "operand_overwritten_in_flight", "descriptor_mismatch", "warpgroup_exited"],
+    ids=["no_fence", "operand_overwritten_in_flight", "descriptor_mismatch", "warpgroup_exited", "deadlock"],
 )
 def test_wgmma_kernel_errors_are_reported(gen, mode, pattern):
     with pytest.raises(RuntimeError, match=pattern):
