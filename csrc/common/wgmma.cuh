@@ -1,9 +1,10 @@
 // Warpgroup MMA (wgmma, sm_90a only) helpers shared by the wgmma kernels:
 // the 128B-swizzled K-major operand layout, its matrix descriptor, and the
-// fence / commit / wait discipline, and the wgmma.mma_async instructions of the kernels
-// (the executor does not model wgmma yet). Everything here is defined only in device
-// passes for the arch-specific sm_90a target (INFEROPS_WGMMA_DEVICE); callers
-// guard their wgmma code with the same macro.
+// fence / commit / wait discipline, and the wgmma.mma_async instructions of the kernels.
+// Everything here is defined only in device passes for the arch-specific sm_90a target
+// and in the CPU SIMT executor build, which models an sm_90a device (INFEROPS_WGMMA_DEVICE;
+// the INFEROPS_SIMT branches call csrc/simt/wgmma.cpp); callers guard their wgmma code
+// with the same macro.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,7 +13,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if (defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)) || defined(INFEROPS_SIMT)
 #define INFEROPS_WGMMA_DEVICE 1
 #endif
 
@@ -35,19 +36,45 @@ __device__ __forceinline__ constexpr uint64_t wg_desc_kmajor_128b(uint32_t saddr
 
 // Generic-proxy writes to shared memory (cp.async, st.shared) visible to wgmma's async proxy.
 __device__ __forceinline__ void fence_proxy_async_shared() {
+#ifdef INFEROPS_SIMT
+  simt::ptx::fence_proxy_async_shared();
+#else
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
 }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef INFEROPS_SIMT
+  simt::ptx::wgmma_fence();
+#else
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef INFEROPS_SIMT
+  simt::ptx::wgmma_commit();
+#else
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
 template <int kPending>
 __device__ __forceinline__ void wgmma_wait() {
+#ifdef INFEROPS_SIMT
+  simt::ptx::wgmma_wait(kPending);
+#else
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
 }
 // Keeps the compiler from moving accumulator reads / writes across the async wgmma window.
+// (The executor writes the accumulators through the pointer its wgmma_mma received, inside
+// wgmma_wait, an opaque call: the compiler already keeps them in memory around it.)
 template <int N>
 __device__ __forceinline__ void acc_fence(float (&d)[N]) {
+#ifndef INFEROPS_SIMT
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+  (void)d;
+#endif
 }
 
 #define INFEROPS_WG_ACC_OUT                                                                              \
@@ -71,6 +98,10 @@ __device__ __forceinline__ void acc_fence(float (&d)[N]) {
 // scale_d == 0 starts from zero.
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+#ifdef INFEROPS_SIMT
+  simt::ptx::wgmma_mma(std::is_same_v<T, __half> ? simt::ptx::MmaType::kF16 : simt::ptx::MmaType::kBF16, 128, d,
+                       desc_a, desc_b, scale_d);
+#else
   if constexpr (std::is_same_v<T, __half>) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " INFEROPS_WG_ACC_REGS
@@ -84,6 +115,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a
                  : INFEROPS_WG_ACC_OUT
                  : "l"(desc_a), "l"(desc_b), "r"(scale_d));
   }
+#endif
 }
 #undef INFEROPS_WG_ACC_OUT
 #undef INFEROPS_WG_ACC_REGS
@@ -91,6 +123,9 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a
 // wgmma.mma_async m64n128k32 with fp8 e4m3 operands: D (+)= A B^T over one k32 slice.
 __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
                                                        int scale_d) {
+#ifdef INFEROPS_SIMT
+  simt::ptx::wgmma_mma(simt::ptx::MmaType::kE4M3, 128, d, desc_a, desc_b, scale_d);
+#else
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
@@ -112,6 +147,7 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t d
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+#endif
 }
 
 }  // namespace inferops

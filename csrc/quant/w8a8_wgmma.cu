@@ -4,7 +4,8 @@
 // Why: ptxas lowers `mma.sync ... e4m3` on sm_90a to e4m3 -> fp16 unpacks + fp16 HMMA
 // (see w8a8.cu), so only `wgmma.mma_async ... e4m3` reaches the FP8 rate.
 //
-// Design (status: compiled for sm_90a, NEVER RUN on a GPU yet; docs/quant.md):
+// Design (status: compiled for sm_90a, NEVER RUN on a GPU yet; runs on the CPU SIMT
+// executor, which models wgmma (csrc/simt/wgmma.cpp); docs/quant.md):
 //   - CTA tile 128 (M) x 128 (N) x 128 (K bytes = elements) per stage, 256 threads = two
 //     consumer warpgroups; warpgroup g owns rows 64 g .. 64 g + 63 of the tile and issues
 //     4 x wgmma.m64n128k32.f32.e4m3.e4m3 per k tile (64 fp32 accumulators per thread).
@@ -200,12 +201,6 @@ void launch_w8a8_matmul_wgmma(const W8A8Params& p, DType in_dtype, DType out_dty
   DeviceGuard guard(device);
   INFEROPS_CHECK_TYPE(in_dtype == DType::kFloat8E4M3, "expected float8_e4m3fn `x_q` for path=\"wgmma\", got ",
                       dtype_name(in_dtype), " (INT8 runs on path=\"mma\")");
-#ifdef INFEROPS_SIMT
-  // wgmma (warpgroup MMA, matrix descriptors, async proxy) is not modelled by the CPU SIMT
-  // executor: refuse here rather than reach the kernel's __trap() fallback.
-  INFEROPS_CHECK(false, "w8a8_matmul path=\"wgmma\": wgmma is not modelled by the SIMT executor "
-                 "(path=\"mma\" runs there)");
-#endif
   const DeviceInfo& info = device_info(device);
   INFEROPS_CHECK_ARG(info.cc_major == 9 && info.cc_minor == 0,
                      "expected an sm_90 (Hopper) device for path=\"wgmma\" (wgmma is sm_90a only), got sm_",

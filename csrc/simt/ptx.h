@@ -41,6 +41,16 @@ void ld_global_v4(uint32_t (&w)[4], const void* p);
 uint32_t ld_acquire_u32(const uint32_t* p);
 void st_release_u32(uint32_t* p, uint32_t v);
 
+// Hopper warpgroup MMA (wgmma.cpp has the model and its limits).
+// wgmma.mma_async.sync.aligned.m64nNkK.f32.{f16,bf16,e4m3}: warpgroup-collective; A and B from
+// shared-memory matrix descriptors (K-major), d = the thread's N/2 fp32 accumulators, which read
+// NaN until a wgmma_wait retires the op's group; scale_d == 0 starts from zero.
+void wgmma_mma(MmaType type, int n, float* d, uint64_t desc_a, uint64_t desc_b, int scale_d);
+void wgmma_fence();               // wgmma.fence.sync.aligned
+void wgmma_commit();              // wgmma.commit_group.sync.aligned
+void wgmma_wait(int pending);     // wgmma.wait_group.sync.aligned pending
+void fence_proxy_async_shared();  // fence.proxy.async.shared::cta (no-op: see wgmma.cpp)
+
 uint32_t lanemask_lt();     // mov.u32 %r, %lanemask_lt
 uint64_t globaltimer_ns();  // mov.u64 %r, %globaltimer
 

@@ -98,7 +98,7 @@ double env_double(const char* name, double fallback) {
   return v && *v ? std::atof(v) : fallback;
 }
 
-enum class Wait : int { kNone, kBarrier, kCollective, kExited };
+enum class Wait : int { kNone, kBarrier, kCollective, kWarpSet, kExited };
 
 struct PendingCopy {
   unsigned char* dst;
@@ -141,6 +141,14 @@ struct WarpState {
   alignas(16) unsigned char result[32][kResultBytes];
 };
 
+// A pending meeting of a set of whole warps (warps_collective: wgmma's warpgroups).
+struct WarpSetMeeting {
+  int first = 0, count = 0, arrived = 0;
+  const char* what = nullptr;
+  unsigned char key[kPayloadBytes];
+  std::size_t key_bytes = 0;
+};
+
 struct Scheduler {
   std::mutex lock;  // one grid at a time in the process
   std::vector<Fiber> fibers;
@@ -166,6 +174,8 @@ struct Scheduler {
   std::size_t dyn_bytes = 0;
   std::size_t stack_bytes = 0;
   std::map<const void*, int> smem_attr;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
+  std::vector<WarpSetMeeting> meetings;  // pending warps_collective meetings of the block
+  unsigned long block_serial = 0;        // blocks run so far (per-block state elsewhere resets on it)
 };
 
 Scheduler& S() {
@@ -555,6 +565,54 @@ const unsigned char* collective(int op, const char* what, unsigned mask, const v
   return w.result[f.lane];
 }
 
+// A collective over the whole warps [first_warp, first_warp + nwarps) (wgmma: a
+// warpgroup). Every thread of them calls it with the same `what` and `key` bytes; the last
+// to arrive runs release(key, ctx) once, then all continue. Disagreement, a missing or
+// exited thread is an error (an exit while others wait shows up as a deadlock report).
+void warps_collective(int first_warp, int nwarps, const char* what, const void* key, std::size_t key_bytes,
+                      void (*release)(const void* key, void* ctx), void* ctx) {
+  Scheduler& s = S();
+  Fiber& f = cur_fiber(what);
+  if (f.warp < first_warp || f.warp >= first_warp + nwarps)
+    fail("%s: warp %d is not in the warp set %d-%d", what, f.warp, first_warp, first_warp + nwarps - 1);
+  if ((first_warp + nwarps) * 32 > s.nthreads)
+    fail("%s: needs warps %d-%d, the block has %d threads", what, first_warp, first_warp + nwarps - 1, s.nthreads);
+  if (key_bytes > kPayloadBytes) fail("%s: key of %zu bytes", what, key_bytes);
+  for (int w = first_warp; w < first_warp + nwarps; ++w)
+    if (s.warps[w].exited) fail("%s: lanes 0x%08x of warp %d have exited", what, s.warps[w].exited, w);
+  WarpSetMeeting* m = nullptr;
+  for (WarpSetMeeting& x : s.meetings) {
+    if (x.first + x.count <= first_warp || first_warp + nwarps <= x.first) continue;  // disjoint
+    if (x.first != first_warp || x.count != nwarps || std::strcmp(x.what, what) != 0)
+      fail("%s over warps %d-%d meets %s over warps %d-%d", what, first_warp, first_warp + nwarps - 1, x.what,
+           x.first, x.first + x.count - 1);
+    if (x.key_bytes != key_bytes || std::memcmp(x.key, key, key_bytes) != 0)
+      fail("%s: the threads of warps %d-%d disagree on its operands", what, first_warp, first_warp + nwarps - 1);
+    m = &x;
+  }
+  if (!m) {
+    s.meetings.push_back(WarpSetMeeting{first_warp, nwarps, 0, what, {}, key_bytes});
+    m = &s.meetings.back();
+    std::memcpy(m->key, key, key_bytes);
+  }
+  ++s.progress;
+  if (++m->arrived < nwarps * 32) {
+    f.wait = Wait::kWarpSet;
+    f.blocked = true;
+    wait_here();
+    return;
+  }
+  release(m->key, ctx);
+  for (int i = first_warp * 32; i < (first_warp + nwarps) * 32; ++i) {
+    s.fibers[i].wait = Wait::kNone;
+    s.fibers[i].blocked = false;
+  }
+  s.meetings.erase(s.meetings.begin() + (m - s.meetings.data()));
+}
+
+unsigned long block_serial() { return S().block_serial; }
+int thread_linear() { return cur_fiber("thread_linear").linear; }
+
 void shfl_release(unsigned mask, const unsigned char (*payload)[kPayloadBytes], unsigned char (*result)[kResultBytes],
                   const void*) {
   for (int l = 0; l < 32; ++l) {
@@ -617,6 +675,12 @@ void deadlock(Scheduler& s) {
         }
         return "waiting in a warp collective";
       }
+      case Wait::kWarpSet:
+        for (const WarpSetMeeting& m : s.meetings)
+          if (f.warp >= m.first && f.warp < m.first + m.count)
+            return std::string("waiting in ") + m.what + " (warps " + std::to_string(m.first) + "-" +
+                   std::to_string(m.first + m.count - 1) + ", " + std::to_string(m.arrived) + " threads arrived)";
+        return "waiting in a warp-set collective";
       case Wait::kExited: return "exited";
       default: return "runnable";
     }
@@ -654,6 +718,8 @@ void run_block(Scheduler& s, const dim3& bd) {
   s.alive = n;
   s.bar_arrived = 0;
   s.failed = false;
+  s.meetings.clear();
+  ++s.block_serial;
   for (int w = 0; w < (n + 31) / 32; ++w) {
     WarpState& ws = s.warps[w];
     const int lanes = std::min(32, n - w * 32);

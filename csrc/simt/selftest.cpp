@@ -18,6 +18,7 @@
 #include "common/cuda_check.h"
 #include "common/kernel_launch.cuh"
 #include "common/mma.cuh"
+#include "common/wgmma.cuh"
 
 namespace inferops::simt_selftest {
 namespace {
@@ -113,6 +114,59 @@ __global__ void Mma16816Kernel(Buffers b, int trans_b) {
   mma_16816<__half>(d, a, bf[0], bf[1]);
   const int g = lane / 4, t = lane % 4;
   for (int i = 0; i < 4; ++i) b.out[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = d[i];
+}
+
+// One wgmma.m64n128k16 bf16 tile (a single warpgroup, 128 threads): in = A [64][16] then B
+// [128 n][16 k]; both stored K-major in the 128B-swizzled layout (wg_swz128) in the second
+// 32-byte k slice of their 128-byte rows (16-byte chunks 2 and 3), read through descriptors
+// whose start is advanced by 32 bytes, as the GEMM kernels address their k slices.
+// out = D [64][128] = A B^T. `mode` breaks it on purpose:
+//   1 swizzle mode "none" in A's descriptor, 2 stride byte offset 512 in B's (wrong results);
+//   3 reads the accumulators before wgmma.wait_group (NaN); 4 two chained wgmmas, the
+//   first with scale-d 0 over accumulators preset to 1 (D = 2 A B^T); 5 no wgmma.fence;
+//   6 overwrites A while the wgmma is in flight (before any thread's wait); 7 warp 3 passes
+//   another descriptor; 8 half of the warpgroup has exited; 9 warp 3 waits at __syncthreads
+//   instead (a deadlock).
+__global__ void WgmmaTileKernel(Buffers b, int mode) {
+  INFEROPS_DYNAMIC_SMEM(unsigned char, raw, 1024);
+  const int t = threadIdx.x;
+  const uint32_t sa = (static_cast<uint32_t>(__cvta_generic_to_shared(raw)) + 1023u) & ~1023u;
+  const uint32_t sb = sa + 64 * 128;
+  unsigned char* base = raw + (sa - static_cast<uint32_t>(__cvta_generic_to_shared(raw)));
+  for (int i = t; i < 192 * 128; i += 128) base[i] = 0;
+  __syncthreads();
+  for (int i = t; i < 192 * 16; i += 128) {
+    const int row = i / 16, k = i % 16;  // rows 0-63: A, 64-191: B
+    const int r = row < 64 ? row : row - 64;
+    const uint32_t off = (row < 64 ? 0u : 64u * 128u) + wg_swz128(r, 2 + k / 8) + 2 * (k % 8);
+    *reinterpret_cast<__nv_bfloat16*>(base + off) = __float2bfloat16(b.in[i]);
+  }
+  fence_proxy_async_shared();
+  __syncthreads();
+  if (mode == 8 && t >= 64) return;
+  if (mode == 9 && t >= 96) __syncthreads();
+  uint64_t da = wg_desc_kmajor_128b(sa + 32), db = wg_desc_kmajor_128b(sb + 32);
+  if (mode == 1) da &= ~(uint64_t(3) << 62);
+  if (mode == 2) db = (db & ~(uint64_t(0x3FFF) << 32)) | (uint64_t(512 >> 4) << 32);
+  if (mode == 7 && t >= 96) db = wg_desc_kmajor_128b(sb);
+  float acc[64];
+  for (int i = 0; i < 64; ++i) acc[i] = mode == 4 ? 1.f : 0.f;
+  if (mode != 5) wgmma_fence();
+  wgmma_m64n128k16<__nv_bfloat16>(acc, da, db, mode == 4 ? 0 : 1);
+  if (mode == 4) wgmma_m64n128k16<__nv_bfloat16>(acc, da, db, 1);
+  wgmma_commit();
+  if (mode == 6) {  // refills A's first row (chunks 2-3) before anyone waited, then a barrier
+    if (t < 32) base[32 + t] = 1;
+    __syncthreads();
+  }
+  float early[64];
+  for (int i = 0; i < 64; ++i) early[i] = acc[i];
+  wgmma_wait<0>();
+  const int w = t / 32, l = t % 32;
+  for (int i = 0; i < 64; ++i) {
+    const int row = 16 * w + l / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (l % 4) + i % 2;
+    b.out[row * 128 + col] = mode == 3 ? early[i] : acc[i];
+  }
 }
 
 // --- broken kernels: each must be reported ---------------------------------------------------------
@@ -219,6 +273,12 @@ const std::map<std::string, std::pair<int, Runner>>& registry() {
         }}},
       {"mma_16816",
        {1, [](Buffers& b) { launch_kernel(Mma16816Kernel, 1, 32, 384 * 2, nullptr, b, 0); check_launch(); }}},
+      {"wgmma_tile",
+       {3, [](Buffers& b) {
+          const int mode = b.n > 3072 ? int(b.in[3072]) : 0;  // in[3072]: the mode (tests only)
+          launch_kernel(WgmmaTileKernel, 1, 128, 192 * 128 + 1024, nullptr, b, mode);
+          check_launch();
+        }}},
       {"mma_16816_trans_b",
        {1, [](Buffers& b) { launch_kernel(Mma16816Kernel, 1, 32, 384 * 2, nullptr, b, 1); check_launch(); }}},
       {"oob_global_read",

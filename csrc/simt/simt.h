@@ -118,6 +118,15 @@ const unsigned char* collective(int op, const char* what, unsigned mask, const v
                                 std::size_t bytes, ReleaseFn release, const void* ctx = nullptr);
 unsigned active_lanes();  // lanes of the caller's warp that exist and have not exited
 
+// A collective over the whole warps [first_warp, first_warp + nwarps) of the block (wgmma's
+// warpgroups): every thread of them calls it with the same `what` and the same `key` bytes
+// (at most kPayloadBytes; a mismatch is an error); the last to arrive runs release(key, ctx)
+// once, then every caller returns.
+void warps_collective(int first_warp, int nwarps, const char* what, const void* key, std::size_t key_bytes,
+                      void (*release)(const void* key, void* ctx), void* ctx);
+unsigned long block_serial();  // changes when a new block starts (per-block state resets on it)
+int thread_linear();           // the running thread's linear index in its block
+
 // Kinds of collectives (lanes that meet must agree on the kind).
 enum CollectiveOp : int {
   kOpSyncwarp = 1,

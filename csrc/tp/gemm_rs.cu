@@ -529,10 +529,6 @@ bool use_wgmma(const GemmRsParams& p, int device) {
   INFEROPS_CHECK_ARG(v.empty() || v == "mma" || v == "wgmma",
                      "expected INFEROPS_TP_GEMM to be \"mma\" or \"wgmma\", got \"", v, "\"");
   if (v != "wgmma") return false;
-#ifdef INFEROPS_SIMT
-  // The kernel body is compiled for sm_90a only; here it would reach __trap().
-  INFEROPS_CHECK_ARG(false, "INFEROPS_TP_GEMM=wgmma: the SIMT executor does not model wgmma");
-#endif
   const DeviceInfo& info = device_info(device);
   INFEROPS_CHECK_ARG(info.cc_major == 9 && info.cc_minor == 0,
                      "expected an sm_90 (Hopper) device for INFEROPS_TP_GEMM=wgmma (wgmma is sm_90a only), got sm_",

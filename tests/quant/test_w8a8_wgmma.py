@@ -4,7 +4,9 @@ CPU: path selection / validation, binding errors, and an emulation of the kernel
 math (cp.async chunk -> 128B-swizzled shared memory, wgmma matrix descriptors decoded and
 read through the PTX ISA canonical K-major 128B-swizzle layout, the m64nNk32 accumulator
 fragment, the epilogue) checked against x_q @ w_q^T. GPU: the kernel vs float64 with
-poisoned outputs (marked gpu; not yet run).
+poisoned outputs (marked gpu; never run on a GPU yet). On the CPU SIMT executor, which
+models wgmma (csrc/simt/wgmma.cpp), the same tests run at reduced sizes, and the kernel is
+also checked against the emulation above.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from inferops.testing import (
 )
 from torch.utils.dlpack import to_dlpack
 
-from tests.quant._executor import cxx_exceptions_abort
 
 FP8 = torch.float8_e4m3fn
 _SRC = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "quant" / "w8a8_wgmma.cu"
@@ -253,42 +254,50 @@ def test_pipeline_schedule():
         assert committed - pending_allowed >= kt + 1  # groups 0..kt complete
 
 
-# --- the kernel (on a GPU; on the CPU SIMT executor these skip: wgmma is not modelled) -------
-
-WGMMA_ON_EXECUTOR = "wgmma is not modelled by the SIMT executor (its launcher refuses path='wgmma' there)"
+# --- the kernel (on a GPU: never run yet; on the CPU SIMT executor at reduced sizes) ----------
 
 GPU_SHAPES = [  # (M, K, N): the issue's Llama shapes at M = 4096, hostile M, partial tiles, K tails
     (4096, 4096, 4096), (4096, 4096, 14336), (4096, 14336, 4096), (4096, 8192, 8192),
     (1, 4096, 4096), (3, 4096, 4096), (16, 4096, 14336), (17, 14336, 4096), (64, 4096, 4096),
     (200, 192, 384), (129, 208, 100), (131, 272, 259), (1, 16, 1), (300, 144, 130),
 ]
+# The executor runs every thread on the CPU: the small shapes, plus K = 1280 (10 k tiles: the
+# 5-stage ring wraps twice, so a stage refilled while its wgmmas are in flight is caught).
+SIMT_SHAPES = {(200, 192, 384), (129, 208, 100), (131, 272, 259), (1, 16, 1), (300, 144, 130), (70, 1280, 136)}
+ALL_SHAPES = GPU_SHAPES + [(70, 1280, 136)]
 
 
 def _is_sm90(device) -> bool:
     return tuple(kernel_module(device).device_info(device.index or 0)["compute_capability"]) == (9, 0)
 
 
-def _skip_on_executor(device):
+def _shape_for_device(mkn, device):
     if is_simulated(device):
-        pytest.skip(WGMMA_ON_EXECUTOR)
+        if mkn not in SIMT_SHAPES:
+            pytest.skip("a large shape: the SIMT executor runs the small ones")
+    elif mkn not in GPU_SHAPES:
+        pytest.skip("an executor-only shape")
+
+
+def _launch(device, x_q, xs, w_q, ws, bias, out):
+    kernel_module(device).w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws),
+                                      None if bias is None else to_dlpack(bias), to_dlpack(out),
+                                      stream_handle(device), "wgmma")
+    synchronize(device)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mkn", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mkn", ALL_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cuda_wgmma_matches_float64(mkn, gen, kernel_device):
-    _skip_on_executor(kernel_device)
+    _shape_for_device(mkn, kernel_device)
     if not _is_sm90(kernel_device):
         pytest.skip("path='wgmma' needs sm_90")
     M, K, N = mkn
     x_q, xs, w_q, ws = _quantized(gen, M, K, N, kernel_device)
-    stream = stream_handle(kernel_device)
     for out_dtype in (torch.bfloat16, torch.float16):
         for bias in (None, randn((N,), torch.float32, kernel_device, gen)):
             out = poison_(torch.empty(M, N, dtype=out_dtype, device=kernel_device))
-            kernel_module(kernel_device).w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws),
-                                                     None if bias is None else to_dlpack(bias), to_dlpack(out),
-                                                     stream, "wgmma")
-            synchronize(kernel_device)
+            _launch(kernel_device, x_q, xs, w_q, ws, bias, out)
             r = _ref64(x_q, xs, w_q, ws, bias)
             assert_close(out, r, _mm_tol(r, out_dtype))
             mean_rel = float((out.double() - r).abs().mean() / r.abs().mean())
@@ -298,7 +307,6 @@ def test_cuda_wgmma_matches_float64(mkn, gen, kernel_device):
 @pytest.mark.gpu
 def test_cuda_wgmma_public_and_env(gen, kernel_device, monkeypatch):
     """The public path and the env flip reach the wgmma kernel and agree with the mma one."""
-    _skip_on_executor(kernel_device)
     if not _is_sm90(kernel_device):
         pytest.skip("path='wgmma' needs sm_90")
     x_q, xs, w_q, ws = _quantized(gen, 257, 512, 300, kernel_device)
@@ -315,7 +323,6 @@ def test_cuda_wgmma_public_and_env(gen, kernel_device, monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_wgmma_rejects_non_sm90(gen, kernel_device):
-    _skip_on_executor(kernel_device)
     if _is_sm90(kernel_device):
         pytest.skip("this device is sm_90: the refusal path needs another GPU")
     x_q, xs, w_q, ws = _quantized(gen, 4, 32, 8, kernel_device)
@@ -324,21 +331,24 @@ def test_cuda_wgmma_rejects_non_sm90(gen, kernel_device):
 
 
 @pytest.mark.gpu
-def test_executor_refuses_wgmma_clearly(gen, kernel_device):
-    """On the executor path='wgmma' raises a clear error (not the kernel's __trap()), through
-    the raw binding and the public op, and the mma path still runs afterwards."""
+def test_executor_wgmma_matches_the_emulation(gen, kernel_device):
+    """On the executor: the kernel's fp32 accumulators (recovered from an fp16 output with scales
+    2^-8, exact in fp32, keeping the sums inside fp16's range) equal the emulation's per-CTA fp64 accumulators (cp.async -> swizzled smem ->
+    descriptors -> fragment -> epilogue, written separately from the executor's model),
+    within the fp32 rounding of each k32 slice and the fp16 output."""
     if not is_simulated(kernel_device):
-        pytest.skip("checks the SIMT executor's refusal of the wgmma kernel")
-    if cxx_exceptions_abort():
-        pytest.skip("the refusal is a C++ exception: ASan without libstdc++ preloaded aborts on it "
-                    "(the plain executor run and CI's ASan run check it)")
-    x_q, xs, w_q, ws = _quantized(gen, 5, 64, 24, kernel_device)
-    out = torch.empty(5, 24, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="wgmma is not modelled by the SIMT executor"):
-        kernel_module(kernel_device).w8a8_matmul(to_dlpack(x_q), to_dlpack(xs), to_dlpack(w_q), to_dlpack(ws), None,
-                                                 to_dlpack(out), stream_handle(kernel_device), "wgmma")
-    with pytest.raises(RuntimeError, match="wgmma is not modelled by the SIMT executor"):
-        w8a8_matmul(x_q, xs, w_q, ws, torch.bfloat16, path="wgmma")
-    y = w8a8_matmul(x_q, xs, w_q, ws, torch.bfloat16, path="mma")
-    r = _ref64(x_q, xs, w_q, ws)
-    assert_close(y, r, _mm_tol(r, torch.bfloat16))
+        pytest.skip("compares the executor's wgmma model with the emulation (a GPU runs the float64 test)")
+    M, K, N = 150, 400, 140  # two CTAs in M and in N, a K tail (K % 128 = 16)
+    x_q, _, w_q, _ = _quantized(gen, M, K, N, kernel_device)
+    xs, ws = torch.full((M,), 2.0 ** -8), torch.full((N,), 2.0 ** -8)
+    out = poison_(torch.empty(M, N, dtype=torch.float16))
+    _launch(kernel_device, x_q, xs, w_q, ws, None, out)
+    emu = torch.full((M, N), float("nan"), dtype=torch.float64)
+    for m0 in range(0, M, BM):
+        for n0 in range(0, N, BN):
+            tile, _ = _emulate_cta(x_q, w_q, m0, n0, dyn_base=0x10)
+            rows, cols = min(BM, M - m0), min(BN, N - n0)
+            emu[m0:m0 + rows, n0:n0 + cols] = tile[:rows, :cols]
+    assert not emu.isnan().any()
+    emu *= 2.0 ** -16
+    assert_close(out, emu, Tolerance(atol=1e-4 * float(emu.abs().max()), rtol=1e-3))  # fp16 output: rel 2^-11

@@ -123,6 +123,56 @@ def test_ldmatrix_and_mma_compute_the_tile_product(trans_b, gen):
     torch.testing.assert_close(out, a @ bkn, rtol=1e-5, atol=1e-5)
 
 
+def _wgmma_tile(gen, mode: int):
+    """The wgmma_tile self-test (one m64n128k16 bf16 tile through 128B-swizzled descriptors,
+    csrc/simt/selftest.cpp) with broken `mode`; returns (D [64, 128], A B^T in float64)."""
+    a = torch.randn(64, 16, generator=gen).bfloat16().double()
+    b = torch.randn(128, 16, generator=gen).bfloat16().double()  # [n][k]
+    x = torch.cat([a.flatten(), b.flatten()]).tolist() + [float(mode)]
+    out = torch.tensor(_module().simt_selftest("wgmma_tile", x)[:64 * 128], dtype=torch.float64).view(64, 128)
+    return out, a @ b.t()
+
+
+def test_wgmma_tile_through_descriptors_equals_matmul(gen):
+    # Exact products summed in double, one rounding to fp32: the float32 rounding of the exact result.
+    out, ref = _wgmma_tile(gen, 0)
+    assert torch.equal(out, ref.float().double())
+
+
+def test_wgmma_scale_d_zero_and_chained_accumulation(gen):
+    # Accumulators preset to 1; wgmma scale-d 0 ignores them, the second (chained, pending) adds.
+    out, ref = _wgmma_tile(gen, 4)
+    torch.testing.assert_close(out, 2 * ref, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [1, 2], ids=["swizzle_none", "stride_512"])
+def test_wgmma_wrong_descriptor_gives_a_wrong_tile(gen, mode):
+    out, ref = _wgmma_tile(gen, mode)
+    assert (out - ref).abs().max() > 1.0  # the swizzle / stride really are decoded
+
+
+def test_wgmma_accumulators_read_before_wait_are_nan(gen):
+    out, _ = _wgmma_tile(gen, 3)
+    assert bool(out.isnan().all())
+
+
+@pytest.mark.parametrize(
+    "mode, pattern",
+    [
+        (5, r"wgmma.mma_async on accumulators no pending wgmma writes, without a wgmma.fence"),
+        (6, r"wgmma.wait_group: shared address 0x[0-9a-f]+, an operand of an in-flight wgmma.mma_async, changed"),
+        (7, r"wgmma.mma_async: the threads of warps 0-3 disagree on its operands"),
+        (8, r"wgmma.mma_async: lanes 0x[0-9a-f]+ of warp [23] have exited"),
+        (9, r"deadlock in block \(0,0,0\).*threads 0-95 waiting in wgmma.mma_async \(warps 0-3, 96 threads "
+            r"arrived\); threads 96-127 waiting at __syncthreads"),
+    ],
+    ids=["no_fence", "operand_overwritten_in_flight", "descriptor_mismatch", "warpgroup_exited", "deadlock"],
+)
+def test_wgmma_kernel_errors_are_reported(gen, mode, pattern):
+    with pytest.raises(RuntimeError, match=pattern):
+        _wgmma_tile(gen, mode)
+
+
 # --- kernel bugs the executor catches ------------------------------------------------------------
 
 

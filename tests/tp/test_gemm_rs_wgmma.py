@@ -6,7 +6,10 @@ chunks into the 128B-swizzled K-major stage, wgmma matrix descriptors decoded an
 through the PTX ISA canonical K-major 128B-swizzle layout (16-bit elements), the m64n128k16
 fp32 accumulator fragment and its mapping into the epilogue's staging tile -- checked
 against A @ B^T of one tile with M / N / K tails; the ring schedule. GPU (marked gpu; never
-run yet): the existing one-rank and virtual-rank correctness cases with the wgmma loop.
+run on a GPU yet): the existing one-rank and virtual-rank correctness cases with the wgmma
+loop. The CPU SIMT executor models wgmma (csrc/simt/wgmma.cpp): there the one-rank cases
+and the repeated calls (ranks in turn) run at reduced sizes, and the kernel's output is
+compared exactly with the emulation.
 """
 
 from __future__ import annotations
@@ -195,16 +198,20 @@ def test_ring_schedule():
     assert TILE * C_STRIDE * 2 <= STAGES * STAGE_BYTES  # staging tile reuses the ring
 
 
-# --- GPU: the existing correctness cases with the wgmma main loop (never run yet) ------------
+# --- GPU: the existing correctness cases with the wgmma main loop (never run on a GPU yet;
+# the executor runs them at reduced sizes) ---------------------------------------------------
 
 
 @pytest.fixture
 def wgmma_loop(monkeypatch, kernel_device):
-    if is_simulated(kernel_device):
-        pytest.skip("the SIMT executor does not model wgmma (INFEROPS_TP_GEMM=wgmma is refused there)")
-    if torch.cuda.get_device_capability(kernel_device) != (9, 0):
+    if not is_simulated(kernel_device) and torch.cuda.get_device_capability(kernel_device) != (9, 0):
         pytest.skip("wgmma needs an sm_90 device")
     monkeypatch.setenv(gemm_rs_mod.GEMM_ENV, "wgmma")
+
+
+# The executor: (640, 4096, 1024) becomes K = 640, 10 k tiles (the 5-stage ring wraps twice, so
+# a stage refilled while its wgmmas are in flight is caught), with M and N tails.
+_SIMULATED = {(640, 4096, 1024): (130, 640, 136)}
 
 
 @pytest.mark.gpu
@@ -215,6 +222,8 @@ def wgmma_loop(monkeypatch, kernel_device):
 def test_wgmma_one_rank_equals_matmul(M, K, N, layout, dtype, gen, kernel_device, wgmma_loop):
     from tests.tp import test_gemm_rs_gpu as g
 
+    if is_simulated(kernel_device):
+        M, K, N = _SIMULATED.get((M, K, N), (M, K, N))
     g.test_one_rank_equals_matmul(M, K, N, layout, dtype, gen, kernel_device)
 
 
@@ -225,6 +234,8 @@ def test_wgmma_one_rank_equals_matmul(M, K, N, layout, dtype, gen, kernel_device
 def test_wgmma_virtual_ranks_equal_reference(world, case, dtype, gen, kernel_device, wgmma_loop):
     from tests.tp import test_gemm_rs_gpu as g
 
+    if is_simulated(kernel_device):
+        pytest.skip("concurrent virtual ranks need a GPU (the executor runs one grid at a time)")
     g.test_virtual_ranks_equal_reference(world, case, dtype, gen, kernel_device)
 
 
@@ -232,26 +243,43 @@ def test_wgmma_virtual_ranks_equal_reference(world, case, dtype, gen, kernel_dev
 def test_wgmma_repeated_calls_and_graph(gen, kernel_device, wgmma_loop):
     from tests.tp import test_gemm_rs_gpu as g
 
-    g.test_hundred_repeated_calls_reuse_flags(gen, kernel_device)
-    g.test_cuda_graph_capture_and_replay(gen, kernel_device)
+    g.test_hundred_repeated_calls_reuse_flags(gen, kernel_device)  # the executor: 6 calls, ranks in turn
+    if not is_simulated(kernel_device):  # CUDA graphs need a GPU
+        g.test_cuda_graph_capture_and_replay(gen, kernel_device)
 
 
 @pytest.mark.gpu
-def test_wgmma_refused_on_the_executor(gen, kernel_device, monkeypatch):
-    """The executor builds the wgmma kernel without its body (sm_90a only: it would reach
-    __trap()): both the engine and the raw binding refuse the switch before any launch."""
+def test_wgmma_executor_matches_the_emulation(gen, kernel_device, wgmma_loop):
+    """On the executor: one rank through the engine with the wgmma loop equals the emulation of
+    wg_tile_to_staging (written separately from the executor's wgmma model) on the tail
+    tile, and A @ B^T everywhere, exactly (small integers: every sum exact in fp16)."""
     if not is_simulated(kernel_device):
-        pytest.skip("a GPU runs or refuses wgmma by its compute capability (test_wgmma_refuses_non_sm90)")
-    monkeypatch.setenv(gemm_rs_mod.GEMM_ENV, "wgmma")
+        pytest.skip("compares the executor's wgmma model with the emulation (a GPU runs the matmul tests)")
+    M, N, K = 200, 152, 136  # tails in M, N and K (2 full k tiles + 8)
+    a = torch.randint(-2, 3, (M, K), generator=gen).double()
+    b = torch.randint(-2, 3, (N, K), generator=gen).double()
+    eng = gemm_rs_mod.GemmReduceScatter(None, M, N, torch.float16, kernel_device)
+    assert eng.path == "local"
+    out = eng(a.half(), b.half().t())
+    staged = _emulate_tile(a, b, 128, 128, 0x400)
+    assert torch.equal(out[128:, 128:].double(), staged[:M - 128, :N - 128])
+    assert torch.equal(out.double(), a @ b.T)
+    assert eng.state[0].tolist() == [1] + [0] * (gemm_rs_mod.STATE_WORDS - 1)
+
+
+@pytest.mark.gpu
+def test_wgmma_env_reaches_the_executor_launcher(gen, kernel_device, monkeypatch):
+    """The C++ launcher reads INFEROPS_TP_GEMM itself (the raw binding too): a bad value is
+    refused there, so the executor runs the loop the variable names."""
+    if not is_simulated(kernel_device):
+        pytest.skip("checks the executor build's launcher")
+    monkeypatch.setenv(gemm_rs_mod.GEMM_ENV, "bogus")
     dt = torch.bfloat16
     eng = gemm_rs_mod.GemmReduceScatter(None, 128, 128, dt, kernel_device)
-    assert eng.path == "local"
     a = torch.randn(128, 64, generator=gen).to(dt)
     w = torch.randn(128, 64, generator=gen).to(dt)
-    with pytest.raises(ValueError, match="SIMT executor .*does not model wgmma"):
-        eng(a, w.t())
     out = torch.empty(128, 128, dtype=dt)
-    with pytest.raises(ValueError, match="the SIMT executor does not model wgmma"):
+    with pytest.raises(ValueError, match='INFEROPS_TP_GEMM to be "mma" or "wgmma", got "bogus"'):
         kernel_module(kernel_device).gemm_reduce_scatter(
             ops.dlpack(a), ops.dlpack(w.t()), ops.dlpack(out), ops.dlpack(eng.peers), ops.dlpack(eng.state[0]),
             0, 1, 128, 128, 0, 1.0, 0, 0)

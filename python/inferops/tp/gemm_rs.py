@@ -74,9 +74,8 @@ def _check_gemm_main_loop(device: torch.device) -> None:
     """Refuse INFEROPS_TP_GEMM=wgmma where the wgmma kernel cannot run, before any launch."""
     if gemm_main_loop() != "wgmma":
         return
-    if device.type != "cuda":  # CPU tensors reach a kernel only on the SIMT executor
-        raise ValueError(f"expected a CUDA device for {GEMM_ENV}=wgmma: the SIMT executor (CPU tensors) does "
-                         f"not model wgmma, got {device}")
+    if device.type != "cuda":  # CPU tensors reach a kernel only on the SIMT executor, which models wgmma
+        return
     archs = str(build_info().get("cuda_archs", "")).replace(";", ",").split(",")
     if "90a" not in archs:  # without the arch-specific target the kernel body is compiled out
         raise ValueError(f"expected an extension built for sm_90a (INFEROPS_CUDA_ARCHS with 90a) for "
