@@ -123,6 +123,11 @@ struct Scheduler {
 };
 
 Scheduler& S();
+// The error cudaGetLastError() returns next (runtime.cpp) and how a launch check sets it.
+extern thread_local cudaError_t t_last_error;
+extern thread_local std::string t_last_message;
+void set_launch_error(cudaError_t e, const std::string& msg);
+cudaError_t launch_error(cudaError_t e, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
 Fiber& cur_fiber(const char* what);
 void wait_here();  // suspends the running fiber until the scheduler resumes it
 Block& block_of(const Fiber& f);
