@@ -148,6 +148,16 @@ __global__ void ClusterReduceKernel(Buffers b, int final_sync) {
   if (final_sync) cluster.sync();  // keep this block's shared memory alive for the others' reads
 }
 
+// Grid of 32 blocks as 2 clusters of 16 (non-portable): out[block] = its rank, out[32 + block] = 16.
+__global__ void ClusterRankKernel(Buffers b) {
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    b.out[blockIdx.x] = float(cluster.block_rank());
+    b.out[32 + blockIdx.x] = float(cluster.num_blocks());
+  }
+}
+
 // --- broken kernels: each must be reported ---------------------------------------------------------
 
 __global__ void ClusterRankOutOfRangeKernel(Buffers b) {  // map_shared_rank(p, num_blocks())
@@ -342,6 +352,12 @@ const std::map<std::string, std::pair<int, Runner>>& registry() {
        {1, [](Buffers& b) { launch_cluster(ClusterStaticSharedKernel, 2, 32, 0, dim3(2), b); }}},
       {"cluster_grid_not_divisible",
        {1, [](Buffers& b) { launch_cluster(ClusterReduceKernel, dim3(3, 2), 64, 256, dim3(2, 2), b, 1); }}},
+      {"cluster_16_nonportable",
+       {1, [](Buffers& b) {
+          INFEROPS_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(ClusterRankKernel),
+                                                   cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+          launch_cluster(ClusterRankKernel, 32, 64, 0, dim3(16), b);
+        }}},
       {"cluster_too_large",
        {1, [](Buffers& b) { launch_cluster(EmptyKernel, 16, 32, 0, dim3(16), b); }}},
       {"grid_y_too_large",

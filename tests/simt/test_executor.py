@@ -211,6 +211,14 @@ def test_cluster_missing_final_sync_reads_poison(gen):
         assert torch.isnan(out[64 * c + 16 : 64 * c + 64]).all()
 
 
+def test_cluster_of_16_needs_the_nonportable_attribute():
+    # 16 blocks per cluster: refused without cudaFuncAttributeNonPortableClusterSizeAllowed
+    # (cluster_too_large below), run with it.
+    out = _module().simt_selftest("cluster_16_nonportable", [0.0] * 64)
+    assert out[:32] == [float(i % 16) for i in range(32)]
+    assert out[32:64] == [16.0] * 32
+
+
 @pytest.mark.parametrize(
     "name, pattern",
     [
