@@ -64,7 +64,7 @@
 // cluster run together and would share that one object, so each declaration is preceded by
 // a marker whose constructor (run whenever a thread reaches the declaration) fails in a
 // cluster of more than one block: cluster kernels take their shared memory through
-// INFEROPS_DYNAMIC_SMEM. (Kernels declare __shared__ inside their bodies only.)
+// INFEROPS_DYNAMIC_SMEM. (At namespace scope the marker is an internal-linkage constant.)
 #define SIMT_CAT2_(a, b) a##b
 #define SIMT_CAT_(a, b) SIMT_CAT2_(a, b)
 #define __shared__                                                           \
@@ -82,7 +82,7 @@ class KernelError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// See __shared__ below: fails when a static __shared__ declaration runs in a cluster launch.
+// See __shared__ above: fails when a static __shared__ declaration runs in a cluster launch.
 void static_shared_in_cluster();
 extern int g_cluster_blocks;  // blocks per cluster of the running launch (1 without clusters)
 struct StaticSharedMarker {
