@@ -7,6 +7,8 @@
 //
 //   INFEROPS_DYNAMIC_SMEM(float, smem, 16);      // extern __shared__ __align__(16) float smem[];
 //   launch_kernel(FooKernel<T>, grid, block, smem_bytes, stream, params);
+//   INFEROPS_CUDA_CHECK(launch_kernel_cluster(FooKernel<T>, grid, block, smem_bytes, stream,
+//                                             cluster_dims, params));  // thread-block clusters
 //
 // launch_kernel only launches: callers still end with INFEROPS_CUDA_CHECK_LAUNCH(), which
 // reports a rejected configuration on both targets (the executor sets the same
@@ -34,10 +36,36 @@ template <typename... Params, typename... Args>
 inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem_bytes,
                           cudaStream_t stream, Args&&... args) {
 #ifdef INFEROPS_SIMT
-  ::simt::launch(kernel, ::simt::LaunchConfig{grid, block, smem_bytes, 0}, std::forward<Args>(args)...);
+  ::simt::launch(kernel, ::simt::LaunchConfig{grid, block, smem_bytes, dim3(1, 1, 1)}, std::forward<Args>(args)...);
   (void)stream;
 #else
   kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+#endif
+}
+
+// Launch `kernel` as thread-block clusters of `cluster` blocks (sm_90+; grid must be a whole
+// number of clusters). A cluster of one block launches without the attribute. Returns the
+// launch's error (cudaLaunchKernelEx's result; the executor's check codes are the same).
+template <typename... Params, typename... Args>
+inline cudaError_t launch_kernel_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem_bytes,
+                                         cudaStream_t stream, dim3 cluster, Args&&... args) {
+#ifdef INFEROPS_SIMT
+  (void)stream;
+  return ::simt::launch(kernel, ::simt::LaunchConfig{grid, block, smem_bytes, cluster}, std::forward<Args>(args)...);
+#else
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem_bytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster.x;
+  attr[0].val.clusterDim.y = cluster.y;
+  attr[0].val.clusterDim.z = cluster.z;
+  cfg.attrs = attr;
+  cfg.numAttrs = cluster.x * cluster.y * cluster.z > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 #endif
 }
 

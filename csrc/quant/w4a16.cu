@@ -319,20 +319,10 @@ void launch_gemm(const W4A16Params& p, int device, cudaStream_t stream) {
   INFEROPS_CHECK(mblocks <= 65535, "grid too large: ", mblocks, " m-blocks");
   INFEROPS_CHECK(device_info(device).cc_major >= 9 || p.splits == 1,
                  "split-K (splits > 1) uses thread-block clusters: needs compute capability 9.0+");
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(p.n / kW4TileN), static_cast<unsigned>(p.splits),
-                     static_cast<unsigned>(mblocks));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = kRedBytes<kMT>;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = static_cast<unsigned>(p.splits);  // the split CTAs of one n-block
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = p.splits > 1 ? 1 : 0;
-  INFEROPS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+  const dim3 grid(static_cast<unsigned>(p.n / kW4TileN), static_cast<unsigned>(p.splits),
+                 static_cast<unsigned>(mblocks));
+  const dim3 cluster(1, static_cast<unsigned>(p.splits), 1);  // the split CTAs of one n-block
+  INFEROPS_CUDA_CHECK(launch_kernel_cluster(kernel, grid, dim3(kThreads), kRedBytes<kMT>, stream, cluster, p));
 }
 
 int grid_stride_blocks(int64_t work, int threads, int device) {

@@ -1,17 +1,20 @@
 // The SIMT executor's runtime: fibers, blocks, barriers, warp collectives, launches, the
-// shared-memory window, cp.async groups, and the CUDA runtime API calls the launchers make.
+// shared-memory window, cp.async groups (the CUDA runtime API calls are in cuda_api.cpp).
 // See simt.h for the model; docs/developer.md for what it catches and what it cannot.
 //
-// Scheduling: a grid's blocks run one after another on the calling OS thread, under one
-// process-wide lock. A block's threads are fibers resumed round-robin in thread order; a
-// fiber runs until it waits (barrier, warp collective, spin) or exits. A pass over the
-// block in which no fiber could run is a deadlock; passes in which fibers only spin (no
+// Scheduling: a grid runs as a sequence of pools (scheduler.h) on the calling OS thread,
+// under one process-wide lock: one block per pool, or the blocks of one thread-block
+// cluster. A pool's threads are fibers resumed round-robin (block by block, thread order);
+// a fiber runs until it waits (barrier, cluster barrier, warp collective, spin) or exits.
+// Before each switch the running fiber's block context is installed: threadIdx, blockIdx,
+// its shared-memory window and (clusters) its static __shared__ objects. A pass over the
+// pool in which no fiber could run is a deadlock; passes in which fibers only spin (no
 // barrier, collective or exit) for INFEROPS_SIMT_SPIN_LIMIT_S seconds are a livelock
-// (typically a block waiting on another block: blocks here never run concurrently).
+// (typically a block waiting on a block outside its pool, which never runs concurrently).
 //
 // Context switches are a few instructions of assembly on x86-64 (callee-saved registers,
 // MXCSR and the x87 control word; no signal mask, so no system call); ucontext elsewhere.
-#include "simt/simt.h"
+#include "simt/scheduler.h"
 
 #include <signal.h>
 #include <sys/mman.h>
@@ -26,16 +29,9 @@
 #include <mutex>
 #include <vector>
 
-#if !defined(__x86_64__)
-#include <ucontext.h>
-#endif
-
-#if defined(__SANITIZE_ADDRESS__)
+#if SIMT_ASAN
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
-#define SIMT_ASAN 1
-#else
-#define SIMT_ASAN 0
 #endif
 
 #if defined(__x86_64__)
@@ -75,18 +71,45 @@ simt_switch:
 
 namespace simt {
 
+int g_cluster_blocks = 1;
 uint3 g_threadIdx;
 uint3 g_blockIdx;
 dim3 g_blockDim;
 dim3 g_gridDim;
 
+namespace detail {
+
+Scheduler& S() {
+  static Scheduler* s = new Scheduler();  // never destroyed: fibers may outlive static dtors
+  return *s;
+}
+
+Block& block_of(const Fiber& f) { return *S().blocks[f.block]; }
+
+// ---- launch errors (cudaGetLastError) -------------------------------------------------------------
+thread_local cudaError_t t_last_error = cudaSuccess;
+thread_local std::string t_last_message;
+
+void set_launch_error(cudaError_t e, const std::string& msg) {
+  t_last_error = e;
+  t_last_message = msg;
+}
+
+cudaError_t launch_error(cudaError_t e, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  char buf[1024];
+  std::vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  set_launch_error(e, buf);
+  return e;
+}
+
+}  // namespace detail
+
 namespace {
 
-constexpr int kMaxThreads = 1024;
-constexpr int kMaxWarps = kMaxThreads / 32;
-constexpr std::size_t kSmemWindow = 256 * 1024;    // shared addresses are offsets in here
-constexpr std::size_t kMaxDynSmem = 232448;        // 227 KiB: the sm_90 opt-in maximum
-constexpr std::size_t kDefaultDynSmem = 48 * 1024;  // without cudaFuncSetAttribute
+using namespace detail;
 
 std::size_t page_size() {
   static const std::size_t p = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
@@ -96,100 +119,6 @@ std::size_t page_size() {
 double env_double(const char* name, double fallback) {
   const char* v = std::getenv(name);
   return v && *v ? std::atof(v) : fallback;
-}
-
-enum class Wait : int { kNone, kBarrier, kCollective, kWarpSet, kExited };
-
-struct PendingCopy {
-  unsigned char* dst;
-  unsigned char data[16];
-  int bytes;
-};
-
-struct Fiber {
-  void* sp = nullptr;           // saved stack pointer while suspended
-  unsigned char* stack = nullptr;  // usable stack (above the guard page)
-  std::size_t stack_bytes = 0;
-#if !defined(__x86_64__)
-  ucontext_t ctx;
-#endif
-#if SIMT_ASAN
-  void* fake_stack = nullptr;
-#endif
-  uint3 tid;
-  int linear = 0, warp = 0, lane = 0;
-  Wait wait = Wait::kNone;
-  bool blocked = false;
-  int bar_pred = 0;    // this thread's __syncthreads_* predicate
-  int bar_result = 0;  // the reduction, written when the barrier releases
-  std::vector<std::vector<PendingCopy>> cp_groups;  // committed cp.async groups, oldest first
-  std::vector<PendingCopy> cp_open;                 // issued, not yet committed
-};
-
-struct Group {  // a pending warp collective
-  unsigned mask = 0, arrived = 0;
-  int op = 0;
-  const char* what = nullptr;
-};
-
-struct WarpState {
-  unsigned exist = 0;   // lanes that exist (a block's last warp may be partial)
-  unsigned exited = 0;  // lanes that returned from the kernel
-  Group groups[32];
-  int ngroups = 0;
-  alignas(16) unsigned char payload[32][kPayloadBytes];
-  alignas(16) unsigned char result[32][kResultBytes];
-};
-
-// A pending meeting of a set of whole warps (warps_collective: wgmma's warpgroups).
-struct WarpSetMeeting {
-  int first = 0, count = 0, arrived = 0;
-  const char* what = nullptr;
-  unsigned char key[kPayloadBytes];
-  std::size_t key_bytes = 0;
-};
-
-struct Scheduler {
-  std::mutex lock;  // one grid at a time in the process
-  std::vector<Fiber> fibers;
-  WarpState warps[kMaxWarps];
-  int nthreads = 0, alive = 0, bar_arrived = 0;
-  unsigned long progress = 0;  // barrier/collective arrivals and exits (not spins)
-  Fiber* current = nullptr;
-  void* sched_sp = nullptr;
-#if !defined(__x86_64__)
-  ucontext_t sched_ctx;
-#endif
-#if SIMT_ASAN
-  const void* sched_bottom = nullptr;
-  std::size_t sched_size = 0;
-#endif
-  BlockBody body = nullptr;
-  const void* body_ctx = nullptr;
-  bool failed = false;
-  std::string error;
-  // shared-memory window: [base, base + kSmemWindow) followed by a PROT_NONE page
-  unsigned char* window = nullptr;
-  unsigned char* dyn = nullptr;
-  std::size_t dyn_bytes = 0;
-  std::size_t stack_bytes = 0;
-  std::map<const void*, int> smem_attr;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
-  std::vector<WarpSetMeeting> meetings;  // pending warps_collective meetings of the block
-  unsigned long block_serial = 0;        // blocks run so far (per-block state elsewhere resets on it)
-};
-
-Scheduler& S() {
-  static Scheduler* s = new Scheduler();  // never destroyed: fibers may outlive static dtors
-  return *s;
-}
-
-// ---- errors --------------------------------------------------------------------------------------
-thread_local cudaError_t t_last_error = cudaSuccess;
-thread_local std::string t_last_message;
-
-void set_launch_error(cudaError_t e, const std::string& msg) {
-  t_last_error = e;
-  t_last_message = msg;
 }
 
 std::string vformat(const char* fmt, va_list ap) {
@@ -226,8 +155,12 @@ void overflow_handler(int sig, siginfo_t* info, void* uctx) {
   // The guard page after the shared-memory window: an access at least ~1 KiB past the end
   // of the dynamic shared memory (the canary only sees the bytes before the page).
   const Scheduler& sc = S();
-  if (sc.window && a >= reinterpret_cast<uintptr_t>(sc.window + kSmemWindow) &&
-      a < reinterpret_cast<uintptr_t>(sc.window + kSmemWindow) + page_size()) {
+  for (const auto& bp : sc.blocks) {
+    const Block& blk = *bp;
+    if (!blk.window || a < reinterpret_cast<uintptr_t>(blk.window + kSmemWindow) ||
+        a >= reinterpret_cast<uintptr_t>(blk.window + kSmemWindow) + page_size()) {
+      continue;
+    }
     char msg[256];
     const Fiber* f = sc.current;
     const int n = std::snprintf(
@@ -235,7 +168,7 @@ void overflow_handler(int sig, siginfo_t* info, void* uctx) {
         "simt: thread (%u,%u,%u) of block (%u,%u,%u) accessed dynamic shared memory %zu bytes past the end "
         "of its %zu bytes\n",
         f ? f->tid.x : 0, f ? f->tid.y : 0, f ? f->tid.z : 0, g_blockIdx.x, g_blockIdx.y, g_blockIdx.z,
-        static_cast<std::size_t>(a - reinterpret_cast<uintptr_t>(sc.dyn + sc.dyn_bytes)), sc.dyn_bytes);
+        static_cast<std::size_t>(a - reinterpret_cast<uintptr_t>(blk.dyn + sc.dyn_bytes)), sc.dyn_bytes);
     if (n > 0) (void)!write(2, msg, static_cast<std::size_t>(n));
     std::abort();
   }
@@ -340,8 +273,11 @@ void prepare(Fiber& f) {
 #endif
 
 void resume(Scheduler& s, Fiber& f) {
+  Block& b = *s.blocks[f.block];
   s.current = &f;
+  s.cur_block = &b;
   g_threadIdx = f.tid;
+  g_blockIdx = b.idx;
 #if SIMT_ASAN
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, f.stack, f.stack_bytes);
@@ -377,17 +313,21 @@ void switch_to_scheduler(bool finished) {
 
 // Suspends the running fiber until the scheduler resumes it (it is resumed only when
 // `blocked` has been cleared, or at once if the fiber just spins).
-void wait_here() {
+}  // namespace
+
+void detail::wait_here() {
   switch_to_scheduler(false);
 }
 
-Fiber& cur_fiber(const char* what) {
+Fiber& detail::cur_fiber(const char* what) {
   Fiber* f = S().current;
   if (!f) {
     throw KernelError(std::string("simt: ") + what + " called outside a kernel");
   }
   return *f;
 }
+
+namespace {
 
 const char* op_name(int op) {
   switch (op) {
@@ -403,17 +343,17 @@ const char* op_name(int op) {
 }
 
 // ---- barriers ---------------------------------------------------------------------------------------------
-void release_barrier(Scheduler& s) {
-  s.bar_arrived = 0;
+void release_barrier(Scheduler& s, Block& b) {
+  b.bar_arrived = 0;
   int count = 0, arrived = 0;
-  for (int i = 0; i < s.nthreads; ++i) {
+  for (int i = b.first; i < b.first + s.nthreads; ++i) {
     const Fiber& f = s.fibers[i];
     if (f.wait == Wait::kBarrier) {
       ++arrived;
       count += f.bar_pred != 0;
     }
   }
-  for (int i = 0; i < s.nthreads; ++i) {
+  for (int i = b.first; i < b.first + s.nthreads; ++i) {
     Fiber& f = s.fibers[i];
     if (f.wait == Wait::kBarrier) {
       f.wait = Wait::kNone;
@@ -433,9 +373,11 @@ void on_exit(Scheduler& s, Fiber& f) {
   f.cp_groups.clear();
   f.cp_open.clear();
   f.wait = Wait::kExited;
-  --s.alive;
+  Block& b = block_of(f);
+  --b.alive;
+  --s.pool_alive;
   ++s.progress;
-  WarpState& w = s.warps[f.warp];
+  WarpState& w = b.warps[f.warp];
   w.exited |= 1u << f.lane;
   for (int i = 0; i < w.ngroups; ++i) {
     const Group& g = w.groups[i];
@@ -444,7 +386,8 @@ void on_exit(Scheduler& s, Fiber& f) {
            g.what, g.mask);
     }
   }
-  if (s.bar_arrived > 0 && s.bar_arrived == s.alive) release_barrier(s);
+  if (b.bar_arrived > 0 && b.bar_arrived == b.alive) release_barrier(s, b);
+  if (s.cluster_arrived > 0 && s.cluster_arrived == s.pool_alive) release_cluster_barrier(s);
 }
 
 std::string lanes_str(unsigned m) {
@@ -486,12 +429,13 @@ void syncthreads() { syncthreads_reduce(0, BarrierReduce::kCount); }
 int syncthreads_reduce(int pred, BarrierReduce how) {
   Scheduler& s = S();
   Fiber& f = cur_fiber("__syncthreads");
+  Block& b = block_of(f);
   f.bar_pred = pred;
   f.wait = Wait::kBarrier;
   f.blocked = true;
-  ++s.bar_arrived;
+  ++b.bar_arrived;
   ++s.progress;
-  if (s.bar_arrived == s.alive) release_barrier(s);
+  if (b.bar_arrived == b.alive) release_barrier(s, b);
   if (f.blocked) wait_here();
   switch (how) {
     case BarrierReduce::kAnd: return f.bar_result == f.bar_pred;
@@ -508,7 +452,8 @@ void yield() {
 unsigned active_lanes() {
   Scheduler& s = S();
   const Fiber& f = cur_fiber("__activemask");
-  const WarpState& w = s.warps[f.warp];
+  const WarpState& w = block_of(f).warps[f.warp];
+  (void)s;
   return w.exist & ~w.exited;
 }
 
@@ -516,7 +461,8 @@ const unsigned char* collective(int op, const char* what, unsigned mask, const v
                                 ReleaseFn release, const void* ctx) {
   Scheduler& s = S();
   Fiber& f = cur_fiber(what);
-  WarpState& w = s.warps[f.warp];
+  Block& b = block_of(f);
+  WarpState& w = b.warps[f.warp];
   if (!(mask >> f.lane & 1)) fail("%s: the calling lane %d is not in its mask 0x%08x", what, f.lane, mask);
   if (mask & ~w.exist) {
     fail("%s: mask 0x%08x names lanes that do not exist (this warp has lanes 0x%08x: the block is not a "
@@ -553,7 +499,7 @@ const unsigned char* collective(int op, const char* what, unsigned mask, const v
     release(mask, w.payload, w.result, ctx);
     for (int l = 0; l < 32; ++l) {
       if (mask >> l & 1) {
-        Fiber& o = s.fibers[f.warp * 32 + l];
+        Fiber& o = s.fibers[b.first + f.warp * 32 + l];
         o.wait = Wait::kNone;
         o.blocked = false;
       }
@@ -573,15 +519,16 @@ void warps_collective(int first_warp, int nwarps, const char* what, const void* 
                       void (*release)(const void* key, void* ctx), void* ctx) {
   Scheduler& s = S();
   Fiber& f = cur_fiber(what);
+  Block& b = block_of(f);
   if (f.warp < first_warp || f.warp >= first_warp + nwarps)
     fail("%s: warp %d is not in the warp set %d-%d", what, f.warp, first_warp, first_warp + nwarps - 1);
   if ((first_warp + nwarps) * 32 > s.nthreads)
     fail("%s: needs warps %d-%d, the block has %d threads", what, first_warp, first_warp + nwarps - 1, s.nthreads);
   if (key_bytes > kPayloadBytes) fail("%s: key of %zu bytes", what, key_bytes);
   for (int w = first_warp; w < first_warp + nwarps; ++w)
-    if (s.warps[w].exited) fail("%s: lanes 0x%08x of warp %d have exited", what, s.warps[w].exited, w);
+    if (b.warps[w].exited) fail("%s: lanes 0x%08x of warp %d have exited", what, b.warps[w].exited, w);
   WarpSetMeeting* m = nullptr;
-  for (WarpSetMeeting& x : s.meetings) {
+  for (WarpSetMeeting& x : b.meetings) {
     if (x.first + x.count <= first_warp || first_warp + nwarps <= x.first) continue;  // disjoint
     if (x.first != first_warp || x.count != nwarps || std::strcmp(x.what, what) != 0)
       fail("%s over warps %d-%d meets %s over warps %d-%d", what, first_warp, first_warp + nwarps - 1, x.what,
@@ -591,8 +538,8 @@ void warps_collective(int first_warp, int nwarps, const char* what, const void* 
     m = &x;
   }
   if (!m) {
-    s.meetings.push_back(WarpSetMeeting{first_warp, nwarps, 0, what, {}, key_bytes});
-    m = &s.meetings.back();
+    b.meetings.push_back(WarpSetMeeting{first_warp, nwarps, 0, what, {}, key_bytes});
+    m = &b.meetings.back();
     std::memcpy(m->key, key, key_bytes);
   }
   ++s.progress;
@@ -604,13 +551,13 @@ void warps_collective(int first_warp, int nwarps, const char* what, const void* 
   }
   release(m->key, ctx);
   for (int i = first_warp * 32; i < (first_warp + nwarps) * 32; ++i) {
-    s.fibers[i].wait = Wait::kNone;
-    s.fibers[i].blocked = false;
+    s.fibers[b.first + i].wait = Wait::kNone;
+    s.fibers[b.first + i].blocked = false;
   }
-  s.meetings.erase(s.meetings.begin() + (m - s.meetings.data()));
+  b.meetings.erase(b.meetings.begin() + (m - b.meetings.data()));
 }
 
-unsigned long block_serial() { return S().block_serial; }
+unsigned long block_serial() { return block_of(cur_fiber("block_serial")).serial; }
 int thread_linear() { return cur_fiber("thread_linear").linear; }
 
 void shfl_release(unsigned mask, const unsigned char (*payload)[kPayloadBytes], unsigned char (*result)[kResultBytes],
@@ -629,24 +576,36 @@ void shfl_release(unsigned mask, const unsigned char (*payload)[kPayloadBytes], 
   }
 }
 
-unsigned char* dynamic_smem() { return S().dyn; }
+unsigned char* dynamic_smem() {
+  const Block* b = S().cur_block;
+  return b ? b->dyn : nullptr;
+}
 std::size_t dynamic_smem_bytes() { return S().dyn_bytes; }
 
 uint32_t shared_address(const void* p) {
   const Scheduler& s = S();
   const auto* c = static_cast<const unsigned char*>(p);
-  if (!s.window || c < s.window || c >= s.window + kSmemWindow) {
+  const Block* b = s.cur_block;
+  if (!b || c < b->window || c >= b->window + kSmemWindow) {
+    for (int r = 0; b && r < s.nblocks; ++r) {
+      const Block& o = *s.blocks[r];
+      if (c >= o.window && c < o.window + kSmemWindow) {
+        fail("__cvta_generic_to_shared(%p): a distributed shared-memory address (block rank %d of the "
+             "cluster), not one of this block's shared memory",
+             p, r);
+      }
+    }
     fail("__cvta_generic_to_shared(%p): not in the dynamic shared-memory window (static __shared__ "
          "variables have no shared address in the executor)",
          p);
   }
-  return static_cast<uint32_t>(c - s.window);
+  return static_cast<uint32_t>(c - b->window);
 }
 
 unsigned char* shared_pointer(uint32_t addr) {
   const Scheduler& s = S();
-  if (addr >= kSmemWindow) fail("shared address 0x%x outside the shared-memory window", addr);
-  return s.window + addr;
+  if (addr >= kSmemWindow || !s.cur_block) fail("shared address 0x%x outside the shared-memory window", addr);
+  return s.cur_block->window + addr;
 }
 
 void check_aligned(const void* p, int bytes, const char* what) {
@@ -658,15 +617,21 @@ void check_aligned(const void* p, int bytes, const char* what) {
 // ---- launches -----------------------------------------------------------------------------------------------------
 namespace {
 
+std::string block_str(const uint3& i) {
+  return "(" + std::to_string(i.x) + "," + std::to_string(i.y) + "," + std::to_string(i.z) + ")";
+}
+
 void deadlock(Scheduler& s) {
-  std::string r = "deadlock in block (" + std::to_string(g_blockIdx.x) + "," + std::to_string(g_blockIdx.y) + "," +
-                  std::to_string(g_blockIdx.z) + "): no thread can proceed;";
+  std::string r = s.nblocks == 1 ? "deadlock in block " + block_str(s.blocks[0]->idx) + ": no thread can proceed;"
+                                 : "deadlock in the cluster of blocks " + block_str(s.blocks[0]->idx) + " .. " +
+                                       block_str(s.blocks[s.nblocks - 1]->idx) + ": no thread can proceed;";
   // Ranges of threads in the same state.
   auto state = [&](const Fiber& f) -> std::string {
     switch (f.wait) {
       case Wait::kBarrier: return "waiting at __syncthreads";
+      case Wait::kCluster: return "waiting at cluster.sync";
       case Wait::kCollective: {
-        const WarpState& w = s.warps[f.warp];
+        const WarpState& w = block_of(f).warps[f.warp];
         for (int i = 0; i < w.ngroups; ++i) {
           if (w.groups[i].mask >> f.lane & 1) {
             return std::string("waiting in ") + w.groups[i].what + " (mask " + lanes_str(w.groups[i].mask) +
@@ -676,7 +641,7 @@ void deadlock(Scheduler& s) {
         return "waiting in a warp collective";
       }
       case Wait::kWarpSet:
-        for (const WarpSetMeeting& m : s.meetings)
+        for (const WarpSetMeeting& m : block_of(f).meetings)
           if (f.warp >= m.first && f.warp < m.first + m.count)
             return std::string("waiting in ") + m.what + " (warps " + std::to_string(m.first) + "-" +
                    std::to_string(m.first + m.count - 1) + ", " + std::to_string(m.arrived) + " threads arrived)";
@@ -685,25 +650,36 @@ void deadlock(Scheduler& s) {
       default: return "runnable";
     }
   };
-  int i = 0;
-  while (i < s.nthreads) {
-    const std::string st = state(s.fibers[i]);
-    int j = i + 1;
-    while (j < s.nthreads && state(s.fibers[j]) == st) ++j;
-    r += " threads " + std::to_string(i) + (j - 1 > i ? "-" + std::to_string(j - 1) : "") + " " + st + ";";
-    i = j;
+  for (int bi = 0; bi < s.nblocks; ++bi) {
+    const Block& b = *s.blocks[bi];
+    if (s.nblocks > 1) r += " block " + block_str(b.idx) + ":";
+    int i = 0;
+    while (i < s.nthreads) {
+      const std::string st = state(s.fibers[b.first + i]);
+      int j = i + 1;
+      while (j < s.nthreads && state(s.fibers[b.first + j]) == st) ++j;
+      r += " threads " + std::to_string(i) + (j - 1 > i ? "-" + std::to_string(j - 1) : "") + " " + st + ";";
+      i = j;
+    }
+    r += " (" + std::to_string(b.bar_arrived) + " of " + std::to_string(b.alive) + " live threads at __syncthreads)";
   }
-  r += " (" + std::to_string(s.bar_arrived) + " of " + std::to_string(s.alive) + " live threads at __syncthreads)";
+  if (s.nblocks > 1) {
+    r += " (" + std::to_string(s.cluster_arrived) + " of " + std::to_string(s.pool_alive) +
+         " live threads of the cluster at cluster.sync)";
+  }
   s.failed = true;
   s.error = "simt: " + r;
 }
 
-void setup_window(Scheduler& s) {
-  if (s.window) return;
-  void* m = mmap(nullptr, kSmemWindow + page_size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (m == MAP_FAILED) throw std::runtime_error("simt: cannot map the shared-memory window");
-  s.window = static_cast<unsigned char*>(m);
-  mprotect(s.window + kSmemWindow, page_size(), PROT_NONE);
+void ensure_blocks(Scheduler& s, int n) {
+  while (static_cast<int>(s.blocks.size()) < n) {
+    auto b = std::make_unique<Block>();
+    void* m = mmap(nullptr, kSmemWindow + page_size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) throw std::runtime_error("simt: cannot map a shared-memory window");
+    b->window = static_cast<unsigned char*>(m);
+    mprotect(b->window + kSmemWindow, page_size(), PROT_NONE);
+    s.blocks.push_back(std::move(b));
+  }
 }
 
 // Bytes of the window between the launch's dynamic size and the guard page: filled with a
@@ -712,33 +688,36 @@ void setup_window(Scheduler& s) {
 // result; AddressSanitizer builds report the read itself.
 constexpr unsigned char kCanary[2] = {0xA5, 0xFF};
 
-void run_block(Scheduler& s, const dim3& bd) {
-  const int n = static_cast<int>(bd.x * bd.y * bd.z);
-  s.nthreads = n;
-  s.alive = n;
-  s.bar_arrived = 0;
-  s.failed = false;
-  s.meetings.clear();
-  ++s.block_serial;
+void start_block(Scheduler& s, Block& b, const uint3& idx, int index, const dim3& bd) {
+  const int n = s.nthreads;
+  b.idx = idx;
+  b.first = index * n;
+  b.alive = n;
+  b.bar_arrived = 0;
+  b.finished = false;
+  b.meetings.clear();
+  b.serial = ++s.block_serial_counter;
   for (int w = 0; w < (n + 31) / 32; ++w) {
-    WarpState& ws = s.warps[w];
+    WarpState& ws = b.warps[w];
     const int lanes = std::min(32, n - w * 32);
     ws.exist = lanes == 32 ? ~0u : (1u << lanes) - 1u;
     ws.exited = 0;
     ws.ngroups = 0;
   }
-  unsigned char* const end = s.window + kSmemWindow;
+  b.dyn = b.window + kSmemWindow - ((s.dyn_bytes + 1023) & ~std::size_t(1023));
+  unsigned char* const end = b.window + kSmemWindow;
 #if SIMT_ASAN
-  ASAN_UNPOISON_MEMORY_REGION(s.window, kSmemWindow);
+  ASAN_UNPOISON_MEMORY_REGION(b.window, kSmemWindow);
 #endif
-  std::memset(s.dyn, 0xff, s.dyn_bytes);  // poison: NaN for floats, -1 for integers
-  for (unsigned char* p = s.dyn + s.dyn_bytes; p < end; ++p) *p = kCanary[(p - s.window) & 1];
+  std::memset(b.dyn, 0xff, s.dyn_bytes);  // poison: NaN for floats, -1 for integers
+  for (unsigned char* p = b.dyn + s.dyn_bytes; p < end; ++p) *p = kCanary[(p - b.window) & 1];
 #if SIMT_ASAN
-  ASAN_POISON_MEMORY_REGION(s.window, static_cast<std::size_t>(s.dyn - s.window));
-  ASAN_POISON_MEMORY_REGION(s.dyn + s.dyn_bytes, static_cast<std::size_t>(end - (s.dyn + s.dyn_bytes)));
+  ASAN_POISON_MEMORY_REGION(b.window, static_cast<std::size_t>(b.dyn - b.window));
+  ASAN_POISON_MEMORY_REGION(b.dyn + s.dyn_bytes, static_cast<std::size_t>(end - (b.dyn + s.dyn_bytes)));
 #endif
   for (int i = 0; i < n; ++i) {
-    Fiber& f = s.fibers[i];
+    Fiber& f = s.fibers[b.first + i];
+    f.block = index;
     f.linear = i;
     f.tid = make_uint3(i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y));
     f.warp = i / 32;
@@ -749,19 +728,56 @@ void run_block(Scheduler& s, const dim3& bd) {
     f.cp_open.clear();
     prepare(f);
   }
+}
+
+// A block whose threads have all exited: check the canary past its dynamic shared memory,
+// then poison that memory, so that another block of its cluster reading it later (a missing
+// final cluster.sync) reads NaN / -1, as it reads garbage on the GPU.
+void finish_block(Scheduler& s, Block& b) {
+  b.finished = true;
+  unsigned char* const end = b.window + kSmemWindow;
+#if SIMT_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(b.window, kSmemWindow);
+#endif
+  for (unsigned char* p = b.dyn + s.dyn_bytes; p < end; ++p) {
+    if (*p != kCanary[(p - b.window) & 1]) {
+      s.failed = true;
+      s.error = "simt: block " + block_str(b.idx) + " wrote past the end of its " + std::to_string(s.dyn_bytes) +
+                " bytes of dynamic shared memory (first changed byte: offset " + std::to_string(p - b.dyn) + ")";
+      return;
+    }
+  }
+  std::memset(b.dyn, 0xff, s.dyn_bytes);
+#if SIMT_ASAN
+  ASAN_POISON_MEMORY_REGION(b.window, static_cast<std::size_t>(b.dyn - b.window));
+  ASAN_POISON_MEMORY_REGION(b.dyn + s.dyn_bytes, static_cast<std::size_t>(end - (b.dyn + s.dyn_bytes)));
+#endif
+}
+
+// Runs the pool s.blocks[0 .. s.nblocks) (prepared by start_block) to completion.
+void run_pool(Scheduler& s) {
+  s.pool_alive = s.nblocks * s.nthreads;
+  s.cluster_arrived = 0;
+  s.failed = false;
+  const int total = s.nblocks * s.nthreads;
   using Clock = std::chrono::steady_clock;
   static const double spin_limit = env_double("INFEROPS_SIMT_SPIN_LIMIT_S", 60.0);
   auto last_progress = Clock::now();
   unsigned long spins = 0;
-  while (s.alive > 0) {
+  while (s.pool_alive > 0) {
     const unsigned long before = s.progress;
     bool ran = false;
-    for (int i = 0; i < n; ++i) {
+    for (int i = 0; i < total; ++i) {
       Fiber& f = s.fibers[i];
       if (f.wait == Wait::kExited || f.blocked) continue;
       ran = true;
       resume(s, f);
       if (s.failed) return;
+      Block& b = *s.blocks[f.block];
+      if (b.alive == 0 && !b.finished) {
+        finish_block(s, b);
+        if (s.failed) return;
+      }
     }
     if (!ran) {
       deadlock(s);
@@ -776,42 +792,29 @@ void run_block(Scheduler& s, const dim3& bd) {
       if (spins == 1024) last_progress = now;
       if (std::chrono::duration<double>(now - last_progress).count() > spin_limit) {
         s.failed = true;
-        s.error = "simt: livelock in block (" + std::to_string(g_blockIdx.x) + "," + std::to_string(g_blockIdx.y) +
-                  "," + std::to_string(g_blockIdx.z) + "): threads have only spun for " +
-                  std::to_string(spin_limit) +
-                  " s (INFEROPS_SIMT_SPIN_LIMIT_S); a block waiting on another block never finishes here, "
-                  "because the executor runs blocks one at a time";
+        s.error = "simt: livelock in block " + block_str(s.blocks[0]->idx) + (s.nblocks > 1 ? " (and its cluster)" : "") +
+                  ": threads have only spun for " + std::to_string(spin_limit) +
+                  " s (INFEROPS_SIMT_SPIN_LIMIT_S); a block waiting on a block outside its cluster never "
+                  "finishes here, because the executor runs clusters (and blocks outside clusters) one at a time";
         return;
       }
     }
   }
-#if SIMT_ASAN
-  ASAN_UNPOISON_MEMORY_REGION(s.window, kSmemWindow);
-#endif
-  for (unsigned char* p = s.dyn + s.dyn_bytes; p < end; ++p) {
-    if (*p != kCanary[(p - s.window) & 1]) {
-      s.failed = true;
-      s.error = "simt: block (" + std::to_string(g_blockIdx.x) + "," + std::to_string(g_blockIdx.y) + "," +
-                std::to_string(g_blockIdx.z) + ") wrote past the end of its " + std::to_string(s.dyn_bytes) +
-                " bytes of dynamic shared memory (first changed byte: offset " +
-                std::to_string(p - s.dyn) + ")";
-      return;
-    }
+  for (int i = 0; i < s.nblocks; ++i) {
+    if (!s.blocks[i]->finished) finish_block(s, *s.blocks[i]);
+    if (s.failed) return;
   }
 }
 
 }  // namespace
 
-void run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body, const void* ctx) {
-  const dim3 g = cfg.grid, b = cfg.block;
+cudaError_t run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body, const void* ctx) {
+  const dim3 g = cfg.grid, b = cfg.block, c = cfg.cluster;
   const unsigned long long nthr = 1ull * b.x * b.y * b.z;
-  char buf[256];
   if (g.x == 0 || g.y == 0 || g.z == 0 || g.x > 2147483647u || g.y > 65535 || g.z > 65535 || nthr == 0 ||
       nthr > kMaxThreads || b.x > 1024 || b.y > 1024 || b.z > 64) {
-    std::snprintf(buf, sizeof buf, "invalid launch configuration: grid (%u,%u,%u), block (%u,%u,%u)", g.x, g.y, g.z,
-                  b.x, b.y, b.z);
-    set_launch_error(cudaErrorInvalidConfiguration, buf);
-    return;
+    return launch_error(cudaErrorInvalidConfiguration, "invalid launch configuration: grid (%u,%u,%u), block (%u,%u,%u)",
+                        g.x, g.y, g.z, b.x, b.y, b.z);
   }
   Scheduler& s = S();
   std::lock_guard<std::mutex> lock(s.lock);
@@ -819,45 +822,65 @@ void run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body, const
   int limit = static_cast<int>(kDefaultDynSmem);
   if (auto it = s.smem_attr.find(kernel); it != s.smem_attr.end()) limit = std::max(limit, it->second);
   if (cfg.smem_bytes > kMaxDynSmem || static_cast<long long>(cfg.smem_bytes) > limit) {
-    std::snprintf(buf, sizeof buf,
-                  "%zu bytes of dynamic shared memory exceed the kernel's limit of %d bytes (more than 48 KiB "
-                  "needs cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize); at most %zu)",
-                  cfg.smem_bytes, limit, kMaxDynSmem);
-    set_launch_error(cudaErrorInvalidValue, buf);
-    return;
+    return launch_error(cudaErrorInvalidValue,
+                        "%zu bytes of dynamic shared memory exceed the kernel's limit of %d bytes (more than 48 KiB "
+                        "needs cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize); at most %zu)",
+                        cfg.smem_bytes, limit, kMaxDynSmem);
   }
-  if (cfg.cluster > 1) {
-    set_launch_error(cudaErrorNotSupported,
-                     "thread-block clusters are not modelled by the SIMT executor yet (cluster.sync, "
-                     "distributed shared memory)");
-    return;
+  // Clusters, as the CUDA runtime checks them (cudaErrorInvalidClusterSize).
+  const unsigned long long csize = 1ull * c.x * c.y * c.z;
+  const auto np = s.nonportable.find(kernel);
+  const int max_cluster = np != s.nonportable.end() && np->second ? kMaxClusterBlocks : kPortableClusterBlocks;
+  if (csize == 0 || g.x % c.x || g.y % c.y || g.z % c.z) {
+    return launch_error(cudaErrorInvalidClusterSize,
+                        "invalid cluster: grid (%u,%u,%u) is not a whole number of clusters (%u,%u,%u)", g.x, g.y,
+                        g.z, c.x, c.y, c.z);
   }
-  setup_window(s);
-  ensure_fibers(s, static_cast<int>(nthr));
+  if (csize > static_cast<unsigned long long>(max_cluster)) {
+    return launch_error(cudaErrorInvalidClusterSize,
+                        "invalid cluster: (%u,%u,%u) is %llu blocks, more than %d (8 is the portable maximum; up to "
+                        "16 needs cudaFuncSetAttribute(cudaFuncAttributeNonPortableClusterSizeAllowed, 1))",
+                        c.x, c.y, c.z, csize, max_cluster);
+  }
+  const int nblocks = static_cast<int>(csize);
+  ensure_blocks(s, nblocks);
+  ensure_fibers(s, static_cast<int>(nthr) * nblocks);
   s.dyn_bytes = cfg.smem_bytes;
-  s.dyn = s.window + kSmemWindow - ((cfg.smem_bytes + 1023) & ~std::size_t(1023));
+  s.nthreads = static_cast<int>(nthr);
+  s.nblocks = nblocks;
+  s.cluster = c;
+  g_cluster_blocks = nblocks;
   s.body = body;
   s.body_ctx = ctx;
   g_blockDim = b;
   g_gridDim = g;
-  for (unsigned z = 0; z < g.z; ++z) {
-    for (unsigned y = 0; y < g.y; ++y) {
-      for (unsigned x = 0; x < g.x; ++x) {
-        g_blockIdx = make_uint3(x, y, z);
-        run_block(s, b);
+  for (unsigned z = 0; z < g.z; z += c.z) {
+    for (unsigned y = 0; y < g.y; y += c.y) {
+      for (unsigned x = 0; x < g.x; x += c.x) {
+        for (int r = 0; r < nblocks; ++r) {  // rank order: x fastest
+          const uint3 idx = make_uint3(x + r % c.x, y + (r / c.x) % c.y, z + r / (c.x * c.y));
+          start_block(s, *s.blocks[r], idx, r, b);
+        }
+        run_pool(s);
         if (s.failed) {
 #if SIMT_ASAN
           // Abandoned fibers leave poisoned frames behind on their stacks.
-          for (int i = 0; i < s.nthreads; ++i) ASAN_UNPOISON_MEMORY_REGION(s.fibers[i].stack, s.fibers[i].stack_bytes);
-          ASAN_UNPOISON_MEMORY_REGION(s.window, kSmemWindow);
+          for (int i = 0; i < nblocks * s.nthreads; ++i)
+            ASAN_UNPOISON_MEMORY_REGION(s.fibers[i].stack, s.fibers[i].stack_bytes);
+          for (int r = 0; r < nblocks; ++r) ASAN_UNPOISON_MEMORY_REGION(s.blocks[r]->window, kSmemWindow);
 #endif
           s.failed = false;
           s.current = nullptr;
+          s.cur_block = nullptr;
+          g_cluster_blocks = 1;
           throw KernelError(s.error);
         }
       }
     }
   }
+  s.cur_block = nullptr;
+  g_cluster_blocks = 1;
+  return cudaSuccess;
 }
 
 // ---- cp.async ---------------------------------------------------------------------------------------------------
@@ -870,7 +893,7 @@ void cp_async(uint32_t saddr, const void* gmem, int bytes, int src_bytes) {
   if (src_bytes < 0 || src_bytes > bytes) fail("cp.async: src-size %d outside [0, %d]", src_bytes, bytes);
   check_aligned(dst, bytes, "cp.async shared destination");
   if (src_bytes > 0) check_aligned(gmem, bytes, "cp.async global source");
-  if (dst + bytes > S().dyn + S().dyn_bytes || dst < S().dyn) {
+  if (dst + bytes > dynamic_smem() + S().dyn_bytes || dst < dynamic_smem()) {
     fail("cp.async: destination [0x%x, +%d) outside the block's %zu bytes of dynamic shared memory", saddr, bytes,
          S().dyn_bytes);
   }
@@ -933,14 +956,6 @@ uint64_t globaltimer_ns() {
 
 }  // namespace ptx
 
-// ---- the CUDA runtime API calls of the launchers (launch.cpp, bindings.cpp) ---------------------------------------
-int record_smem_attribute(const void* kernel, int bytes) {
-  Scheduler& s = S();
-  std::lock_guard<std::mutex> lock(s.lock);
-  s.smem_attr[kernel] = bytes;
-  return 0;
-}
-
 }  // namespace simt
 
 void __syncwarp(unsigned mask) {
@@ -985,81 +1000,3 @@ unsigned __match_any_sync(unsigned mask, unsigned long long value) {
   std::memcpy(&out, r, sizeof out);
   return out;
 }
-
-// The executor stands in for one H100 SXM (what the launchers size their grids for); it
-// links no CUDA runtime, so these are the only definitions of the calls.
-extern "C" {
-
-cudaError_t cudaGetLastError(void) {
-  const cudaError_t e = simt::t_last_error;
-  simt::t_last_error = cudaSuccess;
-  return e;
-}
-cudaError_t cudaPeekAtLastError(void) { return simt::t_last_error; }
-const char* cudaGetErrorName(cudaError_t e) {
-  switch (e) {
-    case cudaSuccess: return "cudaSuccess";
-    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
-    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
-    case cudaErrorNotSupported: return "cudaErrorNotSupported";
-    default: return "cudaError(simt)";
-  }
-}
-const char* cudaGetErrorString(cudaError_t e) {
-  if (e == cudaSuccess) return "no error";
-  static thread_local std::string msg;
-  msg = "(SIMT executor) " + simt::t_last_message;
-  return msg.c_str();
-}
-cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
-  return cudaSuccess;
-}
-cudaError_t cudaSetDevice(int) { return cudaSuccess; }
-cudaError_t cudaGetDeviceCount(int* count) {
-  *count = 1;
-  return cudaSuccess;
-}
-cudaError_t cudaDriverGetVersion(int* v) {
-  *v = 0;
-  return cudaSuccess;
-}
-cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  switch (attr) {
-    case cudaDevAttrMultiProcessorCount: *value = 132; break;
-    case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
-    case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
-    case cudaDevAttrMaxThreadsPerMultiProcessor: *value = 2048; break;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(simt::kMaxDynSmem); break;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = 233472; break;
-    case cudaDevAttrL2CacheSize: *value = 50 * 1024 * 1024; break;
-    case cudaDevAttrMaxThreadsPerBlock: *value = 1024; break;
-    case cudaDevAttrWarpSize: *value = 32; break;
-    default: *value = 0; break;
-  }
-  return cudaSuccess;
-}
-cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
-  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value < 0 || value > static_cast<int>(simt::kMaxDynSmem)) {
-      simt::set_launch_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: dynamic shared memory size out of range");
-      return cudaErrorInvalidValue;
-    }
-    simt::record_smem_attribute(func, value);
-  }
-  return cudaSuccess;
-}
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int block_size,
-                                                          size_t smem) {
-  int b = std::min(32, 2048 / std::max(block_size, 1));
-  if (smem > 0) b = std::min(b, static_cast<int>(233472 / (smem + 1024)));
-  *blocks = std::max(b, 0);
-  return cudaSuccess;
-}
-cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t*, const void*, void**) {
-  simt::set_launch_error(cudaErrorNotSupported,
-                         "cudaLaunchKernelEx (thread-block clusters) is not modelled by the SIMT executor yet");
-  return cudaErrorNotSupported;
-}
-
-}  // extern "C"

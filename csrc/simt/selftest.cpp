@@ -5,6 +5,8 @@
 //
 // simt_selftest(name, n) runs kernel `name` on n-element host buffers it owns and returns the
 // output as a list of floats; a kernel error raises (RuntimeError "simt: ...").
+#include <cooperative_groups.h>
+
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -169,7 +171,76 @@ __global__ void WgmmaTileKernel(Buffers b, int mode) {
   }
 }
 
+// Thread-block clusters: a distributed-shared-memory reduction, the w4a16 split-K pattern.
+// Launched on grid (4, 2) as clusters of (2, 2) blocks of 64 threads, 256 B of dynamic smem:
+// block g = y * 4 + x holds in[64 g .. 64 g + 64) in its shared memory; after cluster.sync
+// the block of rank r sums elements [16 r, 16 r + 16) over the cluster's 4 blocks (reading the
+// others' shared memory through map_shared_rank) into out[64 c + i] (cluster c = x / 2), and
+// writes out[256 + 4 g ...] = block_rank, num_blocks, block_index().x, block_index().y.
+// final_sync == 0 is the bug: a block may exit (and its shared memory die) while the others
+// still read it.
+__global__ void ClusterReduceKernel(Buffers b, int final_sync) {
+  namespace cg = cooperative_groups;
+  INFEROPS_DYNAMIC_SMEM(float, s, 16);
+  cg::cluster_group cluster = cg::this_cluster();
+  const int t = threadIdx.x;
+  const int g = blockIdx.y * gridDim.x + blockIdx.x;
+  s[t] = b.in[64 * g + t];
+  cluster.sync();
+  const unsigned rank = cluster.block_rank();
+  if (t < 16) {
+    float v = 0.f;
+    for (unsigned r = 0; r < cluster.num_blocks(); ++r) v += cluster.map_shared_rank(s, r)[16 * rank + t];
+    b.out[64 * (blockIdx.x / 2) + 16 * rank + t] = v;
+  }
+  if (t == 0) {
+    b.out[256 + 4 * g + 0] = float(rank);
+    b.out[256 + 4 * g + 1] = float(cluster.num_blocks());
+    b.out[256 + 4 * g + 2] = float(cluster.block_index().x);
+    b.out[256 + 4 * g + 3] = float(cluster.block_index().y);
+  }
+  if (final_sync) cluster.sync();  // keep this block's shared memory alive for the others' reads
+}
+
+// Grid of 32 blocks as 2 clusters of 16 (non-portable): out[block] = its rank, out[32 + block] = 16.
+__global__ void ClusterRankKernel(Buffers b) {
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    b.out[blockIdx.x] = float(cluster.block_rank());
+    b.out[32 + blockIdx.x] = float(cluster.num_blocks());
+  }
+}
+
 // --- broken kernels: each must be reported ---------------------------------------------------------
+
+__global__ void ClusterRankOutOfRangeKernel(Buffers b) {  // map_shared_rank(p, num_blocks())
+  INFEROPS_DYNAMIC_SMEM(float, s, 16);
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  s[threadIdx.x] = 1.f;
+  cluster.sync();
+  b.out[threadIdx.x] = *cluster.map_shared_rank(s, cluster.num_blocks());
+  cluster.sync();
+}
+
+// Half of block rank 1 waits at __syncthreads, the rest of the cluster at cluster.sync. (A
+// block that skips cluster.sync and exits does not hang it: exited threads are not waited for.)
+__global__ void ClusterSplitSyncKernel(Buffers b) {
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  if (cluster.block_rank() == 1 && threadIdx.x >= 16) {
+    __syncthreads();
+  } else {
+    cluster.sync();
+  }
+  b.out[threadIdx.x] = 0.f;
+}
+
+__global__ void ClusterStaticSharedKernel(Buffers b) {  // static __shared__: one object per declaration
+  __shared__ float tile[32];
+  tile[threadIdx.x] = b.in[threadIdx.x];
+  cooperative_groups::this_cluster().sync();
+  b.out[threadIdx.x] = tile[threadIdx.x];
+}
 
 __global__ void OobGlobalReadKernel(Buffers b) {  // reads in[n]: one past the end
   const int t = threadIdx.x;
@@ -253,6 +324,27 @@ using Runner = std::function<void(Buffers&)>;
 
 void check_launch() { INFEROPS_CUDA_CHECK_LAUNCH(); }
 
+template <typename... Params, typename... Args>
+void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, dim3 cluster, Args... args) {
+  INFEROPS_CUDA_CHECK(launch_kernel_cluster(kernel, grid, block, smem, nullptr, cluster, args...));
+}
+
+// The same launch through the raw runtime API (cudaLaunchKernelEx -> cudaLaunchKernelExC).
+void launch_reduce_ex(Buffers& b) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(4, 2);
+  cfg.blockDim = dim3(64);
+  cfg.dynamicSmemBytes = 256;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 2;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  INFEROPS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, ClusterReduceKernel, b, 1));
+}
+
 const std::map<std::string, std::pair<int, Runner>>& registry() {
   // name -> (output elements per input element, runner)
   static const std::map<std::string, std::pair<int, Runner>> r = {
@@ -308,6 +400,26 @@ const std::map<std::string, std::pair<int, Runner>>& registry() {
        {1, [](Buffers& b) { launch_kernel(EmptyKernel, 1, 2048, 0, nullptr, b); check_launch(); }}},
       {"smem_without_attribute",
        {1, [](Buffers& b) { launch_kernel(EmptyKernel, 1, 32, 64 * 1024, nullptr, b); check_launch(); }}},
+      {"cluster_reduce",
+       {1, [](Buffers& b) { launch_cluster(ClusterReduceKernel, dim3(4, 2), 64, 256, dim3(2, 2), b, 1); }}},
+      {"cluster_reduce_ex", {1, [](Buffers& b) { launch_reduce_ex(b); }}},
+      {"cluster_missing_final_sync",
+       {1, [](Buffers& b) { launch_cluster(ClusterReduceKernel, dim3(4, 2), 64, 256, dim3(2, 2), b, 0); }}},
+      {"cluster_rank_out_of_range",
+       {1, [](Buffers& b) { launch_cluster(ClusterRankOutOfRangeKernel, 4, 32, 128, dim3(4), b); }}},
+      {"cluster_deadlock", {1, [](Buffers& b) { launch_cluster(ClusterSplitSyncKernel, 2, 32, 0, dim3(2), b); }}},
+      {"cluster_static_shared",
+       {1, [](Buffers& b) { launch_cluster(ClusterStaticSharedKernel, 2, 32, 0, dim3(2), b); }}},
+      {"cluster_grid_not_divisible",
+       {1, [](Buffers& b) { launch_cluster(ClusterReduceKernel, dim3(3, 2), 64, 256, dim3(2, 2), b, 1); }}},
+      {"cluster_16_nonportable",
+       {1, [](Buffers& b) {
+          INFEROPS_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(ClusterRankKernel),
+                                                   cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+          launch_cluster(ClusterRankKernel, 32, 64, 0, dim3(16), b);
+        }}},
+      {"cluster_too_large",
+       {1, [](Buffers& b) { launch_cluster(EmptyKernel, 16, 32, 0, dim3(16), b); }}},
       {"grid_y_too_large",
        {1, [](Buffers& b) { launch_kernel(EmptyKernel, dim3(1, 70000), 32, 0, nullptr, b); check_launch(); }}},
   };

@@ -11,7 +11,9 @@
 // Model (runtime.cpp has the details):
 //  - one fiber per CUDA thread, with a fixed-size stack and a guard page below it; the
 //    blocks of a grid run one after another on the calling thread, the threads of a block
-//    switch cooperatively, only at barriers and warp collectives;
+//    switch cooperatively, only at barriers and warp collectives; the blocks of a
+//    thread-block cluster run together as one pool (cluster.cpp: cluster.sync,
+//    distributed shared memory through map_shared_rank);
 //  - __syncthreads waits for every thread of the block that has not exited; warp
 //    collectives (__syncwarp, shuffles, votes, ldmatrix, mma.sync, wmma) meet the lanes of
 //    their mask, which must include the caller, name only lanes that exist and have not
@@ -58,8 +60,16 @@
 #define __constant__ static
 // Blocks run one at a time (runtime.cpp holds a lock for the whole grid), so one static
 // object per declaration is the running block's shared memory. Not poisoned between
-// blocks and not guarded (AddressSanitizer sees it as an ordinary global).
-#define __shared__ static
+// blocks and not guarded (AddressSanitizer sees it as an ordinary global). The blocks of a
+// cluster run together and would share that one object, so each declaration is preceded by
+// a marker whose constructor (run whenever a thread reaches the declaration) fails in a
+// cluster of more than one block: cluster kernels take their shared memory through
+// INFEROPS_DYNAMIC_SMEM. (At namespace scope the marker is an internal-linkage constant.)
+#define SIMT_CAT2_(a, b) a##b
+#define SIMT_CAT_(a, b) SIMT_CAT2_(a, b)
+#define __shared__                                                           \
+  const ::simt::StaticSharedMarker SIMT_CAT_(simt_static_shared_, __LINE__){}; \
+  static
 #define __launch_bounds__(...)
 #define __grid_constant__
 #define __forceinline__ inline __attribute__((always_inline))
@@ -72,10 +82,19 @@ class KernelError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// See __shared__ above: fails when a static __shared__ declaration runs in a cluster launch.
+void static_shared_in_cluster();
+extern int g_cluster_blocks;  // blocks per cluster of the running launch (1 without clusters)
+struct StaticSharedMarker {
+  StaticSharedMarker() {
+    if (g_cluster_blocks > 1) static_shared_in_cluster();
+  }
+};
+
 struct LaunchConfig {
   dim3 grid, block;
   std::size_t smem_bytes = 0;
-  int cluster = 0;  // thread-block clusters are not modelled yet (refused when > 1)
+  dim3 cluster = dim3(1, 1, 1);  // thread-block cluster dimensions (1,1,1: no cluster)
 };
 
 // --- the running block and thread (valid inside a kernel) -----------------------------------------
@@ -138,14 +157,27 @@ enum CollectiveOp : int {
   kOpWmma,
 };
 
+// --- thread-block clusters (cluster.cpp; cooperative_groups.h is the kernel-side API) ----------------
+void cluster_sync();                                   // barrier over the cluster's live threads
+void* cluster_map_shared(const void* p, unsigned rank);  // same offset in block `rank`'s window
+unsigned cluster_query_rank(const void* p);            // the rank whose window holds p
+dim3 cluster_dims();                                   // (1,1,1) outside a cluster launch
+dim3 cluster_block_index();                            // blockIdx % cluster_dims()
+
 // --- launches -----------------------------------------------------------------------------------------
 using BlockBody = void (*)(const void* ctx);
 // Runs the grid: checks the configuration like the CUDA runtime (on failure sets the error
-// cudaGetLastError() returns and returns), then every block. Throws KernelError.
-void run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body, const void* ctx);
+// cudaGetLastError() returns and returns it), then every block (every cluster). Throws
+// KernelError.
+cudaError_t run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body, const void* ctx);
+
+// cudaLaunchKernelExC receives the kernel as `const void*` and its arguments as `void**`;
+// typed launches register how to call each kernel from that form.
+using Invoker = cudaError_t (*)(const void* kernel, const LaunchConfig& cfg, void** args);
+void register_invoker(const void* kernel, Invoker invoke);
 
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), const LaunchConfig& cfg, Args&&... args) {
+cudaError_t launch(void (*kernel)(Params...), const LaunchConfig& cfg, Args&&... args) {
   // The parameters are converted once, as into CUDA's parameter space; each thread then
   // calls the kernel with its own copy.
   struct Ctx {
@@ -153,13 +185,35 @@ void launch(void (*kernel)(Params...), const LaunchConfig& cfg, Args&&... args) 
     std::tuple<std::decay_t<Params>...> params;
   };
   const Ctx ctx{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)};
-  run_grid(
+  return run_grid(
       cfg, reinterpret_cast<const void*>(kernel),
       [](const void* c) {
         const Ctx& x = *static_cast<const Ctx*>(c);
         std::apply([&](const auto&... a) { x.kernel(a...); }, x.params);
       },
       &ctx);
+}
+
+template <typename... Params, std::size_t... I>
+cudaError_t invoke_from_args(const void* kernel, const LaunchConfig& cfg, void** args, std::index_sequence<I...>) {
+  return launch(reinterpret_cast<void (*)(Params...)>(const_cast<void*>(kernel)), cfg,
+                *static_cast<std::decay_t<Params>*>(args[I])...);
+}
+template <typename... Params>
+cudaError_t invoke(const void* kernel, const LaunchConfig& cfg, void** args) {
+  return invoke_from_args<Params...>(kernel, cfg, args, std::index_sequence_for<Params...>{});
+}
+
+// What cudaLaunchKernelEx(config, kernel, args...) becomes in the executor build (the macro
+// below): CUDA's template, which converts the arguments to the kernel's parameter types and
+// calls cudaLaunchKernelExC, plus the registration that lets cudaLaunchKernelExC call it.
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel_ex(const cudaLaunchConfig_t* config, void (*kernel)(Params...), Args&&... args) {
+  register_invoker(reinterpret_cast<const void*>(kernel), &invoke<Params...>);
+  return [&](std::decay_t<Params>... coerced) {
+    void* pargs[] = {&coerced..., nullptr};
+    return ::cudaLaunchKernelExC(config, reinterpret_cast<const void*>(kernel), pargs);
+  }(std::forward<Args>(args)...);
 }
 
 // --- shuffles ----------------------------------------------------------------------------------------------
@@ -347,5 +401,9 @@ inline unsigned long long min(unsigned long long a, unsigned long long b) { retu
 inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
 inline float min(float a, float b) { return std::fmin(a, b); }
 inline float max(float a, float b) { return std::fmax(a, b); }
+
+// cudaLaunchKernelEx's template (cuda_runtime.h, already included) keeps no typed kernel;
+// route its calls through the executor's.
+#define cudaLaunchKernelEx ::simt::launch_kernel_ex
 
 #include "simt/ptx.h"

@@ -224,6 +224,71 @@ def test_kernel_errors_are_reported(name, pattern):
         _module().simt_selftest(name, [1.0] * 64)
 
 
+# --- thread-block clusters ----------------------------------------------------------------------------
+
+
+def _cluster_expected(x):
+    # grid (4, 2), clusters of (2, 2) blocks; block g = 4 y + x holds x[64 g : 64 g + 64].
+    blocks = torch.tensor(x, dtype=torch.float64).view(2, 4, 64)  # [y][x][t]
+    sums = torch.stack([blocks[:, 2 * c : 2 * c + 2].sum(dim=(0, 1)) for c in range(2)])  # [cluster][64]
+    info = []
+    for g in range(8):
+        bx, by = g % 4, g // 4
+        info += [float(bx % 2 + 2 * (by % 2)), 4.0, float(bx % 2), float(by % 2)]
+    return sums.flatten(), torch.tensor(info, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["cluster_reduce", "cluster_reduce_ex"])
+def test_cluster_dsmem_reduction(name, gen):
+    # Typed launch (launch_kernel_cluster) and the raw runtime API (cudaLaunchKernelEx ->
+    # cudaLaunchKernelExC with void** arguments) run the same clusters.
+    x = torch.randn(512, generator=gen).tolist()
+    out = torch.tensor(_module().simt_selftest(name, x), dtype=torch.float64)
+    sums, info = _cluster_expected(x)
+    torch.testing.assert_close(out[:128], sums, rtol=1e-5, atol=1e-5)
+    assert out[256:288].tolist() == info.tolist()  # block_rank, num_blocks, block_index
+    assert torch.isnan(out[128:256]).all() and torch.isnan(out[288:]).all()  # nothing else written
+
+
+def test_cluster_missing_final_sync_reads_poison(gen):
+    # Without the final cluster.sync, rank 0 exits first and the other ranks read its (now
+    # poisoned) shared memory: their slices come out NaN; rank 0's own slice is still right.
+    x = torch.randn(512, generator=gen).tolist()
+    out = torch.tensor(_module().simt_selftest("cluster_missing_final_sync", x), dtype=torch.float64)
+    sums, _ = _cluster_expected(x)
+    for c in range(2):
+        torch.testing.assert_close(out[64 * c : 64 * c + 16], sums[64 * c : 64 * c + 16])
+        assert torch.isnan(out[64 * c + 16 : 64 * c + 64]).all()
+
+
+def test_cluster_of_16_needs_the_nonportable_attribute():
+    # 16 blocks per cluster: refused without cudaFuncAttributeNonPortableClusterSizeAllowed
+    # (cluster_too_large below), run with it.
+    out = _module().simt_selftest("cluster_16_nonportable", [0.0] * 64)
+    assert out[:32] == [float(i % 16) for i in range(32)]
+    assert out[32:64] == [16.0] * 32
+
+
+@pytest.mark.parametrize(
+    "name, pattern",
+    [
+        ("cluster_rank_out_of_range", r"map_shared_rank\(.*, 4\): rank out of range \(the cluster has 4 blocks\)"),
+        ("cluster_grid_not_divisible", r"cudaErrorInvalidClusterSize.*grid \(3,2,1\) is not a whole number of "
+         r"clusters \(2,2,1\)"),
+        ("cluster_too_large", r"cudaErrorInvalidClusterSize.*16 blocks, more than 8"),
+        ("cluster_deadlock", r"deadlock in the cluster of blocks \(0,0,0\) \.\. \(1,0,0\).*block \(0,0,0\): "
+         r"threads 0-31 waiting at cluster.sync;.*block \(1,0,0\): threads 0-15 waiting at cluster.sync; "
+         r"threads 16-31 waiting at __syncthreads"),
+        ("cluster_static_shared", r"static __shared__ variable in a cluster launch of 2 blocks"),
+    ],
+)
+def test_cluster_errors_are_reported(name, pattern):
+    with pytest.raises(RuntimeError, match=pattern):
+        _module().simt_selftest(name, [1.0] * 64)
+    x = [float(i) for i in range(64)]
+    assert _module().simt_selftest("block_sum", x) == [sum(x)] * 64  # usable afterwards
+
+
 def test_executor_usable_after_a_kernel_error():
     with pytest.raises(RuntimeError):
         _module().simt_selftest("deadlock", [1.0] * 64)
