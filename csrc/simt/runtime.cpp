@@ -1,5 +1,6 @@
-// The SIMT executor's runtime: fibers, blocks, barriers, warp collectives, launches, the
-// shared-memory window, cp.async groups (the CUDA runtime API calls are in cuda_api.cpp).
+// The SIMT executor's runtime: fibers, blocks, barriers, warp collectives and launches
+// (memory.cpp: shared-memory addressing, cp.async and the other memory instructions;
+// warp.cpp: shuffles, votes, __syncwarp; cuda_api.cpp: the CUDA runtime API calls).
 // See simt.h for the model; docs/developer.md for what it catches and what it cannot.
 //
 // Scheduling: a grid runs as a sequence of pools (scheduler.h) on the calling OS thread,
@@ -560,59 +561,6 @@ void warps_collective(int first_warp, int nwarps, const char* what, const void* 
 unsigned long block_serial() { return block_of(cur_fiber("block_serial")).serial; }
 int thread_linear() { return cur_fiber("thread_linear").linear; }
 
-void shfl_release(unsigned mask, const unsigned char (*payload)[kPayloadBytes], unsigned char (*result)[kResultBytes],
-                  const void*) {
-  for (int l = 0; l < 32; ++l) {
-    if (!(mask >> l & 1)) continue;
-    ShflPayload p;
-    std::memcpy(&p, payload[l], sizeof p);
-    const int src = p.src < 0 ? l : p.src;
-    if (src > 31 || !(mask >> src & 1)) {
-      fail("shuffle: lane %d reads lane %d, which is outside the mask 0x%08x (undefined on the GPU)", l, src, mask);
-    }
-    ShflPayload q;
-    std::memcpy(&q, payload[src], sizeof q);
-    std::memcpy(result[l], q.value, sizeof q.value);
-  }
-}
-
-unsigned char* dynamic_smem() {
-  const Block* b = S().cur_block;
-  return b ? b->dyn : nullptr;
-}
-std::size_t dynamic_smem_bytes() { return S().dyn_bytes; }
-
-uint32_t shared_address(const void* p) {
-  const Scheduler& s = S();
-  const auto* c = static_cast<const unsigned char*>(p);
-  const Block* b = s.cur_block;
-  if (!b || c < b->window || c >= b->window + kSmemWindow) {
-    for (int r = 0; b && r < s.nblocks; ++r) {
-      const Block& o = *s.blocks[r];
-      if (c >= o.window && c < o.window + kSmemWindow) {
-        fail("__cvta_generic_to_shared(%p): a distributed shared-memory address (block rank %d of the "
-             "cluster), not one of this block's shared memory",
-             p, r);
-      }
-    }
-    fail("__cvta_generic_to_shared(%p): not in the dynamic shared-memory window (static __shared__ "
-         "variables have no shared address in the executor)",
-         p);
-  }
-  return static_cast<uint32_t>(c - b->window);
-}
-
-unsigned char* shared_pointer(uint32_t addr) {
-  const Scheduler& s = S();
-  if (addr >= kSmemWindow || !s.cur_block) fail("shared address 0x%x outside the shared-memory window", addr);
-  return s.cur_block->window + addr;
-}
-
-void check_aligned(const void* p, int bytes, const char* what) {
-  if (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes)) {
-    fail("misaligned address %p for %s (needs %d-byte alignment)", p, what, bytes);
-  }
-}
 
 // ---- launches -----------------------------------------------------------------------------------------------------
 namespace {
@@ -883,120 +831,5 @@ cudaError_t run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body
   return cudaSuccess;
 }
 
-// ---- cp.async ---------------------------------------------------------------------------------------------------
-namespace ptx {
-
-void cp_async(uint32_t saddr, const void* gmem, int bytes, int src_bytes) {
-  Fiber& f = cur_fiber("cp.async");
-  unsigned char* dst = shared_pointer(saddr);
-  if (bytes != 4 && bytes != 8 && bytes != 16) fail("cp.async: copy size %d (4, 8 or 16)", bytes);
-  if (src_bytes < 0 || src_bytes > bytes) fail("cp.async: src-size %d outside [0, %d]", src_bytes, bytes);
-  check_aligned(dst, bytes, "cp.async shared destination");
-  if (src_bytes > 0) check_aligned(gmem, bytes, "cp.async global source");
-  if (dst + bytes > dynamic_smem() + S().dyn_bytes || dst < dynamic_smem()) {
-    fail("cp.async: destination [0x%x, +%d) outside the block's %zu bytes of dynamic shared memory", saddr, bytes,
-         S().dyn_bytes);
-  }
-  PendingCopy c{};
-  c.dst = dst;
-  c.bytes = bytes;
-  if (src_bytes > 0) std::memcpy(c.data, gmem, static_cast<std::size_t>(src_bytes));  // rest: zero-filled
-  std::memset(dst, 0xff, static_cast<std::size_t>(bytes));
-  f.cp_open.push_back(c);
-}
-
-void cp_async_commit() {
-  Fiber& f = cur_fiber("cp.async.commit_group");
-  f.cp_groups.push_back(std::move(f.cp_open));
-  f.cp_open.clear();
-}
-
-void cp_async_wait(int pending) {
-  Fiber& f = cur_fiber("cp.async.wait_group");
-  while (f.cp_groups.size() > static_cast<std::size_t>(std::max(pending, 0))) {
-    for (auto& c : f.cp_groups.front()) std::memcpy(c.dst, c.data, static_cast<std::size_t>(c.bytes));
-    f.cp_groups.erase(f.cp_groups.begin());
-  }
-}
-
-void cp_async_wait_all() {
-  cp_async_commit();
-  cp_async_wait(0);
-}
-
-void st_global_v4(void* p, const uint32_t (&w)[4]) {
-  check_aligned(p, 16, "st.global.v4");
-  std::memcpy(p, w, 16);
-}
-
-void ld_global_v4(uint32_t (&w)[4], const void* p) {
-  check_aligned(p, 16, "ld.global.v4");
-  std::memcpy(w, p, 16);
-}
-
-uint32_t ld_acquire_u32(const uint32_t* p) {
-  check_aligned(p, 4, "ld.acquire");
-  const uint32_t v = __atomic_load_n(p, __ATOMIC_ACQUIRE);
-  yield();  // a flag is being spun on: let the other threads run
-  return v;
-}
-
-void st_release_u32(uint32_t* p, uint32_t v) {
-  check_aligned(p, 4, "st.release");
-  __atomic_store_n(p, v, __ATOMIC_RELEASE);
-}
-
-uint32_t lanemask_lt() { return (1u << cur_fiber("%lanemask_lt").lane) - 1u; }
-
-uint64_t globaltimer_ns() {
-  return static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-          .count());
-}
-
-}  // namespace ptx
 
 }  // namespace simt
-
-void __syncwarp(unsigned mask) {
-  simt::collective(simt::kOpSyncwarp, "__syncwarp", mask, nullptr, 0,
-                   [](unsigned, const unsigned char (*)[simt::kPayloadBytes], unsigned char (*)[simt::kResultBytes],
-                      const void*) {});
-}
-
-unsigned __ballot_sync(unsigned mask, int pred) {
-  const int mine = pred != 0;
-  const unsigned char* r = simt::collective(
-      simt::kOpBallot, "__ballot_sync", mask, &mine, sizeof mine,
-      [](unsigned m, const unsigned char (*payload)[simt::kPayloadBytes], unsigned char (*result)[simt::kResultBytes],
-         const void*) {
-        unsigned bits = 0;
-        for (int l = 0; l < 32; ++l) {
-          int v;
-          std::memcpy(&v, payload[l], sizeof v);
-          if ((m >> l & 1) && v) bits |= 1u << l;
-        }
-        for (int l = 0; l < 32; ++l) std::memcpy(result[l], &bits, sizeof bits);
-      });
-  unsigned out;
-  std::memcpy(&out, r, sizeof out);
-  return out;
-}
-
-unsigned __match_any_sync(unsigned mask, unsigned long long value) {
-  const unsigned char* r = simt::collective(
-      simt::kOpMatchAny, "__match_any_sync", mask, &value, sizeof value,
-      [](unsigned m, const unsigned char (*payload)[simt::kPayloadBytes], unsigned char (*result)[simt::kResultBytes],
-         const void*) {
-        for (int l = 0; l < 32; ++l) {
-          if (!(m >> l & 1)) continue;
-          unsigned bits = 0;
-          for (int o = 0; o < 32; ++o)
-            if ((m >> o & 1) && std::memcmp(payload[l], payload[o], 8) == 0) bits |= 1u << o;
-          std::memcpy(result[l], &bits, sizeof bits);
-        }
-      });
-  unsigned out;
-  std::memcpy(&out, r, sizeof out);
-  return out;
-}
