@@ -296,6 +296,11 @@ PYBIND11_MODULE(INFEROPS_MODULE_NAME, m) {
   m.def("device_info", &device_info, py::arg("device"), "SM count, shared memory and L2 of a device.");
   m.def("tensor_info", &tensor_info, py::arg("capsule"), "Debug view of a DLPack capsule.");
 #ifdef INFEROPS_SIMT
+  // Concurrent grids (csrc/simt/concurrent.cpp): launches between begin and end run as one
+  // pool at end(true) (virtual tensor-parallel ranks, python/inferops/tp/gemm_rs.py).
+  m.def("simt_concurrent_begin", &::simt::concurrent_begin, "Queue this thread's launches from now on.");
+  m.def("simt_concurrent_end", &::simt::concurrent_end, py::arg("run"),
+        "Run the queued launches as one pool (run=True) or drop them; the GIL is held throughout.");
   m.def("simt_selftests", &inferops::simt_selftest::names, "Names of the executor's self-test kernels.");
   m.def("simt_selftest", &inferops::simt_selftest::run, py::arg("name"), py::arg("input"),
         "Run executor self-test kernel `name` on `input` (floats); returns its output.");

@@ -24,7 +24,7 @@ using namespace detail;
 
 void detail::release_cluster_barrier(Scheduler& s) {
   s.cluster_arrived = 0;
-  const int total = s.nblocks * s.nthreads;
+  const int total = s.pool_fibers;
   for (int i = 0; i < total; ++i) {
     Fiber& f = s.fibers[i];
     if (f.wait == Wait::kCluster) {
@@ -50,6 +50,7 @@ void* cluster_map_shared(const void* p, unsigned rank) {
   Scheduler& s = S();
   cur_fiber("cluster.map_shared_rank");
   const Block& me = *s.cur_block;
+  if (s.shuffle) fail("cluster.map_shared_rank(%p, %u) in a concurrent pool (not a cluster launch)", p, rank);
   const auto* c = static_cast<const unsigned char*>(p);
   if (rank >= static_cast<unsigned>(s.nblocks)) {
     fail("cluster.map_shared_rank(%p, %u): rank out of range (the cluster has %d blocks)", p, rank, s.nblocks);
@@ -74,10 +75,10 @@ unsigned cluster_query_rank(const void* p) {
 }
 
 void static_shared_in_cluster() {
-  fail("static __shared__ variable in a cluster launch of %d blocks: the executor keeps one instance per "
+  fail("static __shared__ variable in a %s of %d blocks: the executor keeps one instance per "
        "declaration, which the blocks of a cluster (running together) would share; take the cluster kernel's "
        "shared memory with INFEROPS_DYNAMIC_SMEM",
-       S().nblocks);
+       S().shuffle ? "concurrent pool (concurrent_begin/end)" : "cluster launch", S().nblocks);
 }
 
 dim3 cluster_dims() {

@@ -111,6 +111,10 @@ uint32_t ld_acquire_u32(const uint32_t* p) {
 void st_release_u32(uint32_t* p, uint32_t v) {
   check_aligned(p, 4, "st.release");
   __atomic_store_n(p, v, __ATOMIC_RELEASE);
+  // A flag was published: let the other threads (of a concurrent pool, other grids) run
+  // before this one goes on, so a consumer may see the flag before anything this thread
+  // writes next (data written after its flag is then read stale, as on the GPU).
+  yield();
 }
 
 uint32_t lanemask_lt() { return (1u << cur_fiber("%lanemask_lt").lane) - 1u; }

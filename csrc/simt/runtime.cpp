@@ -199,7 +199,9 @@ void install_overflow_handler() {
   });
 }
 
-void ensure_fibers(Scheduler& s, int n) {
+}  // namespace
+
+void detail::ensure_fibers(Scheduler& s, int n) {
   if (s.stack_bytes == 0) {
     const double kb = env_double("INFEROPS_SIMT_STACK_KB", SIMT_ASAN ? 1024 : 256);
     s.stack_bytes = (static_cast<std::size_t>(std::max(16.0, kb) * 1024) + page_size() - 1) & ~(page_size() - 1);
@@ -217,6 +219,8 @@ void ensure_fibers(Scheduler& s, int n) {
   }
   install_overflow_handler();
 }
+
+namespace {
 
 // ---- fiber entry and switching -------------------------------------------------------------------------------
 void on_exit(Scheduler& s, Fiber& f);
@@ -279,6 +283,13 @@ void resume(Scheduler& s, Fiber& f) {
   s.cur_block = &b;
   g_threadIdx = f.tid;
   g_blockIdx = b.idx;
+  // Its launch (blocks of a concurrent pool belong to different grids).
+  s.nthreads = b.nthreads;
+  s.dyn_bytes = b.dyn_bytes;
+  s.body = b.body;
+  s.body_ctx = b.ctx.get();
+  g_blockDim = b.bdim;
+  g_gridDim = b.grid;
 #if SIMT_ASAN
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, f.stack, f.stack_bytes);
@@ -347,14 +358,14 @@ const char* op_name(int op) {
 void release_barrier(Scheduler& s, Block& b) {
   b.bar_arrived = 0;
   int count = 0, arrived = 0;
-  for (int i = b.first; i < b.first + s.nthreads; ++i) {
+  for (int i = b.first; i < b.first + b.nthreads; ++i) {
     const Fiber& f = s.fibers[i];
     if (f.wait == Wait::kBarrier) {
       ++arrived;
       count += f.bar_pred != 0;
     }
   }
-  for (int i = b.first; i < b.first + s.nthreads; ++i) {
+  for (int i = b.first; i < b.first + b.nthreads; ++i) {
     Fiber& f = s.fibers[i];
     if (f.wait == Wait::kBarrier) {
       f.wait = Wait::kNone;
@@ -563,14 +574,25 @@ int thread_linear() { return cur_fiber("thread_linear").linear; }
 
 
 // ---- launches -----------------------------------------------------------------------------------------------------
-namespace {
+namespace detail {
 
 std::string block_str(const uint3& i) {
   return "(" + std::to_string(i.x) + "," + std::to_string(i.y) + "," + std::to_string(i.z) + ")";
 }
 
+// " (grid g)" for a block of a concurrent pool, where blockIdx alone does not say which grid.
+std::string grid_str(const Scheduler& s, const Block& b) {
+  return s.shuffle ? " of grid " + std::to_string(b.grid_index) : "";
+}
+
+std::string seed_str(const Scheduler& s) {
+  return s.shuffle ? " [schedule seed " + std::to_string(s.seed) + ": INFEROPS_SIMT_SCHEDULE_SEED]" : "";
+}
+
 void deadlock(Scheduler& s) {
-  std::string r = s.nblocks == 1 ? "deadlock in block " + block_str(s.blocks[0]->idx) + ": no thread can proceed;"
+  std::string r = s.shuffle ? "deadlock in a concurrent pool of " + std::to_string(s.nblocks) +
+                                  " blocks: no thread can proceed;"
+                  : s.nblocks == 1 ? "deadlock in block " + block_str(s.blocks[0]->idx) + ": no thread can proceed;"
                                  : "deadlock in the cluster of blocks " + block_str(s.blocks[0]->idx) + " .. " +
                                        block_str(s.blocks[s.nblocks - 1]->idx) + ": no thread can proceed;";
   // Ranges of threads in the same state.
@@ -600,23 +622,23 @@ void deadlock(Scheduler& s) {
   };
   for (int bi = 0; bi < s.nblocks; ++bi) {
     const Block& b = *s.blocks[bi];
-    if (s.nblocks > 1) r += " block " + block_str(b.idx) + ":";
+    if (s.nblocks > 1) r += " block " + block_str(b.idx) + grid_str(s, b) + ":";
     int i = 0;
-    while (i < s.nthreads) {
+    while (i < b.nthreads) {
       const std::string st = state(s.fibers[b.first + i]);
       int j = i + 1;
-      while (j < s.nthreads && state(s.fibers[b.first + j]) == st) ++j;
+      while (j < b.nthreads && state(s.fibers[b.first + j]) == st) ++j;
       r += " threads " + std::to_string(i) + (j - 1 > i ? "-" + std::to_string(j - 1) : "") + " " + st + ";";
       i = j;
     }
     r += " (" + std::to_string(b.bar_arrived) + " of " + std::to_string(b.alive) + " live threads at __syncthreads)";
   }
-  if (s.nblocks > 1) {
+  if (s.nblocks > 1 && !s.shuffle) {
     r += " (" + std::to_string(s.cluster_arrived) + " of " + std::to_string(s.pool_alive) +
          " live threads of the cluster at cluster.sync)";
   }
   s.failed = true;
-  s.error = "simt: " + r;
+  s.error = "simt: " + r + seed_str(s);
 }
 
 void ensure_blocks(Scheduler& s, int n) {
@@ -636,10 +658,12 @@ void ensure_blocks(Scheduler& s, int n) {
 // result; AddressSanitizer builds report the read itself.
 constexpr unsigned char kCanary[2] = {0xA5, 0xFF};
 
-void start_block(Scheduler& s, Block& b, const uint3& idx, int index, const dim3& bd) {
-  const int n = s.nthreads;
+// b's launch fields (nthreads, dyn_bytes, bdim, ...) are set by the caller.
+void start_block(Scheduler& s, Block& b, const uint3& idx, int index, int first) {
+  const int n = b.nthreads;
+  const dim3 bd = b.bdim;
   b.idx = idx;
-  b.first = index * n;
+  b.first = first;
   b.alive = n;
   b.bar_arrived = 0;
   b.finished = false;
@@ -652,16 +676,16 @@ void start_block(Scheduler& s, Block& b, const uint3& idx, int index, const dim3
     ws.exited = 0;
     ws.ngroups = 0;
   }
-  b.dyn = b.window + kSmemWindow - ((s.dyn_bytes + 1023) & ~std::size_t(1023));
+  b.dyn = b.window + kSmemWindow - ((b.dyn_bytes + 1023) & ~std::size_t(1023));
   unsigned char* const end = b.window + kSmemWindow;
 #if SIMT_ASAN
   ASAN_UNPOISON_MEMORY_REGION(b.window, kSmemWindow);
 #endif
-  std::memset(b.dyn, 0xff, s.dyn_bytes);  // poison: NaN for floats, -1 for integers
-  for (unsigned char* p = b.dyn + s.dyn_bytes; p < end; ++p) *p = kCanary[(p - b.window) & 1];
+  std::memset(b.dyn, 0xff, b.dyn_bytes);  // poison: NaN for floats, -1 for integers
+  for (unsigned char* p = b.dyn + b.dyn_bytes; p < end; ++p) *p = kCanary[(p - b.window) & 1];
 #if SIMT_ASAN
   ASAN_POISON_MEMORY_REGION(b.window, static_cast<std::size_t>(b.dyn - b.window));
-  ASAN_POISON_MEMORY_REGION(b.dyn + s.dyn_bytes, static_cast<std::size_t>(end - (b.dyn + s.dyn_bytes)));
+  ASAN_POISON_MEMORY_REGION(b.dyn + b.dyn_bytes, static_cast<std::size_t>(end - (b.dyn + b.dyn_bytes)));
 #endif
   for (int i = 0; i < n; ++i) {
     Fiber& f = s.fibers[b.first + i];
@@ -687,27 +711,32 @@ void finish_block(Scheduler& s, Block& b) {
 #if SIMT_ASAN
   ASAN_UNPOISON_MEMORY_REGION(b.window, kSmemWindow);
 #endif
-  for (unsigned char* p = b.dyn + s.dyn_bytes; p < end; ++p) {
+  for (unsigned char* p = b.dyn + b.dyn_bytes; p < end; ++p) {
     if (*p != kCanary[(p - b.window) & 1]) {
       s.failed = true;
-      s.error = "simt: block " + block_str(b.idx) + " wrote past the end of its " + std::to_string(s.dyn_bytes) +
+      s.error = "simt: block " + block_str(b.idx) + " wrote past the end of its " + std::to_string(b.dyn_bytes) +
                 " bytes of dynamic shared memory (first changed byte: offset " + std::to_string(p - b.dyn) + ")";
       return;
     }
   }
-  std::memset(b.dyn, 0xff, s.dyn_bytes);
+  std::memset(b.dyn, 0xff, b.dyn_bytes);
 #if SIMT_ASAN
   ASAN_POISON_MEMORY_REGION(b.window, static_cast<std::size_t>(b.dyn - b.window));
-  ASAN_POISON_MEMORY_REGION(b.dyn + s.dyn_bytes, static_cast<std::size_t>(end - (b.dyn + s.dyn_bytes)));
+  ASAN_POISON_MEMORY_REGION(b.dyn + b.dyn_bytes, static_cast<std::size_t>(end - (b.dyn + b.dyn_bytes)));
 #endif
 }
 
 // Runs the pool s.blocks[0 .. s.nblocks) (prepared by start_block) to completion.
 void run_pool(Scheduler& s) {
-  s.pool_alive = s.nblocks * s.nthreads;
+  const int total = s.pool_fibers;
+  s.pool_alive = total;
   s.cluster_arrived = 0;
   s.failed = false;
-  const int total = s.nblocks * s.nthreads;
+  // A concurrent pool resumes its fibers in an order reshuffled every pass, so that a
+  // protocol that only works in one interleaving (a flag set before its data) fails under
+  // some seed instead of passing by luck of one fixed order.
+  std::vector<int> order(static_cast<std::size_t>(total));
+  for (int i = 0; i < total; ++i) order[static_cast<std::size_t>(i)] = i;
   using Clock = std::chrono::steady_clock;
   static const double spin_limit = env_double("INFEROPS_SIMT_SPIN_LIMIT_S", 60.0);
   auto last_progress = Clock::now();
@@ -715,8 +744,17 @@ void run_pool(Scheduler& s) {
   while (s.pool_alive > 0) {
     const unsigned long before = s.progress;
     bool ran = false;
-    for (int i = 0; i < total; ++i) {
-      Fiber& f = s.fibers[i];
+    if (s.shuffle) {
+      for (int i = total - 1; i > 0; --i) {  // Fisher-Yates on splitmix64
+        uint64_t z = (s.rng += 0x9e3779b97f4a7c15ull);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        std::swap(order[static_cast<std::size_t>(i)], order[static_cast<std::size_t>(z % (i + 1u))]);
+      }
+    }
+    for (int k = 0; k < total; ++k) {
+      Fiber& f = s.fibers[order[static_cast<std::size_t>(k)]];
       if (f.wait == Wait::kExited || f.blocked) continue;
       ran = true;
       resume(s, f);
@@ -740,6 +778,21 @@ void run_pool(Scheduler& s) {
       if (spins == 1024) last_progress = now;
       if (std::chrono::duration<double>(now - last_progress).count() > spin_limit) {
         s.failed = true;
+        if (s.shuffle) {
+          std::string blocks;
+          int listed = 0;
+          for (int i = 0; i < s.nblocks; ++i) {
+            const Block& b = *s.blocks[i];
+            if (b.alive == 0) continue;
+            if (listed++ < 16) blocks += (listed > 1 ? ", " : "") + block_str(b.idx) + grid_str(s, b);
+          }
+          if (listed > 16) blocks += ", ... (" + std::to_string(listed) + " blocks)";
+          s.error = "simt: livelock in a concurrent pool of " + std::to_string(s.nblocks) +
+                    " blocks: threads have only spun for " + std::to_string(spin_limit) +
+                    " s (INFEROPS_SIMT_SPIN_LIMIT_S); still running: blocks " + blocks +
+                    " (waiting on a flag no running block sets?)" + seed_str(s);
+          return;
+        }
         s.error = "simt: livelock in block " + block_str(s.blocks[0]->idx) + (s.nblocks > 1 ? " (and its cluster)" : "") +
                   ": threads have only spun for " + std::to_string(spin_limit) +
                   " s (INFEROPS_SIMT_SPIN_LIMIT_S); a block waiting on a block outside its cluster never "
@@ -754,9 +807,25 @@ void run_pool(Scheduler& s) {
   }
 }
 
-}  // namespace
+[[noreturn]] void throw_pool_failure(Scheduler& s) {
+#if SIMT_ASAN
+  // Abandoned fibers leave poisoned frames behind on their stacks.
+  for (int i = 0; i < s.pool_fibers; ++i) ASAN_UNPOISON_MEMORY_REGION(s.fibers[i].stack, s.fibers[i].stack_bytes);
+  for (int r = 0; r < s.nblocks; ++r) ASAN_UNPOISON_MEMORY_REGION(s.blocks[r]->window, kSmemWindow);
+#endif
+  s.failed = false;
+  s.current = nullptr;
+  s.cur_block = nullptr;
+  s.shuffle = false;
+  for (int r = 0; r < s.nblocks; ++r) s.blocks[r]->ctx.reset();
+  g_cluster_blocks = 1;
+  throw KernelError(s.error);
+}
 
-cudaError_t run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body, const void* ctx) {
+}  // namespace detail
+
+// The launch checks of the CUDA runtime; s.lock held.
+cudaError_t detail::check_launch(Scheduler& s, const LaunchConfig& cfg, const void* kernel) {
   const dim3 g = cfg.grid, b = cfg.block, c = cfg.cluster;
   const unsigned long long nthr = 1ull * b.x * b.y * b.z;
   if (g.x == 0 || g.y == 0 || g.z == 0 || g.x > 2147483647u || g.y > 65535 || g.z > 65535 || nthr == 0 ||
@@ -764,8 +833,6 @@ cudaError_t run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body
     return launch_error(cudaErrorInvalidConfiguration, "invalid launch configuration: grid (%u,%u,%u), block (%u,%u,%u)",
                         g.x, g.y, g.z, b.x, b.y, b.z);
   }
-  Scheduler& s = S();
-  std::lock_guard<std::mutex> lock(s.lock);
   if (s.current) throw KernelError("simt: a kernel launched another kernel (dynamic parallelism is not modelled)");
   int limit = static_cast<int>(kDefaultDynSmem);
   if (auto it = s.smem_attr.find(kernel); it != s.smem_attr.end()) limit = std::max(limit, it->second);
@@ -790,44 +857,49 @@ cudaError_t run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body
                         "16 needs cudaFuncSetAttribute(cudaFuncAttributeNonPortableClusterSizeAllowed, 1))",
                         c.x, c.y, c.z, csize, max_cluster);
   }
-  const int nblocks = static_cast<int>(csize);
+  return cudaSuccess;
+}
+
+cudaError_t run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body, std::shared_ptr<const void> ctx) {
+  Scheduler& s = S();
+  std::lock_guard<std::mutex> lock(s.lock);
+  if (const cudaError_t e = check_launch(s, cfg, kernel); e != cudaSuccess) return e;
+  if (defer_launch(cfg, body, ctx)) return cudaSuccess;  // inside concurrent_begin/end
+  const dim3 g = cfg.grid, b = cfg.block, c = cfg.cluster;
+  const int nthr = static_cast<int>(b.x * b.y * b.z);
+  const int nblocks = static_cast<int>(c.x * c.y * c.z);
   ensure_blocks(s, nblocks);
-  ensure_fibers(s, static_cast<int>(nthr) * nblocks);
-  s.dyn_bytes = cfg.smem_bytes;
-  s.nthreads = static_cast<int>(nthr);
+  ensure_fibers(s, nthr * nblocks);
+  for (int r = 0; r < nblocks; ++r) {
+    Block& blk = *s.blocks[r];
+    blk.nthreads = nthr;
+    blk.dyn_bytes = cfg.smem_bytes;
+    blk.grid = g;
+    blk.bdim = b;
+    blk.grid_index = 0;
+    blk.body = body;
+    blk.ctx = ctx;
+  }
+  s.pool_fibers = nthr * nblocks;
+  s.shuffle = false;
   s.nblocks = nblocks;
   s.cluster = c;
   g_cluster_blocks = nblocks;
-  s.body = body;
-  s.body_ctx = ctx;
-  g_blockDim = b;
-  g_gridDim = g;
   for (unsigned z = 0; z < g.z; z += c.z) {
     for (unsigned y = 0; y < g.y; y += c.y) {
       for (unsigned x = 0; x < g.x; x += c.x) {
         for (int r = 0; r < nblocks; ++r) {  // rank order: x fastest
           const uint3 idx = make_uint3(x + r % c.x, y + (r / c.x) % c.y, z + r / (c.x * c.y));
-          start_block(s, *s.blocks[r], idx, r, b);
+          start_block(s, *s.blocks[r], idx, r, r * nthr);
         }
         run_pool(s);
-        if (s.failed) {
-#if SIMT_ASAN
-          // Abandoned fibers leave poisoned frames behind on their stacks.
-          for (int i = 0; i < nblocks * s.nthreads; ++i)
-            ASAN_UNPOISON_MEMORY_REGION(s.fibers[i].stack, s.fibers[i].stack_bytes);
-          for (int r = 0; r < nblocks; ++r) ASAN_UNPOISON_MEMORY_REGION(s.blocks[r]->window, kSmemWindow);
-#endif
-          s.failed = false;
-          s.current = nullptr;
-          s.cur_block = nullptr;
-          g_cluster_blocks = 1;
-          throw KernelError(s.error);
-        }
+        if (s.failed) throw_pool_failure(s);
       }
     }
   }
   s.cur_block = nullptr;
   g_cluster_blocks = 1;
+  for (int r = 0; r < nblocks; ++r) s.blocks[r]->ctx.reset();
   return cudaSuccess;
 }
 

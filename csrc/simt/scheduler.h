@@ -8,6 +8,11 @@
 // block of a pool owns its warps, its barrier, its shared-memory window (256 KiB, the
 // launch's dynamic shared memory at its end, a guard page after it). Static __shared__
 // objects are one per declaration, so they are refused in clusters (simt.h).
+//
+// Concurrent launches (concurrent.cpp) make one pool of every block of several grids: each
+// block then carries its own launch (body and parameters, gridDim/blockDim, thread count,
+// dynamic shared-memory size), installed with its block context before each switch, and the
+// fibers of such a pool run in an order reshuffled every pass (Scheduler::rng).
 #pragma once
 
 #include "simt/simt.h"
@@ -100,6 +105,13 @@ struct Block {
   WarpState warps[kMaxWarps];
   std::vector<WarpSetMeeting> meetings;  // pending warps_collective meetings
   unsigned long serial = 0;              // unique per started block (per-block state resets on it)
+  // Its launch (one grid for every block of an ordinary pool; one per grid in a concurrent pool).
+  int nthreads = 0;
+  std::size_t dyn_bytes = 0;
+  dim3 grid, bdim;
+  int grid_index = 0;  // which queued grid (concurrent pools), for error messages
+  BlockBody body = nullptr;
+  std::shared_ptr<const void> ctx;
 };
 
 struct Scheduler {
@@ -107,7 +119,11 @@ struct Scheduler {
   std::vector<Fiber> fibers;
   std::vector<std::unique_ptr<Block>> blocks;  // pool slots (grown on demand)
   int nblocks = 0;   // blocks in the running pool
-  int nthreads = 0;  // threads per block
+  int nthreads = 0;  // threads per block (of the running fiber's block)
+  int pool_fibers = 0;  // fibers of the running pool (blocks' threads, block by block)
+  bool shuffle = false;  // concurrent pool: resume fibers in a shuffled order
+  unsigned long long seed = 0;  // its INFEROPS_SIMT_SCHEDULE_SEED
+  unsigned long long rng = 0;   // splitmix64 state
   int pool_alive = 0, cluster_arrived = 0;  // live threads of the pool; at cluster.sync
   dim3 cluster = dim3(1, 1, 1);
   unsigned long progress = 0;  // barrier/collective arrivals and exits (not spins)
@@ -143,5 +159,15 @@ Fiber& cur_fiber(const char* what);
 void wait_here();  // suspends the running fiber until the scheduler resumes it
 Block& block_of(const Fiber& f);
 void release_cluster_barrier(Scheduler& s);
+// runtime.cpp, for concurrent.cpp: the pool machinery.
+void ensure_blocks(Scheduler& s, int n);
+void ensure_fibers(Scheduler& s, int n);
+void start_block(Scheduler& s, Block& b, const uint3& idx, int index, int first);
+void run_pool(Scheduler& s);
+[[noreturn]] void throw_pool_failure(Scheduler& s);  // resets a failed pool, throws its error
+std::string block_str(const uint3& b);
+cudaError_t check_launch(Scheduler& s, const LaunchConfig& cfg, const void* kernel);  // s.lock held
+// concurrent.cpp: queues the launch when the calling thread is inside concurrent_begin/end.
+bool defer_launch(const LaunchConfig& cfg, BlockBody body, const std::shared_ptr<const void>& ctx);
 
 }  // namespace simt::detail

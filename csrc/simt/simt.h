@@ -37,6 +37,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -169,7 +170,17 @@ using BlockBody = void (*)(const void* ctx);
 // Runs the grid: checks the configuration like the CUDA runtime (on failure sets the error
 // cudaGetLastError() returns and returns it), then every block (every cluster). Throws
 // KernelError.
-cudaError_t run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body, const void* ctx);
+// `ctx` is shared: inside a concurrent_begin()/concurrent_end() scope the launch is queued and
+// its parameters must outlive the launching call.
+cudaError_t run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body, std::shared_ptr<const void> ctx);
+
+// Concurrent launches (concurrent.cpp): between concurrent_begin() and concurrent_end() the
+// calling thread's launches are checked and queued instead of run; concurrent_end(true) runs
+// every block of every queued grid as ONE pool (grids that wait on each other's flags, like
+// virtual tensor-parallel ranks), in a shuffled order seeded from INFEROPS_SIMT_SCHEDULE_SEED;
+// concurrent_end(false) drops the queue (the launching code failed). Throws KernelError.
+void concurrent_begin();
+void concurrent_end(bool run);
 
 // cudaLaunchKernelExC receives the kernel as `const void*` and its arguments as `void**`;
 // typed launches register how to call each kernel from that form.
@@ -184,14 +195,14 @@ cudaError_t launch(void (*kernel)(Params...), const LaunchConfig& cfg, Args&&...
     void (*kernel)(Params...);
     std::tuple<std::decay_t<Params>...> params;
   };
-  const Ctx ctx{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)};
+  auto ctx = std::make_shared<const Ctx>(Ctx{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)});
   return run_grid(
       cfg, reinterpret_cast<const void*>(kernel),
       [](const void* c) {
         const Ctx& x = *static_cast<const Ctx*>(c);
         std::apply([&](const auto&... a) { x.kernel(a...); }, x.params);
       },
-      &ctx);
+      std::move(ctx));
 }
 
 template <typename... Params, std::size_t... I>

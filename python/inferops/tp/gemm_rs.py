@@ -15,8 +15,8 @@ Paths (``GemmReduceScatter.path`` says which one a given object runs):
 * ``"local"``: one rank (no group, or a group of size 1): the fused kernel with
   its epilogue writing the output directly. Also CPU tensors under the SIMT
   executor backend (``inferops.testing.backend("simt")``), which runs the kernel;
-  virtual ranks (W > 1) take the reference there: their grids wait on each other
-  and the executor runs one grid at a time.
+  virtual ranks (W > 1) run there too, their W grids as one concurrent pool of
+  fibers (``simt_concurrent_begin``/``end``), since they wait on each other.
 * ``"fallback"``: matmul then ``dist.reduce_scatter_tensor`` (CPU / gloo, no
   symmetric memory, fp32, or no compiled kernel); ``fallback_reason`` says why.
 * ``"reference"``: the PyTorch reference on one process (CPU tensors, or no kernel).
@@ -27,6 +27,7 @@ reduce-scatter would send them) and summed in fp32 in rank order.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -124,15 +125,34 @@ def _sm_count(device_index: int) -> int:
     return int(ops.ext().device_info(device_index)["sm_count"])
 
 
+# Blocks per rank on the SIMT executor: all W grids run as one pool of fibers (one per
+# thread), so a few blocks per rank keep the pool small; the kernel is persistent (a block
+# loops over tiles), so any count computes every tile.
+_EXECUTOR_BLOCKS_PER_RANK = 2
+
+
 def _executor_refusal(device: torch.device, world: int) -> str | None:
     """Why virtual ranks cannot run on ``device``'s kernels, or None. The SIMT executor
-    (CPU tensors) runs one grid at a time, its blocks one after another: every rank's
-    reduce phase waits for tiles that the other ranks' grids push, so with W > 1 the
-    first grid could only spin until its timeout (concurrent grids are not modelled)."""
-    if device.type != "cuda" and world > 1:
-        return ("the SIMT executor runs one grid at a time, and virtual ranks' kernels wait on each other "
-                "(concurrent grids are not modelled)")
+    (CPU tensors) runs the W ranks' grids concurrently, as one pool
+    (``simt_concurrent_begin``/``simt_concurrent_end``): every rank's reduce phase waits
+    for tiles the other ranks' grids push, so they must run together."""
     return None
+
+
+@contextlib.contextmanager
+def _concurrent_grids(ext, device: torch.device):
+    """On the SIMT executor, the launches inside run together as one pool when the block
+    ends (not one grid after another); nothing changes on a GPU (streams already overlap)."""
+    if device.type == "cuda":
+        yield
+        return
+    ext.simt_concurrent_begin()
+    try:
+        yield
+    except BaseException:
+        ext.simt_concurrent_end(False)
+        raise
+    ext.simt_concurrent_end(True)
 
 
 def _virtual_cuda(a, b, workspace, state, peers, max_m, n_max, timeout_s):
@@ -152,6 +172,13 @@ def _virtual_cuda(a, b, workspace, state, peers, max_m, n_max, timeout_s):
     # One stream per rank, forked from and joined back into the caller's stream
     # (capturable in a CUDA graph). Each rank gets at most SMs / W blocks: the
     # kernels spin-wait on each other, so all W must be resident together.
+    if dev.type != "cuda":  # the SIMT executor: the W grids as one pool of fibers
+        with _concurrent_grids(ext, dev):
+            for r in range(W):
+                ext.gemm_reduce_scatter(ops.dlpack(a[r]), ops.dlpack(b[r]), ops.dlpack(out[r]), ops.dlpack(peers),
+                                        ops.dlpack(state[r]), r, W, max_m, n_max, nbytes, timeout_s,
+                                        _EXECUTOR_BLOCKS_PER_RANK, ops.cuda_stream(dev))
+        return out
     main = torch.cuda.current_stream(dev)
     streams = _side_streams(dev.index, W)
     blocks = max(1, _sm_count(dev.index) // W)
