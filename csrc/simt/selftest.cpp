@@ -20,6 +20,7 @@
 #include "common/cuda_check.h"
 #include "common/kernel_launch.cuh"
 #include "common/mma.cuh"
+#include "common/ptx.cuh"
 #include "common/wgmma.cuh"
 
 namespace inferops::simt_selftest {
@@ -318,6 +319,59 @@ __global__ void MisalignedCpAsyncKernel(Buffers b) {
 
 __global__ void EmptyKernel(Buffers) {}
 
+
+// --- concurrent grids (concurrent.cpp): two grids that talk through flags ---------------------
+
+struct Channel {
+  uint32_t* flag;  // [2]
+  float* data;     // [n], poisoned (NaN) before the launch
+};
+
+// Broken producer: publishes its flag BEFORE writing the data (st.release orders nothing that
+// comes after it), so a consumer scheduled in between reads the poison.
+__global__ void FlagBeforeDataKernel(Buffers b, Channel c) {
+  const int t = threadIdx.x;
+  if (t == 0) st_release_sys(c.flag, 1u);
+  c.data[t] = b.in[t];
+}
+
+// Correct producer: every thread's data, then the barrier, then the fence and the flag.
+__global__ void FlagAfterDataKernel(Buffers b, Channel c) {
+  const int t = threadIdx.x;
+  c.data[t] = b.in[t];
+  __syncthreads();
+  if (t == 0) {
+    __threadfence();
+    st_release_sys(c.flag, 1u);
+  }
+}
+
+__global__ void ConsumerKernel(Buffers b, Channel c) {
+  const int t = threadIdx.x;
+  while (ld_acquire_sys(c.flag) == 0u) {
+  }
+  b.out[t] = c.data[t];
+}
+
+// Two grids that only make progress together: block 0 of each passes a counter back and forth
+// through two flags (rounds times); every block records gridDim.x * 1000 + blockDim.x, so each
+// block is seen to run with its own grid's launch configuration.
+__global__ void PingPongKernel(Buffers b, Channel c, int side, int rounds, int out_base) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) {
+    uint32_t* mine = c.flag + side;
+    const uint32_t* theirs = c.flag + (1 - side);
+    for (int i = 0; i < rounds; ++i) {
+      const uint32_t want = static_cast<uint32_t>(side == 0 ? i : i + 1);
+      while (ld_acquire_sys(theirs) != want) {
+      }
+      st_release_sys(mine, static_cast<uint32_t>(i + 1));
+    }
+    b.out[side] = static_cast<float>(*mine);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) b.out[out_base + blockIdx.x] = static_cast<float>(gridDim.x * 1000 + blockDim.x);
+}
+
 // --- driver ----------------------------------------------------------------------------------------------
 
 using Runner = std::function<void(Buffers&)>;
@@ -343,6 +397,22 @@ void launch_reduce_ex(Buffers& b) {
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   INFEROPS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, ClusterReduceKernel, b, 1));
+}
+
+// Runs `launches` (two grids) as one concurrent pool; n floats of channel data, poisoned.
+void run_concurrent(Buffers& b, const std::function<void(Channel)>& launches) {
+  std::vector<uint32_t> flags(2, 0u);
+  std::vector<float> data(static_cast<std::size_t>(b.n), NAN);
+  const Channel c{flags.data(), data.data()};
+  ::simt::concurrent_begin();
+  try {
+    launches(c);
+  } catch (...) {
+    ::simt::concurrent_end(false);
+    throw;
+  }
+  ::simt::concurrent_end(true);
+  check_launch();
 }
 
 const std::map<std::string, std::pair<int, Runner>>& registry() {
@@ -390,6 +460,36 @@ const std::map<std::string, std::pair<int, Runner>>& registry() {
        {1, [](Buffers& b) { launch_kernel(PartialWarpFullMaskKernel, 1, 48, 0, nullptr, b); check_launch(); }}},
       {"shuffle_outside_mask",
        {1, [](Buffers& b) { launch_kernel(ShuffleOutsideMaskKernel, 1, 32, 0, nullptr, b); check_launch(); }}},
+      {"concurrent_flag_before_data", {1, [](Buffers& b) {
+         run_concurrent(b, [&](Channel c) {
+           launch_kernel(ConsumerKernel, 1, b.n, 0, nullptr, b, c);
+           launch_kernel(FlagBeforeDataKernel, 1, b.n, 0, nullptr, b, c);
+         });
+       }}},
+      {"concurrent_flag_after_data", {1, [](Buffers& b) {
+         run_concurrent(b, [&](Channel c) {
+           launch_kernel(ConsumerKernel, 1, b.n, 0, nullptr, b, c);
+           launch_kernel(FlagAfterDataKernel, 1, b.n, 0, nullptr, b, c);
+         });
+       }}},
+      {"concurrent_missing_producer", {1, [](Buffers& b) {  // the consumer's flag is never set
+         run_concurrent(b, [&](Channel c) {
+           launch_kernel(ConsumerKernel, 1, b.n, 0, nullptr, b, c);
+           launch_kernel(PingPongKernel, 2, 32, 0, nullptr, b, c, 1, 0, 2);  // sets nothing, exits
+         });
+       }}},
+      {"concurrent_ping_pong", {1, [](Buffers& b) {  // n >= 7: out[0..1] rounds, out[2..6] configs
+         run_concurrent(b, [&](Channel c) {
+           launch_kernel(PingPongKernel, 2, 64, 0, nullptr, b, c, 0, 100, 2);
+           launch_kernel(PingPongKernel, 3, 32, 0, nullptr, b, c, 1, 100, 4);
+         });
+       }}},
+      {"concurrent_static_shared", {1, [](Buffers& b) {
+         run_concurrent(b, [&](Channel) { launch_kernel(BlockSumKernel, 2, 32, 0, nullptr, b); });
+       }}},
+      {"concurrent_pool_too_large", {1, [](Buffers& b) {
+         run_concurrent(b, [&](Channel c) { launch_kernel(BlockSumKernel, 1000, 1024, 0, nullptr, b); });
+       }}},
       {"deadlock", {1, [](Buffers& b) { launch_kernel(DeadlockKernel, 1, 64, 0, nullptr, b); check_launch(); }}},
       {"trap", {1, [](Buffers& b) { launch_kernel(TrapKernel, 2, 32, 0, nullptr, b); check_launch(); }}},
       {"stack_overflow",

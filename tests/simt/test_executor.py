@@ -318,3 +318,82 @@ def test_asan_reports_dynamic_smem_overread():
     r = _run_in_subprocess("dyn_smem_overread", 64)
     assert r.returncode != 0 and "finished" not in r.stdout
     assert "use-after-poison" in r.stderr and "DynSmemOverreadKernel" in r.stderr, r.stderr[-3000:]
+
+
+# --- concurrent grids (csrc/simt/concurrent.cpp) ------------------------------------------------------
+
+
+def _run_with_env(name: str, n: int, **env_vars) -> subprocess.CompletedProcess:
+    """Self-test `name` in a fresh interpreter with extra environment (read at launch or once)."""
+    code = (
+        "import inferops\n"
+        "m = inferops._core.extension.simt_extension()\n"
+        f"out = m.simt_selftest({name!r}, [float(i + 1) for i in range({n})])\n"
+        "print('result', out)\n"
+    )
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0", **env_vars)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture
+def schedule_seed(monkeypatch):
+    """Sets INFEROPS_SIMT_SCHEDULE_SEED (read by every concurrent pool) for this test."""
+    return lambda seed: monkeypatch.setenv("INFEROPS_SIMT_SCHEDULE_SEED", str(seed))
+
+
+def test_flag_set_before_its_data_is_caught_under_some_schedule(schedule_seed):
+    """A producer grid that publishes its flag BEFORE writing its data: under a shuffled
+    schedule the consumer grid runs in between and reads the poisoned (NaN) data. Seeds are
+    deterministic: seed 1 interleaves that way (and several of 0..15 do)."""
+    x = [float(i + 1) for i in range(64)]
+    wrong = []
+    for seed in range(16):
+        schedule_seed(seed)
+        out = _module().simt_selftest("concurrent_flag_before_data", x)
+        if out != x:
+            assert any(v != v for v in out), out  # what it read is the poison, not other data
+            wrong.append(seed)
+    assert 1 in wrong and len(wrong) >= 2, wrong
+    schedule_seed(1)
+    assert _module().simt_selftest("concurrent_flag_before_data", x) != x  # reproducible from the seed
+
+
+def test_flag_after_data_is_right_under_every_schedule(schedule_seed):
+    x = [float(i + 1) for i in range(64)]
+    for seed in range(16):
+        schedule_seed(seed)
+        assert _module().simt_selftest("concurrent_flag_after_data", x) == x, seed
+
+
+def test_two_grids_that_progress_only_together(schedule_seed):
+    """Block 0 of two grids pass a counter back and forth 100 times through flags (each waits
+    for the other every round); every block sees its own grid's gridDim and blockDim."""
+    for seed in (0, 7):
+        schedule_seed(seed)
+        out = _module().simt_selftest("concurrent_ping_pong", [0.0] * 8)
+        assert out[:7] == [100.0, 100.0, 2064.0, 2064.0, 3032.0, 3032.0, 3032.0], (seed, out)
+
+
+def test_waiting_for_a_flag_nobody_sets_is_a_livelock_naming_the_block():
+    r = _run_with_env("concurrent_missing_producer", 32, INFEROPS_SIMT_SPIN_LIMIT_S="1",
+                      INFEROPS_SIMT_SCHEDULE_SEED="5")
+    assert r.returncode != 0, r.stdout
+    assert "livelock in a concurrent pool of 3 blocks" in r.stderr, r.stderr[-3000:]
+    # Only the consumer (grid 0) is left; the other grid's blocks finished.
+    assert "still running: blocks (0,0,0) of grid 0 (" in r.stderr, r.stderr[-3000:]
+    assert "schedule seed 5" in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "name, pattern",
+    [
+        ("concurrent_static_shared", r"static __shared__ variable in a concurrent pool"),
+        ("concurrent_pool_too_large", r"1024000 threads, more than 65536 \(INFEROPS_SIMT_MAX_POOL_THREADS"),
+    ],
+)
+def test_concurrent_pool_refusals(name, pattern):
+    with pytest.raises(RuntimeError, match=pattern):
+        _module().simt_selftest(name, [1.0] * 64)
+    # The executor is usable afterwards (the queue and the pool were reset).
+    assert _module().simt_selftest("concurrent_flag_after_data", [2.0] * 32) == [2.0] * 32
