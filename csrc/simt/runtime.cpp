@@ -571,6 +571,7 @@ void warps_collective(int first_warp, int nwarps, const char* what, const void* 
 
 unsigned long block_serial() { return block_of(cur_fiber("block_serial")).serial; }
 int thread_linear() { return cur_fiber("thread_linear").linear; }
+std::shared_ptr<void>& block_slot() { return block_of(cur_fiber("block_slot")).slot; }
 
 
 // ---- launches -----------------------------------------------------------------------------------------------------
@@ -668,6 +669,7 @@ void start_block(Scheduler& s, Block& b, const uint3& idx, int index, int first)
   b.bar_arrived = 0;
   b.finished = false;
   b.meetings.clear();
+  b.slot.reset();
   b.serial = ++s.block_serial_counter;
   for (int w = 0; w < (n + 31) / 32; ++w) {
     WarpState& ws = b.warps[w];
@@ -707,6 +709,7 @@ void start_block(Scheduler& s, Block& b, const uint3& idx, int index, int first)
 // final cluster.sync) reads NaN / -1, as it reads garbage on the GPU.
 void finish_block(Scheduler& s, Block& b) {
   b.finished = true;
+  b.slot.reset();
   unsigned char* const end = b.window + kSmemWindow;
 #if SIMT_ASAN
   ASAN_UNPOISON_MEMORY_REGION(b.window, kSmemWindow);

@@ -112,6 +112,7 @@ struct Block {
   int grid_index = 0;  // which queued grid (concurrent pools), for error messages
   BlockBody body = nullptr;
   std::shared_ptr<const void> ctx;
+  std::shared_ptr<void> slot;  // block_slot(): an instruction model's per-block state
 };
 
 struct Scheduler {

@@ -145,6 +145,10 @@ unsigned active_lanes();  // lanes of the caller's warp that exist and have not 
 void warps_collective(int first_warp, int nwarps, const char* what, const void* key, std::size_t key_bytes,
                       void (*release)(const void* key, void* ctx), void* ctx);
 unsigned long block_serial();  // changes when a new block starts (per-block state resets on it)
+// Per-block state of an instruction model (wgmma.cpp): one slot per running block, empty when
+// the block starts; blocks of a cluster or of a concurrent pool run interleaved, so a model's
+// state cannot be one process-wide instance.
+std::shared_ptr<void>& block_slot();
 int thread_linear();           // the running thread's linear index in its block
 
 // Kinds of collectives (lanes that meet must agree on the kind).

@@ -88,20 +88,15 @@ struct Key {  // what the threads of a warpgroup must agree on
   int32_t type, n, scale_d, pad;
 };
 
-struct State {
-  unsigned long serial = ~0ul;
+struct State {  // one per block (block_slot): blocks of a cluster or concurrent pool interleave
   ThreadState t[kMaxThreads];
   std::shared_ptr<WgOp> issued[kMaxThreads / 128];  // the op the warpgroup's last meeting made
 };
 
 State& state() {
-  static State* s = new State();  // never destroyed (as the scheduler)
-  if (s->serial != block_serial()) {  // a new block: nothing carries over
-    s->serial = block_serial();
-    for (ThreadState& t : s->t) t = ThreadState();
-    for (auto& o : s->issued) o.reset();
-  }
-  return *s;
+  std::shared_ptr<void>& slot = block_slot();  // empty when the block starts: nothing carries over
+  if (!slot) slot = std::make_shared<State>();
+  return *static_cast<State*>(slot.get());
 }
 
 ThreadState& me() { return state().t[thread_linear()]; }

@@ -5,18 +5,17 @@ flags; CUDA-graph capture and replay; a late peer (phase-2 reduction) gives the 
 bits as the epilogue reduction; a peer that never arrives times out and is reported
 instead of hanging; real ranks on 2+ GPUs through symmetric memory.
 
-Without a GPU the tests taking ``kernel_device`` run on the CPU SIMT executor, which
-runs one grid at a time and a grid's blocks one after another. One rank (no buffers,
-no waits) runs as on a GPU. Virtual ranks cannot run as the engine runs them: every
-rank's phase 2 waits for the tiles the other ranks' grids push, so the first grid
-launched could only spin until its timeout. There they run *in turn*
-(``_run_in_turn``), which also runs on a GPU: the ranks before the last one time out
-(after pushing every partial; their rows become NaN), the last one finds every peer's
-partial and reduces all its tiles in its GEMM epilogues (with one block, since in a
-bigger grid a block's phase 2 would wait for a tile that a later block computes and
-marks), then each timed-out rank is relaunched as the same call (state rewound) and
-finds every flag up. The tests that need concurrently running grids (CUDA graphs,
-streams, a peer arriving late) or several GPUs stay on ``cuda_device``."""
+Without a GPU the tests taking ``kernel_device`` run on the CPU SIMT executor. Virtual
+ranks run there as the engine runs them: the W grids run concurrently, as one pool of
+fibers (``simt_concurrent_begin``/``end``, csrc/simt/concurrent.cpp) in a shuffled order
+(INFEROPS_SIMT_SCHEDULE_SEED), each rank's owners spinning on the flags the other grids
+set. The ranks also run *in turn* (``_run_in_turn``, on a GPU too): the ranks before the
+last one time out (after pushing every partial; their rows become NaN), the last one
+finds every peer's partial and reduces all its tiles in its GEMM epilogues (with one
+block, since in a bigger grid a block's phase 2 would wait for a tile that a later block
+computes and marks), then each timed-out rank is relaunched as the same call (state
+rewound) and finds every flag up. The tests that need CUDA graphs, streams, a peer
+arriving late or several GPUs stay on ``cuda_device``."""
 
 from __future__ import annotations
 
@@ -55,28 +54,11 @@ def _operands(gen, world, M, K, N, dtype, device, layout="nk"):
     return a, b
 
 
-class _Buffers:
-    """What ``GemmReduceScatter.virtual`` allocates for the kernel (zeroed workspace, state
-    and peer addresses), for raw launches where the engine takes the reference: virtual
-    ranks on the SIMT executor."""
-
-    def __init__(self, world, max_m, n, dtype, device, timeout_s):
-        per = -(-tp.buffer_bytes(max_m, n, world, dtype.itemsize) // 256) * 256
-        self.world_size, self.max_m, self.n, self.timeout_s = world, max_m, n, float(timeout_s)
-        self.workspace = torch.zeros((world, per), dtype=torch.uint8, device=device)
-        self.state = torch.zeros((world, tp.gemm_rs.STATE_WORDS), dtype=torch.int32, device=device)
-        self.peers = torch.tensor([self.workspace[r].data_ptr() for r in range(world)], dtype=torch.int64,
-                                  device=device)
-
-
 def _virtual(world, max_m, n, dtype, device, timeout_s):
-    """The virtual engine on a GPU; its buffers alone on the executor (see the module doc)."""
+    """The virtual engine (on the executor too: its W grids run as one concurrent pool)."""
     eng = tp.GemmReduceScatter.virtual(world, max_m, n, dtype, device, timeout_s=timeout_s)
-    if not is_simulated(device):
-        assert eng.path == "virtual"
-        return eng
-    assert eng.path == "reference" and "one grid at a time" in eng.fallback_reason, eng.fallback_reason
-    return _Buffers(world, max_m, n, dtype, device, timeout_s)
+    assert eng.path == "virtual", eng.fallback_reason
+    return eng
 
 
 def _launch(eng, r, a, b, out, device, *, timeout_s=None, blocks=0):
@@ -117,14 +99,11 @@ def _run_in_turn(eng, a, b, out, device, order=None, wait_s=0.02):
 
 
 def _call(eng, a, b, device):
-    """eng(a, b) on a GPU (concurrent ranks), the ranks in turn on the executor."""
-    if not is_simulated(device) or eng.world_size == 1:
-        out = eng(a, b)
-        synchronize(device)
-        eng.check()
-        return out
-    W, M, N = a.shape[0], a.shape[1], b.shape[2]
-    return _run_in_turn(eng, a, b, poisoned_empty((W, M // W, N), a.dtype, device), device)
+    """eng(a, b): concurrent ranks (GPU streams, or one concurrent pool on the executor)."""
+    out = eng(a, b)
+    synchronize(device)
+    eng.check()
+    return out
 
 
 # On the executor: the same tails (M, N, K) with fewer tiles and k steps.
@@ -158,16 +137,18 @@ CASES = {  # name: M as a function of W
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("world", [2, 4, 8])
-def test_virtual_ranks_equal_reference(world, case, dtype, gen, cuda_device):
-    """Concurrent grids (stays on cuda_device); the executor runs these cases in turn below."""
+def test_virtual_ranks_equal_reference(world, case, dtype, gen, kernel_device):
+    """Concurrent grids, as the engine launches them (the executor: one concurrent pool)."""
     M, K, N = CASES[case](world), 256, 264
-    eng = tp.GemmReduceScatter.virtual(world, 1040, 264, dtype, cuda_device, timeout_s=10)
-    assert eng.path == "virtual"
-    for layout in ("nk", "kn"):
-        a, b = _operands(gen, world, M, K, N, dtype, cuda_device, layout)
-        out = poisoned_empty((world, M // world, N), dtype, cuda_device)
+    layouts = ("nk", "kn")
+    if is_simulated(kernel_device):  # fewer k steps; each dtype with one layout (orthogonal paths)
+        K, layouts = 64, ("kn",) if dtype == torch.bfloat16 else ("nk",)
+    eng = _virtual(world, 1040, 264, dtype, kernel_device, timeout_s=10)
+    for layout in layouts:
+        a, b = _operands(gen, world, M, K, N, dtype, kernel_device, layout)
+        out = poisoned_empty((world, M // world, N), dtype, kernel_device)
         eng(a, b, out=out)
-        torch.cuda.synchronize()
+        synchronize(kernel_device)
         eng.check()
         assert_gemm_rs_close(out, a, b, name=f"W={world} {case} {layout}")
         assert torch.equal(eng(a, b), out)  # deterministic: fixed summation order
@@ -211,8 +192,7 @@ def test_summation_order_is_fixed_whichever_reduction_ran(dtype, gen, kernel_dev
     assert_gemm_rs_close(out, a, b)
     again = poisoned_empty((world, M // world, N), dtype, kernel_device)
     assert torch.equal(_run_in_turn(eng, a, b, again, kernel_device, order=reversed(range(world))), out)
-    if not is_simulated(kernel_device):
-        assert torch.equal(_call(eng, a, b, kernel_device), out)
+    assert torch.equal(_call(eng, a, b, kernel_device), out)  # concurrently (executor: shuffled)
 
 
 def test_buffer_n_not_multiple_of_8(gen, kernel_device):
@@ -228,7 +208,7 @@ def test_buffer_n_not_multiple_of_8(gen, kernel_device):
 
 
 def test_hundred_repeated_calls_reuse_flags(gen, kernel_device):
-    """100 calls (the executor: 6, ranks in turn), then as many of one rank: flags and
+    """100 calls (the executor: 6), then as many of one rank: flags and
     epochs carry over between calls with no host reset, in both parities, as the tiling
     changes."""
     world, dtype = 4, torch.bfloat16
@@ -239,8 +219,7 @@ def test_hundred_repeated_calls_reuse_flags(gen, kernel_device):
         a, b = _operands(gen, world, M, K, 256, dtype, kernel_device)
         out = _call(eng, a, b, kernel_device)
         assert_gemm_rs_close(out, a, b, name=f"call {i}")
-    if not is_simulated(kernel_device):
-        eng.check()
+    eng.check()
     assert eng.state[:, 0].tolist() == [calls] * world  # one epoch per call, no host reset
     assert eng.state[:, 1].tolist() == [0] * world
     one = tp.GemmReduceScatter(None, 512, 256, dtype, kernel_device)  # one rank: the engine on the executor too
@@ -287,16 +266,11 @@ def test_peer_that_never_arrives_times_out(gen, kernel_device):
     assert torch.isnan(out[0]).any()
     assert eng.state[0, 2:5].tolist() == [1, 1, 0]  # timeout, waiting for rank 1, on tile 0
     assert eng.state[0, :2].tolist() == [1, 0]  # the call still ended: the epoch moved on
-    if is_simulated(kernel_device):  # the engine takes the reference there: rerun rank 0 in turn
-        eng.state.zero_()
-        eng.workspace.zero_()  # what reset() does
-        res = _call(eng, a, b, kernel_device)
-    else:
-        with pytest.raises(RuntimeError, match="rank 0 timed out after 0.2 s waiting for rank 1"):
-            eng.check()
-        eng.reset()
+    with pytest.raises(RuntimeError, match="rank 0 timed out after 0.2 s waiting for rank 1"):
         eng.check()
-        res = _call(eng, a, b, kernel_device)
+    eng.reset()
+    eng.check()
+    res = _call(eng, a, b, kernel_device)
     assert_gemm_rs_close(res, a, b, name="after reset")
 
 
@@ -382,3 +356,22 @@ def test_real_ranks_through_symmetric_memory(gen):
     print("paths:", paths, "reasons:", {r[1] for r in res})
     for i in range(3):
         assert_gemm_rs_close(torch.stack([r[2][i] for r in res]), a, b, name=f"call {i}")
+
+
+@pytest.mark.simt
+def test_virtual_ranks_same_bits_under_every_schedule(gen, kernel_device, monkeypatch):
+    """On the executor the W grids' fibers run in a shuffled order (INFEROPS_SIMT_SCHEDULE_SEED):
+    whichever rank's tile arrives first, the reduction order is fixed, so every schedule gives
+    the same bits (and the right values)."""
+    if not is_simulated(kernel_device):
+        pytest.skip("schedule seeds are the executor's")
+    world, dtype = 4, torch.bfloat16
+    eng = _virtual(world, 4 * 37, 264, dtype, kernel_device, timeout_s=10)
+    a, b = _operands(gen, world, 4 * 37, 64, 264, dtype, kernel_device)
+    outs = []
+    for seed in (0, 1, 2, 3):
+        monkeypatch.setenv("INFEROPS_SIMT_SCHEDULE_SEED", str(seed))
+        outs.append(_call(eng, a, b, kernel_device))
+    assert_gemm_rs_close(outs[0], a, b)
+    for seed, o in enumerate(outs[1:], 1):
+        assert torch.equal(o, outs[0]), seed
