@@ -7,8 +7,9 @@ through the PTX ISA canonical K-major 128B-swizzle layout (16-bit elements), the
 fp32 accumulator fragment and its mapping into the epilogue's staging tile -- checked
 against A @ B^T of one tile with M / N / K tails; the ring schedule. GPU (marked gpu; never
 run on a GPU yet): the existing one-rank and virtual-rank correctness cases with the wgmma
-loop. The CPU SIMT executor models wgmma (csrc/simt/wgmma.cpp): there the one-rank cases
-and the repeated calls (ranks in turn) run at reduced sizes, and the kernel's output is
+loop. The CPU SIMT executor models wgmma (csrc/simt/wgmma.cpp): there the one-rank cases,
+the virtual ranks (concurrent grids; the tail cases) and the repeated calls run at reduced
+sizes, and the kernel's output is
 compared exactly with the emulation.
 """
 

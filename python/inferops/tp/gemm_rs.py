@@ -311,7 +311,8 @@ class GemmReduceScatter:
 
     def _kernel_usable(self, world: int) -> bool:
         """The kernel runs for this object's tensors: a CUDA device with the compiled kernel,
-        or CPU tensors under the SIMT backend (``inferops.testing.backend("simt")``) for one rank."""
+        or CPU tensors under the SIMT backend (``inferops.testing.backend("simt")``), one rank
+        or virtual ranks (their grids run as one concurrent pool there)."""
         return (self.dtype in KERNEL_DTYPES and ops.kernel_backend(_OP, self.device) in ("cuda", "simt")
                 and _executor_refusal(self.device, world) is None)
 
