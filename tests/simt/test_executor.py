@@ -257,7 +257,9 @@ def test_cluster_missing_final_sync_reads_poison(gen):
     out = torch.tensor(_module().simt_selftest("cluster_missing_final_sync", x), dtype=torch.float64)
     sums, _ = _cluster_expected(x)
     for c in range(2):
-        torch.testing.assert_close(out[64 * c : 64 * c + 16], sums[64 * c : 64 * c + 16])
+        # fp32 sums on the device against float64 ones: fp32 tolerance (as test_cluster_dsmem_reduction;
+        # the float64 default failed for some random seeds).
+        torch.testing.assert_close(out[64 * c : 64 * c + 16], sums[64 * c : 64 * c + 16], rtol=1e-5, atol=1e-5)
         assert torch.isnan(out[64 * c + 16 : 64 * c + 64]).all()
 
 
