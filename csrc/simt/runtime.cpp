@@ -341,19 +341,6 @@ Fiber& detail::cur_fiber(const char* what) {
 
 namespace {
 
-const char* op_name(int op) {
-  switch (op) {
-    case kOpSyncwarp: return "__syncwarp";
-    case kOpShfl: return "shuffle";
-    case kOpBallot: return "vote";
-    case kOpMatchAny: return "__match_any_sync";
-    case kOpLdmatrix: return "ldmatrix";
-    case kOpMma: return "mma.sync";
-    case kOpWmma: return "wmma";
-    default: return "warp collective";
-  }
-}
-
 // ---- barriers ---------------------------------------------------------------------------------------------
 void release_barrier(Scheduler& s, Block& b) {
   b.bar_arrived = 0;

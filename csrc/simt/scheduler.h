@@ -61,7 +61,7 @@ struct Fiber {
 #if SIMT_ASAN
   void* fake_stack = nullptr;
 #endif
-  uint3 tid;
+  uint3 tid{};
   int block = 0;  // index of its block in the pool
   int linear = 0, warp = 0, lane = 0;
   Wait wait = Wait::kNone;
