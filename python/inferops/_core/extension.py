@@ -76,6 +76,7 @@ def simt_error() -> str | None:
     return _load_simt()[1]
 
 
+@functools.lru_cache(maxsize=None)
 def has_simt_op(name: str) -> bool:
     """True when the executor build has op ``name``'s kernel."""
     mod = simt_extension()

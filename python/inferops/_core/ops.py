@@ -43,6 +43,7 @@ __all__ = [
     "kernel_backend",
     "cpu_backend",
     "use_cpu_backend",
+    "kernel_device_info",
 ]
 
 _CPU_BACKENDS = ("reference", "simt")
@@ -52,14 +53,18 @@ _cpu_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("infer
 _active_module: contextvars.ContextVar = contextvars.ContextVar("inferops_active_module", default=None)
 
 
+@functools.lru_cache(maxsize=None)
+def _env_backend() -> str:  # read once per process, as INFEROPS_FORCE_REFERENCE is
+    b = os.environ.get("INFEROPS_BACKEND", "") or "reference"
+    if b not in _CPU_BACKENDS:
+        raise ValueError(f"expected INFEROPS_BACKEND in {_CPU_BACKENDS}, got {b!r}")
+    return b
+
+
 def cpu_backend() -> str:
     """What ops on CPU tensors run: ``"reference"`` (default) or ``"simt"`` (the executor)."""
     b = _cpu_backend.get()
-    if b is None:
-        b = os.environ.get("INFEROPS_BACKEND", "") or "reference"
-        if b not in _CPU_BACKENDS:
-            raise ValueError(f"expected INFEROPS_BACKEND in {_CPU_BACKENDS}, got {b!r}")
-    return b
+    return _env_backend() if b is None else b
 
 
 @contextlib.contextmanager
@@ -178,6 +183,27 @@ def register_op(
         return op
 
     return decorate
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(module, index: int) -> dict:
+    return dict(module.device_info(index))
+
+
+def kernel_device_info(device: torch.device | str) -> dict:
+    """``device_info`` (SM count, compute capability, shared-memory limits) of the device that
+    runs the kernels for tensors on ``device``: the CUDA device, or for CPU tensors the H100
+    the SIMT executor models (it has no torch.cuda index). Cached per module and device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _device_info(extension(), index)
+    mod = simt_extension()
+    if mod is None:
+        from .extension import simt_error
+
+        raise RuntimeError(f"the SIMT executor is not available: {simt_error()}")
+    return _device_info(mod, 0)
 
 
 def dlpack(t: torch.Tensor):

@@ -220,8 +220,7 @@ def sm_count(device: torch.device | str) -> int:
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if torch.compiler.is_compiling():
         return 132  # the executor's modelled H100 (loading the module cannot be traced)
-    mod = simt_extension()
-    return int(mod.device_info(0)["sm_count"]) if mod is not None else 132
+    return int(ops.kernel_device_info(device)["sm_count"]) if simt_extension() is not None else 132
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_len: int, sm_count: int) -> int:
@@ -367,7 +366,7 @@ def check_decode_query(op: str, q, k_cache, v_cache) -> tuple[int, int, int]:
         raise ValueError(f"expected head_dim {Dc} (the cache's) for `q`, got {D}")
     if Hq % Hkv != 0:
         raise ValueError(f"expected num_q_heads ({Hq}) to be a multiple of num_kv_heads ({Hkv})")
-    if ops.kernel_backend(op, q.device) in ("cuda", "simt") and D not in (64, 128):
+    if ops.kernel_backend(op, q.device) != "reference" and D not in (64, 128):
         raise ValueError(f"expected head_dim 64 or 128 for `q` on the GPU, got {D}")
     return rows, Hq, D
 

@@ -113,10 +113,8 @@ def causal_linear_attention(q, k, v, scale=None, initial_state=None, output_fina
     check_same_device(devs)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_last_dim_contiguous(name, t)
-    # the kernel's limit wherever it runs: a GPU, or the SIMT executor on CPU tensors (not
-    # traceable: under torch.compile the binding's own check raises)
-    if (q.is_cuda or not torch.compiler.is_compiling()) \
-            and ops.kernel_backend("causal_linear_attention", q.device) != "reference" and K not in KERNEL_KEY_DIMS:
+    # the kernel's limit wherever it runs: a GPU, or the SIMT executor on CPU tensors
+    if ops.kernel_backend("causal_linear_attention", q.device) != "reference" and K not in KERNEL_KEY_DIMS:
         raise ValueError(f"expected key dim 32, 64 or 128 for `q` on the GPU, got {K}")
     if validate and cu_seqlens is not None:
         lens = cu_seqlens[1:] - cu_seqlens[:-1]

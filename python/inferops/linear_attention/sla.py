@@ -83,10 +83,8 @@ def simplified_linear_attention(q, k, v, dwc_weight, dwc_bias, hw) -> torch.Tens
     check_same_device(devs)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_last_dim_contiguous(name, t)
-    # the kernel's limit wherever it runs: a GPU, or the SIMT executor on CPU tensors (not
-    # traceable: under torch.compile the binding's own check raises)
-    if (q.is_cuda or not torch.compiler.is_compiling()) \
-            and ops.kernel_backend("simplified_linear_attention", q.device) != "reference" and d not in KERNEL_HEAD_DIMS:
+    # the kernel's limit wherever it runs: a GPU, or the SIMT executor on CPU tensors
+    if ops.kernel_backend("simplified_linear_attention", q.device) != "reference" and d not in KERNEL_HEAD_DIMS:
         raise ValueError(f"expected head dim 32, 64 or 128 for `q` on the GPU, got {d}")
     weight = dwc_weight.detach().float().reshape(d, 1, 5, 5).contiguous()
     bias = None if dwc_bias is None else dwc_bias.detach().float().contiguous()

@@ -170,8 +170,7 @@ def _check_rows(name, t, op):
     check_tensor(name, t)
     # fp32 runs the reference (CPU, e.g. gloo tests); the kernels (on a GPU, or on the SIMT
     # executor for CPU tensors) take fp16/bf16
-    # (the simt routing is not traceable: under torch.compile the binding's own check raises)
-    kernel = t.is_cuda or (not torch.compiler.is_compiling() and ops.kernel_backend(op, t.device) == "simt")
+    kernel = t.is_cuda or ops.kernel_backend(op, t.device) == "simt"
     check_dtype(name, t, (torch.float16, torch.bfloat16) if kernel else (torch.float16, torch.bfloat16, torch.float32))
     if t.dim() != 2:
         raise ValueError(f"expected `{name}` of shape [rows, hidden], got {list(t.shape)}")

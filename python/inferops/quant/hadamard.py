@@ -292,18 +292,9 @@ def _kernel_ok(n: int, device: torch.device) -> bool:
 
 
 def _smem_optin(device: torch.device) -> int:
-    """Opt-in shared memory per block of the device the kernel runs on (asked of the module
-    the running cuda_impl launches through: a CUDA device, or the SIMT executor's modelled
-    sm_90 for CPU tensors, which has no torch.cuda device index)."""
-    if device.type != "cuda":
-        return _smem_optin_cached(ops.ext(), 0)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _smem_optin_cached(ops.ext(), index)
-
-
-@functools.cache
-def _smem_optin_cached(module, index: int) -> int:
-    return int(module.device_info(index)["max_smem_per_block_optin"])
+    """Opt-in shared memory per block of the device the kernel runs on (for CPU tensors, the
+    SIMT executor's modelled sm_90)."""
+    return int(ops.kernel_device_info(device)["max_smem_per_block_optin"])
 
 
 def _hadamard_cuda(x: torch.Tensor, out_dtype: str):

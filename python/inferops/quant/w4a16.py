@@ -70,7 +70,7 @@ def _device_sm_count(device: torch.device) -> int:
     on the SIMT executor, which has no torch.cuda device: ask its module for the device it
     models (sm_90, 132 SMs)."""
     if device.type != "cuda":
-        info = ops.ext().device_info(0)
+        info = ops.kernel_device_info(device)
         return int(info["sm_count"]) if info["compute_capability"][0] >= 9 else 0
     return _sm_count(device.index if device.index is not None else 0)
 
