@@ -131,6 +131,11 @@ py::dict build_info() {
 #else
   d["sanitizer"] = py::none();
 #endif
+#ifdef INFEROPS_SIMT_RACECHECK
+  d["racecheck"] = true;  // the shared-memory race detector (csrc/simt/race.h)
+#else
+  d["racecheck"] = false;
+#endif
 #else
   d["backend"] = "cuda";
 #endif

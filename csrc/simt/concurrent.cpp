@@ -30,6 +30,7 @@ namespace {
 
 struct Queued {
   LaunchConfig cfg;
+  const void* kernel;
   BlockBody body;
   std::shared_ptr<const void> ctx;
 };
@@ -49,14 +50,14 @@ long env_long(const char* name, long fallback) {
 
 }  // namespace
 
-bool detail::defer_launch(const LaunchConfig& cfg, BlockBody body, const std::shared_ptr<const void>& ctx) {
+bool detail::defer_launch(const LaunchConfig& cfg, const void* kernel, BlockBody body, const std::shared_ptr<const void>& ctx) {
   if (!t_deferring) return false;
   const dim3 c = cfg.cluster;
   if (c.x * c.y * c.z != 1) {
     throw KernelError("simt: a cluster launch inside concurrent_begin/concurrent_end (concurrent pools of "
                       "clusters are not modelled)");
   }
-  t_queue.push_back({cfg, body, ctx});
+  t_queue.push_back({cfg, kernel, body, ctx});
   return true;
 }
 
@@ -108,6 +109,7 @@ void concurrent_end(bool run) {
           b.grid = g;
           b.bdim = bd;
           b.grid_index = static_cast<int>(gi);
+          b.kernel = q.kernel;
           b.body = q.body;
           b.ctx = q.ctx;
           start_block(s, b, make_uint3(x, y, z), index, first);

@@ -3,6 +3,7 @@
 // wait that retires its group), 16-byte global accesses, acquire/release flags, and the special
 // registers the kernels read. Alignment and bounds are checked; a violation is a kernel error.
 #include "simt/scheduler.h"
+#include "simt/race.h"
 
 #include <algorithm>
 #include <chrono>
@@ -67,6 +68,7 @@ void cp_async(uint32_t saddr, const void* gmem, int bytes, int src_bytes) {
   PendingCopy c{};
   c.dst = dst;
   c.bytes = bytes;
+  c.pc = __builtin_return_address(0);
   if (src_bytes > 0) std::memcpy(c.data, gmem, static_cast<std::size_t>(src_bytes));  // rest: zero-filled
   std::memset(dst, 0xff, static_cast<std::size_t>(bytes));
   f.cp_open.push_back(c);
@@ -81,7 +83,10 @@ void cp_async_commit() {
 void cp_async_wait(int pending) {
   Fiber& f = cur_fiber("cp.async.wait_group");
   while (f.cp_groups.size() > static_cast<std::size_t>(std::max(pending, 0))) {
-    for (auto& c : f.cp_groups.front()) std::memcpy(c.dst, c.data, static_cast<std::size_t>(c.bytes));
+    for (auto& c : f.cp_groups.front()) {
+      race::access(f, c.dst, static_cast<std::size_t>(c.bytes), true, c.pc);  // the copy lands now
+      std::memcpy(c.dst, c.data, static_cast<std::size_t>(c.bytes));
+    }
     f.cp_groups.erase(f.cp_groups.begin());
   }
 }

@@ -16,6 +16,7 @@
 // Context switches are a few instructions of assembly on x86-64 (callee-saved registers,
 // MXCSR and the x87 control word; no signal mask, so no system call); ucontext elsewhere.
 #include "simt/scheduler.h"
+#include "simt/race.h"
 
 #include <signal.h>
 #include <sys/mman.h>
@@ -343,6 +344,7 @@ namespace {
 
 // ---- barriers ---------------------------------------------------------------------------------------------
 void release_barrier(Scheduler& s, Block& b) {
+  race::block_barrier(s, b);
   b.bar_arrived = 0;
   int count = 0, arrived = 0;
   for (int i = b.first; i < b.first + b.nthreads; ++i) {
@@ -367,8 +369,14 @@ void release_barrier(Scheduler& s, Block& b) {
 void on_exit(Scheduler& s, Fiber& f) {
   // Copies still in flight land (the hardware completes them; reading them is the bug).
   for (auto& g : f.cp_groups)
-    for (auto& c : g) std::memcpy(c.dst, c.data, 16);
-  for (auto& c : f.cp_open) std::memcpy(c.dst, c.data, 16);
+    for (auto& c : g) {
+      race::access(f, c.dst, static_cast<std::size_t>(c.bytes), true, c.pc);
+      std::memcpy(c.dst, c.data, static_cast<std::size_t>(c.bytes));
+    }
+  for (auto& c : f.cp_open) {
+    race::access(f, c.dst, static_cast<std::size_t>(c.bytes), true, c.pc);
+    std::memcpy(c.dst, c.data, static_cast<std::size_t>(c.bytes));
+  }
   f.cp_groups.clear();
   f.cp_open.clear();
   f.wait = Wait::kExited;
@@ -496,6 +504,7 @@ const unsigned char* collective(int op, const char* what, unsigned mask, const v
   f.blocked = true;
   if (g->arrived == g->mask) {
     release(mask, w.payload, w.result, ctx);
+    race::warp_sync(s, b, f.warp, mask);
     for (int l = 0; l < 32; ++l) {
       if (mask >> l & 1) {
         Fiber& o = s.fibers[b.first + f.warp * 32 + l];
@@ -718,6 +727,7 @@ void finish_block(Scheduler& s, Block& b) {
 
 // Runs the pool s.blocks[0 .. s.nblocks) (prepared by start_block) to completion.
 void run_pool(Scheduler& s) {
+  race::pool_start(s);
   const int total = s.pool_fibers;
   s.pool_alive = total;
   s.cluster_arrived = 0;
@@ -795,6 +805,7 @@ void run_pool(Scheduler& s) {
     if (!s.blocks[i]->finished) finish_block(s, *s.blocks[i]);
     if (s.failed) return;
   }
+  race::pool_end(s);
 }
 
 [[noreturn]] void throw_pool_failure(Scheduler& s) {
@@ -803,6 +814,7 @@ void run_pool(Scheduler& s) {
   for (int i = 0; i < s.pool_fibers; ++i) ASAN_UNPOISON_MEMORY_REGION(s.fibers[i].stack, s.fibers[i].stack_bytes);
   for (int r = 0; r < s.nblocks; ++r) ASAN_UNPOISON_MEMORY_REGION(s.blocks[r]->window, kSmemWindow);
 #endif
+  race::pool_end(s);
   s.failed = false;
   s.current = nullptr;
   s.cur_block = nullptr;
@@ -854,7 +866,7 @@ cudaError_t run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body
   Scheduler& s = S();
   std::lock_guard<std::mutex> lock(s.lock);
   if (const cudaError_t e = check_launch(s, cfg, kernel); e != cudaSuccess) return e;
-  if (defer_launch(cfg, body, ctx)) return cudaSuccess;  // inside concurrent_begin/end
+  if (defer_launch(cfg, kernel, body, ctx)) return cudaSuccess;  // inside concurrent_begin/end
   const dim3 g = cfg.grid, b = cfg.block, c = cfg.cluster;
   const int nthr = static_cast<int>(b.x * b.y * b.z);
   const int nblocks = static_cast<int>(c.x * c.y * c.z);
@@ -867,6 +879,7 @@ cudaError_t run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body
     blk.grid = g;
     blk.bdim = b;
     blk.grid_index = 0;
+    blk.kernel = kernel;
     blk.body = body;
     blk.ctx = ctx;
   }

@@ -49,6 +49,7 @@ struct PendingCopy {
   unsigned char* dst;
   unsigned char data[16];
   int bytes;
+  const void* pc;  // the issuing instruction (race-check reports)
 };
 
 struct Fiber {
@@ -110,6 +111,7 @@ struct Block {
   std::size_t dyn_bytes = 0;
   dim3 grid, bdim;
   int grid_index = 0;  // which queued grid (concurrent pools), for error messages
+  const void* kernel = nullptr;  // its __global__ function (reports)
   BlockBody body = nullptr;
   std::shared_ptr<const void> ctx;
   std::shared_ptr<void> slot;  // block_slot(): an instruction model's per-block state
@@ -169,6 +171,6 @@ void run_pool(Scheduler& s);
 std::string block_str(const uint3& b);
 cudaError_t check_launch(Scheduler& s, const LaunchConfig& cfg, const void* kernel);  // s.lock held
 // concurrent.cpp: queues the launch when the calling thread is inside concurrent_begin/end.
-bool defer_launch(const LaunchConfig& cfg, BlockBody body, const std::shared_ptr<const void>& ctx);
+bool defer_launch(const LaunchConfig& cfg, const void* kernel, BlockBody body, const std::shared_ptr<const void>& ctx);
 
 }  // namespace simt::detail

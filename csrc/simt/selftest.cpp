@@ -319,6 +319,87 @@ __global__ void MisalignedCpAsyncKernel(Buffers b) {
 
 __global__ void EmptyKernel(Buffers) {}
 
+// --- shared-memory races (race.h): each of these is caught by the race-check build; the
+// ordinary build sees the consequence where the executor's schedule exposes it ---------------
+
+// Lanes exchange values through shared memory; without __syncwarp the read of a neighbour's
+// slot races with its write (sync = 1: correct).
+__global__ void WarpExchangeKernel(Buffers b, int sync) {
+  INFEROPS_DYNAMIC_SMEM(float, s, 16);
+  const int t = threadIdx.x;  // one warp
+  s[t] = b.in[t];
+  if (sync) __syncwarp();
+  b.out[t] = s[(t + 1) % 32];
+}
+
+// Two tiles through one buffer: out[t] = sum over tiles of tile[(t + 1) % n]. The second
+// __syncthreads (before the buffer is overwritten) is the one tiled loops forget
+// (second_sync = 0): the next tile's write races with this tile's reads.
+__global__ void TwoTilesKernel(Buffers b, int second_sync) {
+  INFEROPS_DYNAMIC_SMEM(float, s, 16);
+  const int t = threadIdx.x, n = blockDim.x;
+  float acc = 0.f;
+  for (int tile = 0; tile < 2; ++tile) {
+    s[t] = b.in[tile * n + t];
+    __syncthreads();
+    acc += s[(t + 1) % n];
+    if (second_sync) __syncthreads();
+  }
+  b.out[t] = acc;
+}
+
+// Thread 0 copies in[0..3] with cp.async; the others read it after a barrier, but thread 0
+// waits for its copy only after that barrier (wait_first = 1: correct).
+__global__ void CpAsyncPublishKernel(Buffers b, int wait_first) {
+  INFEROPS_DYNAMIC_SMEM(float, s, 16);
+  const int t = threadIdx.x;
+  if (t == 0) {
+    cp_async_16(s, b.in);
+    cp_async_commit();
+    if (wait_first) cp_async_wait<0>();
+  }
+  __syncthreads();
+  b.out[t] = s[t % 4];
+  if (t == 0 && !wait_first) cp_async_wait<0>();
+}
+
+// A static __shared__ array with its barrier missing (sync = 1: correct).
+__global__ void StaticSharedExchangeKernel(Buffers b, int sync) {
+  __shared__ float tile[64];
+  const int t = threadIdx.x;
+  tile[t] = b.in[t];
+  if (sync) __syncthreads();
+  b.out[t] = tile[(t + 1) % blockDim.x];
+}
+
+// A cluster of 2: each block reads its peer's shared memory; without the cluster.sync between
+// the peer's write and this read they race (sync = 1: correct).
+__global__ void ClusterExchangeKernel(Buffers b, int sync) {
+  namespace cg = cooperative_groups;
+  INFEROPS_DYNAMIC_SMEM(float, s, 16);
+  cg::cluster_group cluster = cg::this_cluster();
+  const int t = threadIdx.x;
+  const unsigned rank = cluster.block_rank();
+  s[t] = b.in[32 * rank + t];
+  if (sync) cluster.sync();
+  b.out[32 * rank + t] = cluster.map_shared_rank(s, rank ^ 1u)[t];
+  cluster.sync();  // the peer's shared memory stays alive until both have read
+}
+
+// Atomics on shared memory from every thread are not races; the reads after the barrier are
+// ordered after them.
+__global__ void SharedAtomicsKernel(Buffers b) {
+  INFEROPS_DYNAMIC_SMEM(float, s, 16);
+  const int t = threadIdx.x;
+  if (t == 0) s[0] = 0.f;
+  __syncthreads();
+  atomicAdd(&s[0], b.in[t]);
+  atomicMax(reinterpret_cast<int*>(&s[1]) , t);  // s[1] poisoned to -1: max is blockDim.x - 1
+  __syncthreads();
+  b.out[t] = s[0];
+  b.out[blockDim.x + t] = float(reinterpret_cast<int*>(s)[1]);
+}
+
 
 // --- concurrent grids (concurrent.cpp): two grids that talk through flags ---------------------
 
@@ -490,6 +571,27 @@ const std::map<std::string, std::pair<int, Runner>>& registry() {
       {"concurrent_pool_too_large", {1, [](Buffers& b) {
          run_concurrent(b, [&](Channel c) { launch_kernel(BlockSumKernel, 1000, 1024, 0, nullptr, b); });
        }}},
+      {"race_warp_exchange",
+       {1, [](Buffers& b) { launch_kernel(WarpExchangeKernel, 1, 32, 128, nullptr, b, 0); check_launch(); }}},
+      {"warp_exchange_syncwarp",
+       {1, [](Buffers& b) { launch_kernel(WarpExchangeKernel, 1, 32, 128, nullptr, b, 1); check_launch(); }}},
+      {"race_two_tiles",  // n = 2 * threads
+       {1, [](Buffers& b) { launch_kernel(TwoTilesKernel, 1, b.n / 2, b.n * 2, nullptr, b, 0); check_launch(); }}},
+      {"two_tiles",
+       {1, [](Buffers& b) { launch_kernel(TwoTilesKernel, 1, b.n / 2, b.n * 2, nullptr, b, 1); check_launch(); }}},
+      {"race_cp_async_publish",
+       {1, [](Buffers& b) { launch_kernel(CpAsyncPublishKernel, 1, b.n, 64, nullptr, b, 0); check_launch(); }}},
+      {"cp_async_publish",
+       {1, [](Buffers& b) { launch_kernel(CpAsyncPublishKernel, 1, b.n, 64, nullptr, b, 1); check_launch(); }}},
+      {"race_static_shared",
+       {1, [](Buffers& b) { launch_kernel(StaticSharedExchangeKernel, 1, b.n, 0, nullptr, b, 0); check_launch(); }}},
+      {"static_shared_exchange",
+       {1, [](Buffers& b) { launch_kernel(StaticSharedExchangeKernel, 1, b.n, 0, nullptr, b, 1); check_launch(); }}},
+      {"race_cluster_exchange",
+       {1, [](Buffers& b) { launch_cluster(ClusterExchangeKernel, 2, 32, 128, dim3(2), b, 0); }}},
+      {"cluster_exchange", {1, [](Buffers& b) { launch_cluster(ClusterExchangeKernel, 2, 32, 128, dim3(2), b, 1); }}},
+      {"shared_atomics",
+       {2, [](Buffers& b) { launch_kernel(SharedAtomicsKernel, 1, b.n, 64, nullptr, b); check_launch(); }}},
       {"deadlock", {1, [](Buffers& b) { launch_kernel(DeadlockKernel, 1, 64, 0, nullptr, b); check_launch(); }}},
       {"trap", {1, [](Buffers& b) { launch_kernel(TrapKernel, 2, 32, 0, nullptr, b); check_launch(); }}},
       {"stack_overflow",

@@ -322,15 +322,23 @@ template <typename T>
 struct Same {
   using type = T;
 };
+// A read-modify-write as a compare-and-swap loop, so that every access is an atomic one (the
+// race-check build's instrumentation sees atomics, not plain loads and stores).
+template <typename T, typename F>
+T atomic_update(T* p, F f) {
+  T old;
+  __atomic_load(p, &old, __ATOMIC_SEQ_CST);
+  T next = f(old);
+  while (!__atomic_compare_exchange(p, &old, &next, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) next = f(old);
+  return old;
+}
 }  // namespace simt
 template <typename T>
 T atomicAdd(T* p, typename simt::Same<T>::type v) {
   if constexpr (std::is_integral_v<T>) {
     return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
   } else {
-    T old = *p;
-    *p = T(old + v);
-    return old;
+    return simt::atomic_update(p, [&](T old) { return T(old + v); });
   }
 }
 template <typename T>
@@ -348,15 +356,11 @@ T atomicCAS(T* p, typename simt::Same<T>::type cmp, typename simt::Same<T>::type
 }
 template <typename T>
 T atomicMax(T* p, typename simt::Same<T>::type v) {
-  const T old = *p;
-  if (old < v) *p = v;
-  return old;
+  return simt::atomic_update(p, [&](T old) { return old < v ? T(v) : old; });
 }
 template <typename T>
 T atomicMin(T* p, typename simt::Same<T>::type v) {
-  const T old = *p;
-  if (v < old) *p = v;
-  return old;
+  return simt::atomic_update(p, [&](T old) { return v < old ? T(v) : old; });
 }
 template <typename T>
 T atomicOr(T* p, typename simt::Same<T>::type v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }

@@ -7,6 +7,7 @@
 //   C/D: reg i holds row g + 8 (i >> 1), column 2t + (i & 1).
 // Products are exact in double and summed in k order onto the accumulator, then rounded
 // once to fp32 (the hardware's internal rounding differs in the last bits; int8 is exact).
+#include "simt/race.h"
 #include "simt/simt.h"
 
 #include <cstdio>
@@ -98,6 +99,8 @@ void mma(MmaType type, Acc (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
   std::memcpy(d, r, sizeof d);
 }
 
+const void* g_ldmatrix_pc = nullptr;  // the ldmatrix instruction (race-check reports)
+
 struct LdmPayload {
   uint32_t addr;
   int count;
@@ -125,6 +128,13 @@ void ldmatrix_release(unsigned, const unsigned char (*payload)[kPayloadBytes], u
       fail("ldmatrix: row [0x%x, +16) of lane %d is outside the block's %zu bytes of dynamic shared memory",
            p[l].addr, l, dynamic_smem_bytes());
     }
+  }
+  if constexpr (race::kBuilt) {  // lane 8j + r reads row r of matrix j
+    detail::Scheduler& s = detail::S();
+    const detail::Fiber& me = *s.current;
+    const detail::Block& b = detail::block_of(me);
+    for (int l = 0; l < 8 * count; ++l)
+      race::access(s.fibers[static_cast<std::size_t>(b.first + me.warp * 32 + l)], rows[l], 16, false, g_ldmatrix_pc);
   }
   for (int l = 0; l < 32; ++l) {
     const int g = l >> 2, t = l & 3;
@@ -157,6 +167,7 @@ void mma_m16n8k32_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint3
 
 void ldmatrix(uint32_t* r, int count, uint32_t saddr, bool trans) {
   const LdmPayload p{saddr, count, trans ? 1 : 0};
+  g_ldmatrix_pc = __builtin_return_address(0);
   const unsigned char* res = collective(kOpLdmatrix, trans ? "ldmatrix.trans" : "ldmatrix", 0xffffffffu, &p,
                                         sizeof p, ldmatrix_release);
   std::memcpy(r, res, sizeof(uint32_t) * static_cast<std::size_t>(count));

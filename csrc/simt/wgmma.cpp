@@ -43,6 +43,7 @@
 // overlap without being the same array are not tracked; fence.proxy.async is a no-op (the
 // async-proxy ordering of cp.async writes is not checked: copies land at the thread's own
 // cp.async.wait_group here); a thread that exits with wgmmas pending is not reported.
+#include "simt/race.h"
 #include "simt/simt.h"
 
 #include <deque>
@@ -141,7 +142,11 @@ double element(MmaType type, const uint8_t* p) {
   }
 }
 
-// The last thread of the warpgroup in: read A and B, compute the product once.
+const void* g_wgmma_pc = nullptr;  // the wgmma.mma_async instruction (race-check reports)
+
+// The last thread of the warpgroup in: read A and B, compute the product once. (The race
+// check sees the operand reads as this thread's, at issue; wgmma_wait checks that the
+// operands did not change while in flight.)
 void issue_release(const void* key, void* ctx) {
   Key k;
   std::memcpy(&k, key, sizeof k);
@@ -164,6 +169,7 @@ void issue_release(const void* key, void* ctx) {
                  "memory [0x%x, 0x%zx)", which, r, e * es + x, a, base, base + bytes);
           }
           raw[x] = *shared_pointer(a);
+          if constexpr (race::kBuilt) race::access(*detail::S().current, shared_pointer(a), 1, false, g_wgmma_pc);
           op->addrs.push_back(a);
           op->bytes.push_back(raw[x]);
         }
@@ -207,6 +213,7 @@ void wgmma_mma(MmaType type, int n, float* d, uint64_t desc_a, uint64_t desc_b, 
   }
   const Key key{desc_a, desc_b, static_cast<int32_t>(type), n, scale_d != 0, 0};
   const int wg = lin / 128;
+  g_wgmma_pc = __builtin_return_address(0);
   warps_collective(4 * wg, 4, "wgmma.mma_async", &key, sizeof key, issue_release, &s.issued[wg]);
   Pending p;
   p.op = s.issued[wg];

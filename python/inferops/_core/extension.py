@@ -86,12 +86,13 @@ def has_simt_op(name: str) -> bool:
 def _simt_info() -> dict[str, Any]:
     mod = simt_extension()
     if mod is None:
-        return {"available": False, "ops": [], "sanitizer": None, "error": simt_error()}
+        return {"available": False, "ops": [], "sanitizer": None, "racecheck": False, "error": simt_error()}
     info = mod.build_info()
     return {
         "available": True,
         "ops": list(info["cuda_ops"]),
         "sanitizer": info.get("sanitizer"),
+        "racecheck": bool(info.get("racecheck", False)),
         "error": None,
     }
 
@@ -105,7 +106,8 @@ def build_info() -> dict[str, Any]:
     (driver version and device count as the extension sees them now) when the
     extension loaded, and ``error`` when it did not. ``simt`` describes the CPU SIMT
     executor build (``inferops._simt``): ``available``, ``ops`` (kernels it runs),
-    ``sanitizer`` and ``error``.
+    ``sanitizer`` (``"address,undefined"`` in the AddressSanitizer build), ``racecheck``
+    (True in the shared-memory race-detector build) and ``error``.
     """
     ext = extension()
     if ext is None:

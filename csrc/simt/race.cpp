@@ -1,0 +1,431 @@
+// The shared-memory race detector (race.h has the model). This file is compiled without
+// instrumentation; the kernel sources are compiled with -fsanitize=thread and call the
+// __tsan_* entry points defined at its end.
+#include "simt/race.h"
+
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <link.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+
+namespace simt::race {
+
+using namespace detail;
+
+namespace {
+
+constexpr int kReaders = 2;
+
+// The shadow state of one shared-memory byte. Clock 0: no access recorded. pc: the
+// instruction's offset in this module (for addr2line).
+struct Cell {
+  uint32_t w_clk;
+  uint32_t w_pc;
+  uint16_t w_tid;
+  uint8_t nr;
+  uint16_t r_tid[kReaders];
+  uint32_t r_clk[kReaders];
+  uint32_t r_pc[kReaders];
+};
+
+// Threads whose accesses to a shared-memory window can be ordered: a block, or a cluster.
+struct Domain {
+  int size = 0;               // threads
+  std::vector<uint32_t> vc;   // size x size: row t is thread t's vector clock
+  uint32_t* row(int t) { return vc.data() + std::size_t(t) * std::size_t(size); }
+};
+
+struct Shadow {  // one per block of the pool, allocated at its first shared-memory access
+  Cell* dyn = nullptr;
+  std::size_t dyn_cells = 0;
+  Cell* stat = nullptr;  // the static __shared__ section
+};
+
+struct Pool {
+  bool cluster = false;  // one domain for the whole pool (distributed shared memory)
+  std::vector<Domain> domains;
+  std::vector<Shadow> shadows;
+};
+
+Pool g_pool;
+const bool g_enabled = [] {
+  const char* v = std::getenv("INFEROPS_SIMT_RACECHECK");
+  return !(v && std::strcmp(v, "0") == 0);
+}();
+
+uintptr_t module_base() {
+  static const uintptr_t base = [] {
+    Dl_info info{};
+    dladdr(reinterpret_cast<void*>(&module_base), &info);
+    return reinterpret_cast<uintptr_t>(info.dli_fbase);
+  }();
+  return base;
+}
+
+// Static __shared__ objects are ordinary static variables (simt.h): the module's writable
+// segment (.data, .bss) is where they are, so kernel accesses there are checked like shared
+// memory. (The rest of that segment is the executor's and the bindings' state, which kernel
+// code only reads; constant tables are read-only.)
+struct Range {
+  unsigned char* lo = nullptr;
+  unsigned char* hi = nullptr;
+};
+const Range& static_range() {
+  static const Range r = [] {
+    Range out;
+    dl_iterate_phdr(
+        [](dl_phdr_info* info, std::size_t, void* data) {
+          if (info->dlpi_addr != module_base()) return 0;
+          for (int i = 0; i < info->dlpi_phnum; ++i) {
+            const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+            if (ph.p_type == PT_LOAD && (ph.p_flags & PF_W)) {
+              auto* r = static_cast<Range*>(data);
+              r->lo = reinterpret_cast<unsigned char*>(info->dlpi_addr + ph.p_vaddr);
+              r->hi = r->lo + ph.p_memsz;
+            }
+          }
+          return 1;
+        },
+        &out);
+    return out;
+  }();
+  return r;
+}
+std::size_t static_bytes() { return std::size_t(static_range().hi - static_range().lo); }
+
+Cell* map_cells(std::size_t n) {
+  if (n == 0) return nullptr;
+  void* p = mmap(nullptr, n * sizeof(Cell), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw KernelError("simt: race check: cannot map shadow memory");
+  return static_cast<Cell*>(p);  // zero: nothing recorded
+}
+
+void free_shadows() {
+  for (Shadow& sh : g_pool.shadows) {
+    if (sh.dyn) munmap(sh.dyn, sh.dyn_cells * sizeof(Cell));
+    if (sh.stat) munmap(sh.stat, static_bytes() * sizeof(Cell));
+    sh = Shadow{};
+  }
+}
+
+int domain_of(const Fiber& f) { return g_pool.cluster ? 0 : f.block; }
+int index_in_domain(const Scheduler& s, const Fiber& f) {
+  return g_pool.cluster ? static_cast<int>(&f - s.fibers.data()) : f.linear;
+}
+
+// The domain's clocks start at the first shared-memory access of its threads: ordering
+// information from before any access orders nothing.
+Domain& live_domain(Scheduler& s, const Fiber& f) {
+  Domain& d = g_pool.domains[static_cast<std::size_t>(domain_of(f))];
+  if (d.size == 0) {
+    d.size = g_pool.cluster ? s.pool_fibers : s.blocks[f.block]->nthreads;
+    d.vc.assign(std::size_t(d.size) * std::size_t(d.size), 0u);
+    for (int t = 0; t < d.size; ++t) d.row(t)[t] = 1;
+  }
+  return d;
+}
+
+// Joins the clocks of the domain threads `members` (indices), then advances each one's own.
+void join(Domain& d, const std::vector<int>& members) {
+  if (d.size == 0 || members.empty()) return;
+  std::vector<uint32_t> m(d.row(members[0]), d.row(members[0]) + d.size);
+  for (std::size_t i = 1; i < members.size(); ++i) {
+    const uint32_t* r = d.row(members[i]);
+    for (int k = 0; k < d.size; ++k) m[std::size_t(k)] = std::max(m[std::size_t(k)], r[k]);
+  }
+  for (int t : members) {
+    uint32_t* r = d.row(t);
+    std::memcpy(r, m.data(), m.size() * sizeof(uint32_t));
+    ++r[t];
+  }
+}
+
+std::string demangle(const char* name) {
+  if (!name) return "?";
+  int status = 0;
+  char* out = abi::__cxa_demangle(name, nullptr, nullptr, &status);
+  std::string r = status == 0 && out ? out : name;
+  std::free(out);
+  return r;
+}
+
+// addr2line on this module: {function, "file:line"} of the instruction at offset `off`.
+std::pair<std::string, std::string> addr2line(uintptr_t off) {
+  Dl_info info{};
+  if (!dladdr(reinterpret_cast<void*>(&module_base), &info) || !info.dli_fname) return {"?", "?"};
+  char cmd[1024];
+  std::snprintf(cmd, sizeof cmd, "addr2line -C -f -e '%s' 0x%lx 2>/dev/null", info.dli_fname,
+                static_cast<unsigned long>(off));
+  FILE* p = popen(cmd, "r");
+  if (!p) return {"?", "?"};
+  char fn[4096] = {}, line[4096] = {};
+  if (!std::fgets(fn, sizeof fn, p)) fn[0] = 0;
+  if (!std::fgets(line, sizeof line, p)) line[0] = 0;
+  pclose(p);
+  auto chomp = [](char* x) { x[std::strcspn(x, "\n")] = 0; };
+  chomp(fn);
+  chomp(line);
+  std::string f = fn, l = line;
+  if (f.size() > 160) f = f.substr(0, 157) + "...";
+  if (const auto k = l.find("csrc/"); k != std::string::npos) l = l.substr(k);
+  if (const auto k = l.find(" (discriminator"); k != std::string::npos) l = l.substr(0, k);
+  return {f.empty() ? "?" : f, l.empty() ? "?" : l};
+}
+
+std::string kernel_name(const void* kernel) {
+  if (!kernel) return "?";
+  return addr2line(reinterpret_cast<uintptr_t>(kernel) - module_base()).first;
+}
+
+// "file:line (function)" of an instruction (pc: a return address, so the call is at pc - 1).
+std::string source_of(uint32_t pc) {
+  if (pc == 0) return "?";
+  const auto [f, l] = addr2line(pc - 1);
+  return l + " (" + f + ")";
+}
+
+std::string thread_str(Scheduler& s, const Fiber& me, int t) {
+  const Block* b;
+  int linear;
+  if (g_pool.cluster) {
+    const Fiber& o = s.fibers[static_cast<std::size_t>(t)];
+    b = s.blocks[o.block].get();
+    linear = o.linear;
+  } else {
+    b = s.blocks[me.block].get();
+    linear = t;
+  }
+  const dim3 bd = b->bdim;
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u)", b->idx.x, b->idx.y, b->idx.z,
+                linear % bd.x, (linear / bd.x) % bd.y, linear / (bd.x * bd.y));
+  return buf;
+}
+
+[[noreturn]] void report(Scheduler& s, Fiber& me, int my_t, const char* kind, bool my_write, std::size_t bytes,
+                         const unsigned char* addr, const char* region, std::size_t offset, int other_t,
+                         bool other_write, uint32_t my_pc, uint32_t other_pc) {
+  const Block& b = *s.blocks[me.block];
+  std::string where_in = region;
+  if (std::strcmp(region, "static __shared__ variable") != 0) where_in += " offset " + std::to_string(offset);
+  fail("shared-memory race (%s) in kernel %s: %s %s %zu byte(s) at %p (%s) at %s, and %s %s it at %s, "
+       "with no barrier or warp synchronization between them",
+       kind, kernel_name(b.kernel).c_str(), thread_str(s, me, my_t).c_str(), my_write ? "writes" : "reads", bytes,
+       static_cast<const void*>(addr), where_in.c_str(), source_of(my_pc).c_str(),
+       thread_str(s, me, other_t).c_str(), other_write ? "wrote" : "read", source_of(other_pc).c_str());
+}
+
+// The shadow cell of a shared-memory byte touched by fiber f, or nullptr (not shared memory).
+Cell* cell_of(Scheduler& s, const Fiber& f, const unsigned char* c, const char** region, std::size_t* offset,
+              std::size_t* avail) {
+  const Range& st = static_range();
+  if (c >= st.lo && c < st.hi) {
+    Shadow& sh = g_pool.shadows[static_cast<std::size_t>(f.block)];
+    if (!sh.stat) sh.stat = map_cells(static_bytes());
+    *region = "static __shared__ variable";
+    *offset = std::size_t(c - st.lo);
+    *avail = std::size_t(st.hi - c);
+    return sh.stat + *offset;
+  }
+  auto in = [&](int r) -> Cell* {
+    const Block& b = *s.blocks[r];
+    if (c < b.dyn || c >= b.dyn + b.dyn_bytes) return nullptr;
+    Shadow& sh = g_pool.shadows[static_cast<std::size_t>(r)];
+    if (!sh.dyn) {
+      sh.dyn_cells = b.dyn_bytes;
+      sh.dyn = map_cells(b.dyn_bytes);
+    }
+    *region = r == f.block ? "dynamic shared memory" : "distributed shared memory of another block, dynamic";
+    *offset = std::size_t(c - b.dyn);
+    *avail = b.dyn_bytes - *offset;
+    return sh.dyn + *offset;
+  };
+  if (Cell* x = in(f.block)) return x;
+  if (g_pool.cluster) {
+    for (int r = 0; r < s.nblocks; ++r)
+      if (r != f.block)
+        if (Cell* x = in(r)) return x;
+  }
+  return nullptr;
+}
+
+void check(Scheduler& s, Fiber& f, const void* p, std::size_t n, bool write, const void* pc) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  const char* region = nullptr;
+  std::size_t offset = 0, avail = 0;
+  Cell* first = cell_of(s, f, c, &region, &offset, &avail);
+  if (!first) return;
+  n = std::min(n, avail);  // a range access running past the region: the rest is not shared memory
+  Domain& d = live_domain(s, f);
+  const int t = index_in_domain(s, f);
+  const uint32_t* vc = d.row(t);
+  const uint32_t now = vc[t];
+  const uint32_t ipc = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(pc) - module_base());
+  auto hb = [&](int other, uint32_t clk) { return clk <= vc[other]; };
+  for (std::size_t i = 0; i < n; ++i) {
+    Cell* x = first + i;
+    if (x->w_clk && x->w_tid != t && !hb(x->w_tid, x->w_clk)) {
+      report(s, f, t, write ? "write/write" : "write/read", write, n, c, region, offset, x->w_tid, true, ipc, x->w_pc);
+    }
+    if (write) {
+      for (int r = 0; r < x->nr; ++r) {
+        if (x->r_tid[r] != t && !hb(x->r_tid[r], x->r_clk[r]))
+          report(s, f, t, "read/write", true, n, c, region, offset, x->r_tid[r], false, ipc, x->r_pc[r]);
+      }
+      x->w_clk = now;
+      x->w_tid = static_cast<uint16_t>(t);
+      x->w_pc = ipc;
+      x->nr = 0;
+      continue;
+    }
+    // A read: keep the reads since the last write that are not ordered before this one.
+    int k = 0;
+    for (int r = 0; r < x->nr; ++r) {
+      if (x->r_tid[r] == t || hb(x->r_tid[r], x->r_clk[r])) continue;
+      x->r_tid[k] = x->r_tid[r];
+      x->r_clk[k] = x->r_clk[r];
+      x->r_pc[k] = x->r_pc[r];
+      ++k;
+    }
+    if (k == kReaders) {  // full: forget the oldest (a later conflicting write is still seen through the other)
+      x->r_tid[0] = x->r_tid[1];
+      x->r_clk[0] = x->r_clk[1];
+      x->r_pc[0] = x->r_pc[1];
+      k = kReaders - 1;
+    }
+    x->r_tid[k] = static_cast<uint16_t>(t);
+    x->r_clk[k] = now;
+    x->r_pc[k] = ipc;
+    x->nr = static_cast<uint8_t>(k + 1);
+  }
+}
+
+}  // namespace
+
+void pool_start(Scheduler& s) {
+  free_shadows();
+  g_pool.cluster = !s.shuffle && s.nblocks > 1;
+  g_pool.domains.assign(static_cast<std::size_t>(g_pool.cluster ? 1 : s.nblocks), Domain{});
+  g_pool.shadows.assign(static_cast<std::size_t>(s.nblocks), Shadow{});
+}
+
+void pool_end(Scheduler&) {
+  free_shadows();
+  g_pool.domains.clear();
+}
+
+void block_barrier(Scheduler& s, Block& b) {
+  if (g_pool.domains.empty()) return;
+  Domain& d = g_pool.domains[static_cast<std::size_t>(domain_of(s.fibers[static_cast<std::size_t>(b.first)]))];
+  if (d.size == 0) return;
+  std::vector<int> members;
+  for (int i = b.first; i < b.first + b.nthreads; ++i) {
+    const Fiber& f = s.fibers[static_cast<std::size_t>(i)];
+    if (f.wait == Wait::kBarrier) members.push_back(index_in_domain(s, f));
+  }
+  join(d, members);
+}
+
+void cluster_barrier(Scheduler& s) {
+  if (g_pool.domains.empty() || !g_pool.cluster) return;
+  Domain& d = g_pool.domains[0];
+  std::vector<int> members;
+  for (int i = 0; i < s.pool_fibers; ++i)
+    if (s.fibers[static_cast<std::size_t>(i)].wait == Wait::kCluster) members.push_back(i);
+  join(d, members);
+}
+
+void warp_sync(Scheduler& s, Block& b, int warp, unsigned mask) {
+  if (g_pool.domains.empty()) return;
+  const Fiber& any = s.fibers[static_cast<std::size_t>(b.first + warp * 32)];
+  Domain& d = g_pool.domains[static_cast<std::size_t>(domain_of(any))];
+  if (d.size == 0) return;
+  std::vector<int> members;
+  for (int l = 0; l < 32; ++l)
+    if (mask >> l & 1) members.push_back(index_in_domain(s, s.fibers[static_cast<std::size_t>(b.first + warp * 32 + l)]));
+  join(d, members);
+}
+
+void access(Fiber& f, const void* p, std::size_t n, bool write, const void* pc) {
+  if (!g_enabled || g_pool.shadows.empty()) return;
+  check(S(), f, p, n, write, pc);
+}
+
+}  // namespace simt::race
+
+// ---- ThreadSanitizer's compiler interface -----------------------------------------------------------
+// g++ -fsanitize=thread turns each memory access of the kernel sources into one of these calls
+// and each atomic into a __tsan_atomic* call that must perform the operation.
+namespace {
+
+inline void on_access(const void* p, std::size_t n, bool write, const void* pc) {
+  if (!simt::race::g_enabled) return;
+  simt::detail::Scheduler& s = simt::detail::S();
+  simt::detail::Fiber* f = s.current;
+  if (!f || simt::race::g_pool.shadows.empty()) return;  // host code, or a launch without a pool
+  simt::race::check(s, *f, p, n, write, pc);
+}
+
+}  // namespace
+
+#define SIMT_RET __builtin_return_address(0)
+extern "C" {
+void __tsan_init() {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+void __tsan_vptr_update(void**, void*) {}
+void __tsan_vptr_read(void**) {}
+void __tsan_read_range(void* p, unsigned long n) { on_access(p, n, false, SIMT_RET); }
+void __tsan_write_range(void* p, unsigned long n) { on_access(p, n, true, SIMT_RET); }
+#define SIMT_TSAN_RW(N)                                                                      \
+  void __tsan_read##N(void* p) { on_access(p, N, false, SIMT_RET); }                        \
+  void __tsan_write##N(void* p) { on_access(p, N, true, SIMT_RET); }                        \
+  void __tsan_unaligned_read##N(void* p) { on_access(p, N, false, SIMT_RET); }              \
+  void __tsan_unaligned_write##N(void* p) { on_access(p, N, true, SIMT_RET); }              \
+  void __tsan_volatile_read##N(void* p) { on_access(p, N, false, SIMT_RET); }               \
+  void __tsan_volatile_write##N(void* p) { on_access(p, N, true, SIMT_RET); }               \
+  void __tsan_unaligned_volatile_read##N(void* p) { on_access(p, N, false, SIMT_RET); }     \
+  void __tsan_unaligned_volatile_write##N(void* p) { on_access(p, N, true, SIMT_RET); }
+SIMT_TSAN_RW(1)
+SIMT_TSAN_RW(2)
+SIMT_TSAN_RW(4)
+SIMT_TSAN_RW(8)
+SIMT_TSAN_RW(16)
+
+// Atomics: performed sequentially consistent (the executor runs one fiber at a time), not checked.
+#define SIMT_TSAN_ATOMIC(N, T)                                                                                \
+  T __tsan_atomic##N##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); }        \
+  void __tsan_atomic##N##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); }       \
+  T __tsan_atomic##N##_exchange(volatile T* a, T v, int) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##N##_fetch_add(volatile T* a, T v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##N##_fetch_sub(volatile T* a, T v, int) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##N##_fetch_and(volatile T* a, T v, int) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##N##_fetch_or(volatile T* a, T v, int) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }   \
+  T __tsan_atomic##N##_fetch_xor(volatile T* a, T v, int) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##N##_fetch_nand(volatile T* a, T v, int) { return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST); } \
+  int __tsan_atomic##N##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {                       \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                   \
+  }                                                                                                           \
+  int __tsan_atomic##N##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                         \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                   \
+  }                                                                                                           \
+  T __tsan_atomic##N##_compare_exchange_val(volatile T* a, T c, T v, int, int) {                             \
+    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                         \
+    return c;                                                                                                 \
+  }
+SIMT_TSAN_ATOMIC(8, uint8_t)
+SIMT_TSAN_ATOMIC(16, uint16_t)
+SIMT_TSAN_ATOMIC(32, uint32_t)
+SIMT_TSAN_ATOMIC(64, uint64_t)
+void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+}  // extern "C"
