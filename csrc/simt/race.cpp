@@ -38,10 +38,30 @@ struct Cell {
 };
 
 // Threads whose accesses to a shared-memory window can be ordered: a block, or a cluster.
+//
+// A thread's vector clock is stored in two parts. Between two barriers of its block, the only
+// synchronization that can order it with other threads is a warp collective of its own warp
+// (barriers release every live thread of the block, cluster.sync every live thread of the
+// cluster), so its clock is  B[its block] (the join at the block's last barrier, the same for
+// every thread of the block)  joined with  W[thread] (32 entries: the lanes of its warp).
+// A barrier then costs O(threads x 32) instead of O(threads^2), a warp collective O(32 x 32).
 struct Domain {
-  int size = 0;               // threads
-  std::vector<uint32_t> vc;   // size x size: row t is thread t's vector clock
-  uint32_t* row(int t) { return vc.data() + std::size_t(t) * std::size_t(size); }
+  int size = 0;       // threads
+  int per_block = 0;  // threads per block (a cluster's blocks have the same shape)
+  std::vector<uint32_t> b;  // blocks x size
+  std::vector<uint32_t> w;  // size x 32; w[t][lane of t] is t's own clock (>= b[block of t][t])
+  uint32_t* B(int block) { return b.data() + std::size_t(block) * std::size_t(size); }
+  uint32_t* W(int t) { return w.data() + std::size_t(t) * 32u; }
+  int block_of(int t) const { return t / per_block; }
+  int warp_base(int t) const { return t - (t % per_block) % 32; }  // its warp's lane 0
+  int lane(int t) const { return (t % per_block) % 32; }
+  uint32_t own(int t) { return W(t)[lane(t)]; }
+  // Does t's clock include (u, c), i.e. does that access of u happen before t's next one?
+  bool includes(int t, int u, uint32_t c) {
+    uint32_t v = B(block_of(t))[u];
+    if (warp_base(u) == warp_base(t)) v = std::max(v, W(t)[lane(u)]);
+    return c <= v;
+  }
 };
 
 struct Shadow {  // one per block of the pool, allocated at its first shared-memory access
@@ -127,35 +147,34 @@ int index_in_domain(const Scheduler& s, const Fiber& f) {
 Domain& live_domain(Scheduler& s, const Fiber& f) {
   Domain& d = g_pool.domains[static_cast<std::size_t>(domain_of(f))];
   if (d.size == 0) {
-    d.size = g_pool.cluster ? s.pool_fibers : s.blocks[f.block]->nthreads;
-    d.vc.assign(std::size_t(d.size) * std::size_t(d.size), 0u);
-    for (int t = 0; t < d.size; ++t) d.row(t)[t] = 1;
+    d.per_block = s.blocks[f.block]->nthreads;
+    d.size = g_pool.cluster ? s.pool_fibers : d.per_block;
+    d.b.assign(std::size_t(d.size / d.per_block) * std::size_t(d.size), 0u);
+    d.w.assign(std::size_t(d.size) * 32u, 0u);
+    for (int t = 0; t < d.size; ++t) d.W(t)[d.lane(t)] = 1;
   }
   return d;
 }
 
-// Joins the clocks of the domain threads `members` (indices), then advances each one's own.
-void join(Domain& d, const std::vector<int>& members) {
-  if (d.size == 0 || members.empty()) return;
-  std::vector<uint32_t> m(d.row(members[0]), d.row(members[0]) + d.size);
-  for (std::size_t i = 1; i < members.size(); ++i) {
-    const uint32_t* r = d.row(members[i]);
-    for (int k = 0; k < d.size; ++k) m[std::size_t(k)] = std::max(m[std::size_t(k)], r[k]);
-  }
+// A barrier over block `blk` of the domain: its B becomes the join of its threads' clocks
+// (`members`: those it releases and those that exited, whose earlier accesses it also orders).
+void join_block(Domain& d, int blk, const std::vector<int>& members) {
+  uint32_t* b = d.B(blk);
   for (int t : members) {
-    uint32_t* r = d.row(t);
-    std::memcpy(r, m.data(), m.size() * sizeof(uint32_t));
-    ++r[t];
+    const uint32_t* w = d.W(t);
+    const int base = d.warp_base(t);
+    for (int k = 0; k < 32 && base + k < (blk + 1) * d.per_block; ++k) b[base + k] = std::max(b[base + k], w[k]);
   }
 }
 
-std::string demangle(const char* name) {
-  if (!name) return "?";
-  int status = 0;
-  char* out = abi::__cxa_demangle(name, nullptr, nullptr, &status);
-  std::string r = status == 0 && out ? out : name;
-  std::free(out);
-  return r;
+// Restarts the warp part of `members` after a barrier: own clock = what the barrier published + 1.
+void restart(Domain& d, const std::vector<int>& members) {
+  for (int t : members) {
+    uint32_t* w = d.W(t);
+    const uint32_t next = d.B(d.block_of(t))[t] + 1;
+    std::fill(w, w + 32, 0u);
+    w[d.lane(t)] = next;
+  }
 }
 
 // addr2line on this module: {function, "file:line"} of the instruction at offset `off`.
@@ -267,10 +286,9 @@ void check(Scheduler& s, Fiber& f, const void* p, std::size_t n, bool write, con
   n = std::min(n, avail);  // a range access running past the region: the rest is not shared memory
   Domain& d = live_domain(s, f);
   const int t = index_in_domain(s, f);
-  const uint32_t* vc = d.row(t);
-  const uint32_t now = vc[t];
+  const uint32_t now = d.own(t);
   const uint32_t ipc = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(pc) - module_base());
-  auto hb = [&](int other, uint32_t clk) { return clk <= vc[other]; };
+  auto hb = [&](int other, uint32_t clk) { return d.includes(t, other, clk); };
   for (std::size_t i = 0; i < n; ++i) {
     Cell* x = first + i;
     if (x->w_clk && x->w_tid != t && !hb(x->w_tid, x->w_clk)) {
@@ -325,23 +343,39 @@ void pool_end(Scheduler&) {
 
 void block_barrier(Scheduler& s, Block& b) {
   if (g_pool.domains.empty()) return;
-  Domain& d = g_pool.domains[static_cast<std::size_t>(domain_of(s.fibers[static_cast<std::size_t>(b.first)]))];
+  const Fiber& first = s.fibers[static_cast<std::size_t>(b.first)];
+  Domain& d = g_pool.domains[static_cast<std::size_t>(domain_of(first))];
   if (d.size == 0) return;
-  std::vector<int> members;
+  std::vector<int> members, released;
   for (int i = b.first; i < b.first + b.nthreads; ++i) {
     const Fiber& f = s.fibers[static_cast<std::size_t>(i)];
-    if (f.wait == Wait::kBarrier) members.push_back(index_in_domain(s, f));
+    if (f.wait == Wait::kBarrier) released.push_back(index_in_domain(s, f));
+    if (f.wait == Wait::kBarrier || f.wait == Wait::kExited) members.push_back(index_in_domain(s, f));
   }
-  join(d, members);
+  join_block(d, d.block_of(index_in_domain(s, first)), members);
+  restart(d, released);
 }
 
 void cluster_barrier(Scheduler& s) {
   if (g_pool.domains.empty() || !g_pool.cluster) return;
   Domain& d = g_pool.domains[0];
-  std::vector<int> members;
-  for (int i = 0; i < s.pool_fibers; ++i)
-    if (s.fibers[static_cast<std::size_t>(i)].wait == Wait::kCluster) members.push_back(i);
-  join(d, members);
+  if (d.size == 0) return;
+  const int nb = d.size / d.per_block;
+  std::vector<int> released;
+  for (int blk = 0; blk < nb; ++blk) {
+    std::vector<int> members;
+    for (int t = blk * d.per_block; t < (blk + 1) * d.per_block; ++t) {
+      const Wait w = s.fibers[static_cast<std::size_t>(t)].wait;
+      if (w == Wait::kCluster) released.push_back(t);
+      if (w == Wait::kCluster || w == Wait::kExited) members.push_back(t);
+    }
+    join_block(d, blk, members);
+  }
+  std::vector<uint32_t> all(d.B(0), d.B(0) + d.size);
+  for (int blk = 1; blk < nb; ++blk)
+    for (int u = 0; u < d.size; ++u) all[std::size_t(u)] = std::max(all[std::size_t(u)], d.B(blk)[u]);
+  for (int blk = 0; blk < nb; ++blk) std::copy(all.begin(), all.end(), d.B(blk));
+  restart(d, released);
 }
 
 void warp_sync(Scheduler& s, Block& b, int warp, unsigned mask) {
@@ -349,10 +383,17 @@ void warp_sync(Scheduler& s, Block& b, int warp, unsigned mask) {
   const Fiber& any = s.fibers[static_cast<std::size_t>(b.first + warp * 32)];
   Domain& d = g_pool.domains[static_cast<std::size_t>(domain_of(any))];
   if (d.size == 0) return;
-  std::vector<int> members;
+  const int base = index_in_domain(s, any);
+  uint32_t j[32] = {};
   for (int l = 0; l < 32; ++l)
-    if (mask >> l & 1) members.push_back(index_in_domain(s, s.fibers[static_cast<std::size_t>(b.first + warp * 32 + l)]));
-  join(d, members);
+    if (mask >> l & 1)
+      for (int k = 0; k < 32; ++k) j[k] = std::max(j[k], d.W(base + l)[k]);
+  for (int l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1)) continue;
+    uint32_t* w = d.W(base + l);
+    std::copy(j, j + 32, w);
+    ++w[l];
+  }
 }
 
 void access(Fiber& f, const void* p, std::size_t n, bool write, const void* pc) {
