@@ -45,10 +45,13 @@ _NO_SHARING = 2**30  # min_shared_pages no prompt reaches: a plan without groups
 @dataclass(frozen=True)
 class BatchResult:
     """``tokens[i]``: the new tokens of prompt ``i`` (input order; a stop token that ended
-    a request is included, as in ``model.generate``). ``stats``: see :func:`generate`."""
+    a request is included, as in ``model.generate``). ``stats``: see :func:`generate`.
+    ``logits[i]`` (only with ``output_logits=True``): the float32 logits each new token of
+    prompt ``i`` was chosen from, ``[len(tokens[i]), vocab_size]``, on the CPU."""
 
     tokens: list[list[int]]
     stats: dict = field(default_factory=dict)
+    logits: list[torch.Tensor] | None = None
 
 
 # --- input checks ---------------------------------------------------------------------------
@@ -219,6 +222,7 @@ def generate(
     min_shared_pages: int = 1,
     prefill_chunk_tokens: int = 8192,
     progress: bool = False,
+    output_logits: bool = False,
 ) -> BatchResult:
     """Generate for a whole batch of prompts with one causal LM, sharing common prefixes.
 
@@ -247,6 +251,7 @@ def generate(
         prefill_chunk_tokens: packed tokens per prefill forward pass (whole prompts per pass;
             a longer prompt runs alone).
         progress: a tqdm progress bar over decode steps (needs ``tqdm``).
+        output_logits: also return each new token's logits (``BatchResult.logits``).
 
     Returns:
         :class:`BatchResult`. ``stats``: ``requests``, ``groups`` (groups sharing a
@@ -325,11 +330,12 @@ def generate(
     model.set_attn_implementation(name)
     try:
         result = _run(model, ids, plan, layout, kv, num_layers, device, max_new_tokens, stops, do_sample,
-                      temperature, top_k, top_p, seed, prefill_chunk_tokens, progress, sharing)
+                      temperature, top_k, top_p, seed, prefill_chunk_tokens, progress, sharing,
+                      output_logits)
     finally:
         model.set_attn_implementation(previous)
         layout.release(alloc)
-    tokens, st = result
+    tokens, st, logits = result
     elem = torch.empty(0, dtype=kv_dtype).element_size()
     per_token = 2 * num_layers * num_kv_heads * head_dim * elem
     st.update(
@@ -345,11 +351,11 @@ def generate(
         kv_dtype=str(kv_dtype).replace("torch.", ""),
         total_s=time.perf_counter() - t_start,
     )
-    return BatchResult(tokens=tokens, stats=st)
+    return BatchResult(tokens=tokens, stats=st, logits=logits)
 
 
 def _run(model, ids, plan, layout, kv, num_layers, device, max_new_tokens, stops, do_sample, temperature,
-         top_k, top_p, seed, chunk, progress, sharing):
+         top_k, top_p, seed, chunk, progress, sharing, output_logits):
     n = plan.num_requests
     i32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device)  # noqa: E731
     prompt_len = plan.prompt_len.astype(np.int64)
@@ -408,7 +414,9 @@ def _run(model, ids, plan, layout, kv, num_layers, device, max_new_tokens, stops
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     if do_sample and gen is None:
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-    nxt = _sample(torch.stack(first_logits), do_sample, temperature, top_k, top_p, gen).cpu().numpy()
+    first = torch.stack(first_logits)
+    nxt = _sample(first, do_sample, temperature, top_k, top_p, gen).cpu().numpy()
+    kept = [[row] for row in first.cpu()] if output_logits else None
     sync()
     t1 = time.perf_counter()
 
@@ -448,6 +456,9 @@ def _run(model, ids, plan, layout, kv, num_layers, device, max_new_tokens, stops
         logits = _forward(model, step, tok, pos, np.arange(rows.size), num_layers, device)
         nxt = _sample(logits, do_sample, temperature, top_k, top_p, gen).cpu().numpy()
         cur[rows] += 1
+        if kept is not None:
+            for r, row in zip(rows, logits.cpu()):
+                kept[r].append(row)
         for r, t in zip(rows, nxt):
             out[r].append(int(t))
             if int(t) in stops or len(out[r]) >= max_new_tokens:
@@ -460,10 +471,13 @@ def _run(model, ids, plan, layout, kv, num_layers, device, max_new_tokens, stops
     sync()
     t2 = time.perf_counter()
     tokens: list[list[int]] = [None] * n  # type: ignore[list-item]
+    logits_out = [None] * n if kept is not None else None
     for i, r in enumerate(plan.order):
         tokens[int(r)] = out[i]
+        if kept is not None:
+            logits_out[int(r)] = torch.stack(kept[i])
     generated = sum(len(t) for t in out)
     stats = dict(prefill_tokens=prefill_tokens, kv_tokens_read=kv_read, kv_tokens_read_unshared=kv_read_unshared,
                  decode_steps=steps, generated_tokens=generated, prefill_s=t1 - t0, decode_s=t2 - t1,
                  decode_tokens_per_s=(generated - n) / (t2 - t1) if t2 > t1 else 0.0, sharing=sharing)
-    return tokens, stats
+    return tokens, stats, logits_out
