@@ -172,3 +172,24 @@ def test_model_without_attention_interface_is_rejected():
         generate(model, [[1, 2, 3]], 2)
     with pytest.raises(TypeError, match="expected a Hugging Face transformers causal LM for `model`, got Linear"):
         generate(torch.nn.Linear(2, 2), [[1, 2, 3]], 2)
+
+
+@pytest.mark.gpu
+def test_kernels_logits_within_tolerance(gen, kernel_device):
+    """The same batch through the CUDA kernels (on a GPU, or the CPU SIMT executor):
+    prefill via paged_decode multi-token queries, decode via prefix_shared_decode; bf16
+    logits teacher-forced against the model in fp32, with HF's own bf16 error as the yardstick."""
+    model = tiny_model("llama", seed=8, dtype=torch.bfloat16, device=kernel_device, head_dim=64,
+                       num_hidden_layers=1)
+    ref_model = tiny_model("llama", seed=8, dtype=torch.bfloat16, head_dim=64, num_hidden_layers=1).float()
+    prompts = workload(gen)[:4] + workload(gen)[6:7]
+    res = generate(model, prompts, 2, page_size=4, output_logits=True, eos_token_id=[])
+    assert res.stats["groups"] >= 1
+    for i, p in enumerate(prompts):
+        seq = torch.tensor([p + res.tokens[i][:-1]])
+        with torch.no_grad():
+            ref = ref_model(seq).logits[0, len(p) - 1:].float()
+            hf = ref_model.bfloat16()(seq).logits[0, len(p) - 1:].float()
+            ref_model.float()
+        bound = 2 * (hf - ref).abs().max() + 2e-2
+        assert (res.logits[i] - ref).abs().max() <= bound, f"prompt {i}"
