@@ -193,3 +193,15 @@ def test_kernels_logits_within_tolerance(gen, kernel_device):
             ref_model.float()
         bound = 2 * (hf - ref).abs().max() + 2e-2
         assert (res.logits[i] - ref).abs().max() <= bound, f"prompt {i}"
+
+
+def test_attention_function_outside_the_engine_and_sliding_window():
+    model = tiny_model("mistral", sliding_window=8)
+    with pytest.raises(NotImplementedError, match="sliding-window attention \\(window 8\\)"):
+        generate(model, [[5] * 10], 2)
+    assert generate(model, [[5, 6, 7]], 2).tokens[0] == hf_greedy(model, [5, 6, 7], 2)  # inside the window
+    from inferops.batch.hf import register
+
+    model.set_attn_implementation(register())
+    with pytest.raises(RuntimeError, match="runs only inside inferops.batch.generate"):
+        model(torch.tensor([[1, 2, 3]]))

@@ -31,28 +31,12 @@ from .paged import (
     expand_queries,
     sm_count,
 )
-from .prefix_plan import PrefixLayout, PrefixPlan
+from .prefix_plan import SHARED_ROWS, PrefixLayout, PrefixPlan, shared_work  # noqa: F401 (re-exported)
 
 __all__ = ["prefix_shared_decode", "PrefixSharedAttention", "shared_work"]
 
-SHARED_ROWS = 64  # query rows per shared-prefix block (csrc: kSharedRows)
 SHARED_KEYS = 64  # keys per shared-prefix tile
 DECODE_TILE = 16  # csrc: kDecodeTileTokens
-
-
-def shared_work(group_indptr: np.ndarray, group_page_indptr: np.ndarray, group_size: int) -> np.ndarray:
-    """[W, 2] int32 work items (group, first query row) of the shared-prefix kernel.
-
-    ``group_indptr`` counts query rows per group before the GQA expansion (one per
-    request, or per query token with multi-token queries): a group of m of them
-    has m * group_size kernel rows (row = member * G + head-in-group), cut into
-    tiles of 64; groups without shared pages get none.
-    """
-    sizes = np.diff(group_indptr)
-    pages = np.diff(group_page_indptr)
-    items = [(g, r0) for g in np.nonzero(pages > 0)[0]
-             for r0 in range(0, int(sizes[g]) * group_size, SHARED_ROWS)]
-    return np.asarray(items, dtype=np.int32).reshape(-1, 2)
 
 
 def _prefix_shared_cuda(q, k_cache, v_cache, block_tables, seq_lens, shared_lens, group_indptr,
