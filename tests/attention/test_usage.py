@@ -85,6 +85,9 @@ def _attention_op_args(gen):
     plan = PrefixPlan.build(prompts, ps)
     cache = PagedKVCache(16, ps, hkv, d, torch.bfloat16, "cpu")
     cache.k.view(-1)[::7] = float("inf")  # poison some slots, owned or not
+    cache.v[0] = float("nan")
+    foreign = cache.allocate(1)  # page 0: another batch's page, which the batch never writes
+    assert foreign.tolist() == [0]
     lay = plan.materialize(cache)
     n = int(plan.prompt_len.sum())
     seq = torch.repeat_interleave(torch.arange(3, dtype=torch.int32), torch.from_numpy(plan.prompt_len).long())

@@ -41,6 +41,10 @@ def test_sharing_off_and_page_sizes_give_the_same_tokens(page_size, gen):
     assert plain.stats["kv_bytes_read"] == plain.stats["kv_bytes_read_without_sharing"]
     for i in (0, 4, 6):
         assert shared.tokens[i] == hf_greedy(model, prompts[i], 4)
+    # prefill in many small packed passes (a prompt longer than the chunk runs alone)
+    assert generate(model, prompts, 4, page_size=page_size, prefill_chunk_tokens=5).tokens == shared.tokens
+    one = generate(model, prompts, 1, page_size=page_size)
+    assert one.tokens == [t[:1] for t in shared.tokens] and one.stats["decode_steps"] == 0
 
 
 def test_stats_are_exact(gen):
