@@ -150,7 +150,7 @@ class _Calls:
 @pytest.mark.parametrize("bad,exc,pattern", [
     (dict(prompts=[]), ValueError, r"at least one prompt in `prompts`"),
     (dict(prompts=[[1, 2], []]), ValueError, r"non-empty prompt, got an empty one at prompts\[1\]"),
-    (dict(prompts=[[1] * 126]), ValueError, r"prompts\[0\] has 126 tokens: .*max_position_embeddings=128"),
+    (dict(prompts=[[1] * 127]), ValueError, r"prompts\[0\] has 127 tokens: .*needs 129 positions.*max_position_embeddings=128"),
     (dict(prompts=[[1, 200]]), ValueError, r"token id 200, out of range \[0, 128\)"),
     (dict(max_new_tokens=0), ValueError, r"int >= 1 for `max_new_tokens`, got 0"),
     (dict(num_pages=1), ValueError, r"`num_pages` is 1"),
@@ -197,6 +197,13 @@ def test_kernels_logits_within_tolerance(gen, kernel_device):
             ref_model.float()
         bound = 2 * (hf - ref).abs().max() + 2e-2
         assert (res.logits[i] - ref).abs().max() <= bound, f"prompt {i}"
+
+
+def test_longest_prompt_that_fits():
+    """126 prompt tokens + 3 new = positions 0..127: fits max_position_embeddings 128, as in HF."""
+    model = tiny_model("llama", seed=9)
+    p = torch.randint(3, 128, (126,)).tolist()
+    assert generate(model, [p], 3).tokens[0] == hf_greedy(model, p, 3)
 
 
 def test_attention_function_outside_the_engine_and_sliding_window():

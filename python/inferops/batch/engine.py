@@ -233,8 +233,8 @@ def generate(
             attention implementation is switched to ``"inferops_paged"`` for the call and
             restored afterwards.
         prompts: a list of token-id sequences (lists or 1-d integer tensors), or of strings
-            with ``tokenizer``. Each prompt plus ``max_new_tokens`` must fit in the model's
-            ``max_position_embeddings``.
+            with ``tokenizer``. Each prompt plus ``max_new_tokens - 1`` (the last new token is
+            not fed back) must fit in the model's ``max_position_embeddings``.
         max_new_tokens: tokens to generate per prompt (>= 1), fewer when a stop token ends it.
         do_sample, temperature, top_k, top_p, seed: sampling (default greedy). With
             ``do_sample=True``: logits / temperature, then top-k, then top-p filtering;
@@ -278,9 +278,10 @@ def generate(
         if lo < 0 or hi >= vocab:
             raise ValueError(f"prompts[{i}] has token id {lo if lo < 0 else hi}, out of range [0, {vocab}) "
                              "(the model's vocab_size)")
-        if max_pos is not None and len(p) + max_new_tokens > max_pos:
+        # the last new token is never fed back: positions 0 .. len + max_new_tokens - 2 run
+        if max_pos is not None and len(p) + max_new_tokens - 1 > max_pos:
             raise ValueError(f"prompts[{i}] has {len(p)} tokens: with max_new_tokens={max_new_tokens} it "
-                             f"needs {len(p) + max_new_tokens} positions, the model has "
+                             f"needs {len(p) + max_new_tokens - 1} positions, the model has "
                              f"max_position_embeddings={max_pos}")
     longest = max(len(p) for p in ids) + max_new_tokens
     window = getattr(text_cfg, "sliding_window", None)
