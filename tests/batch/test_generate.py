@@ -216,3 +216,45 @@ def test_attention_function_outside_the_engine_and_sliding_window():
     model.set_attn_implementation(register())
     with pytest.raises(RuntimeError, match="runs only inside inferops.batch.generate"):
         model(torch.tensor([[1, 2, 3]]))
+
+
+def _rows_case(gen, device):
+    from inferops.attention import PagedKVCache
+
+    ps = 4
+    prompts = workload(gen, page_size=ps)
+    plan = PrefixPlan.build(prompts, ps, decode_lens=[2] * len(prompts))
+    cache = PagedKVCache(64, ps, 2, 64, torch.bfloat16, device)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen).bfloat16())
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen).bfloat16())
+    layout = plan.materialize(cache)
+    return plan, cache, layout
+
+
+def _check_rows(gen, device):
+    """prefix_shared_decode over the layout restricted to some rows (what the engine does
+    when requests finish) equals paged_decode over those rows' block tables."""
+    from inferops.attention import paged_decode, prefix_shared_decode
+    from inferops.attention.paged import LSE_TOLERANCE
+    from inferops.batch.engine import _select_rows
+    from inferops.testing import assert_close
+
+    plan, cache, layout = _rows_case(gen, device)
+    n = plan.num_requests
+    for rows in (np.arange(n), np.asarray([0, 2, n - 1]), np.asarray([1]), np.arange(1, n, 2)):
+        sub = _select_rows(layout, rows)
+        lens = layout.seq_lens.index_select(0, torch.from_numpy(rows).to(device)) + 1
+        q = torch.randn(rows.size, 4, 64, generator=gen).to(device, torch.bfloat16)
+        out, lse = prefix_shared_decode(q, cache.k, cache.v, sub, seq_lens=lens)
+        eo, el = paged_decode(q, cache.k, cache.v, sub.block_tables, lens)
+        assert_close(out, eo.float(), torch.bfloat16, name=f"rows {rows.tolist()}")
+        assert_close(lse, el, LSE_TOLERANCE, name=f"lse, rows {rows.tolist()}")
+
+
+def test_select_rows_reference(gen):
+    _check_rows(gen, "cpu")
+
+
+@pytest.mark.gpu
+def test_select_rows_kernels(gen, kernel_device):
+    _check_rows(gen, kernel_device)
