@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["check"]:
         return check_main(argv[1:])
+    if any(a.split("=")[0] in ("--iters", "--backend") for a in argv):
+        # the op table's own flags: `python -m inferops --backend simt` as before the main job moved
+        return check_main(argv)
     from inferops.batch.cli import main as generate_main
 
     return generate_main(argv[1:] if argv[:1] == ["generate"] else argv)

@@ -57,7 +57,11 @@ def test_main_job_bad_input_is_an_error_not_a_traceback(tmp_path, capsys):
     assert "error: expected an int >= 1 for `max_new_tokens`" in capsys.readouterr().err
 
 
-def test_check_subcommand_is_the_op_table():
+def test_check_subcommand_is_the_op_table(capsys):
     with pytest.raises(SystemExit) as e:
         main(["check", "--help"])
     assert e.value.code == 0
+    assert "python -m inferops check" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the op table's flags still reach it without `check`
+        main(["--backend", "reference", "--help"])
+    assert "python -m inferops check" in capsys.readouterr().out
