@@ -272,7 +272,8 @@ class PrefixSharedAttention:
         self.seq_lens += 1
 
     def decode(self, q: torch.Tensor, **kwargs):
-        """:func:`prefix_shared_decode` of ``q`` (plan order) over the current lengths."""
+        """:func:`prefix_shared_decode` of ``q`` (plan order) over the current lengths: call it
+        after :meth:`append` of the same step, so each new token attends to itself."""
         lay = self._need_layout()
         return prefix_shared_decode(q, self.cache.k, self.cache.v, lay, seq_lens=self.seq_lens,
                                     **kwargs)
