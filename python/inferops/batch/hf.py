@@ -12,11 +12,14 @@ active :class:`AttentionStep`, set by the engine around each forward pass (a con
 variable, so no model code or class is patched and no extra argument needs to travel
 through the model's forward).
 
-Tokens travel packed: a forward pass has batch size 1 and ``T`` tokens from many
+The same attention function also serves ``model.generate()`` with a
+:class:`~inferops.batch.hf_cache.PagedCache` (padded batches, no sharing; see that module).
+
+In the engine, tokens travel packed: a forward pass has batch size 1 and ``T`` tokens from many
 requests, with per-token ``position_ids`` (the model's rotary embeddings use them);
-the attention mask transformers would build is skipped (transformers builds no mask
-for an attention implementation without a registered mask function), the step's
-block tables and lengths say which keys each query sees.
+the mask function registered for this implementation returns the 2-D padding mask
+as given (None in the engine), so no 4-D mask is ever built; the step's block tables
+and lengths say which keys each query sees.
 """
 
 from __future__ import annotations
@@ -94,9 +97,14 @@ def inferops_attention(module, query, key, value, attention_mask, dropout: float
     """
     step = _STEP.get()
     if step is None:
+        from .hf_cache import paged_attention, writing_cache
+
+        cache = writing_cache(getattr(module, "layer_idx", None))
+        if cache is not None:  # model.generate() with a PagedCache
+            return paged_attention(cache, module.layer_idx, query, key, value, attention_mask, scaling), None
         raise RuntimeError(
             f"attention implementation {ATTENTION_NAME!r} runs only inside inferops.batch.generate "
-            "(it reads its paged KV cache from the engine)")
+            "or model.generate(..., past_key_values=PagedCache(...)) (it needs a paged KV cache)")
     if query.shape[0] != 1:
         raise ValueError(f"expected packed tokens (batch 1) in `query`, got shape {list(query.shape)}")
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
@@ -128,5 +136,8 @@ def register() -> str:
     and return its name, for ``model.set_attn_implementation(name)``."""
     from transformers import AttentionInterface
 
+    from .hf_cache import register_mask
+
     AttentionInterface.register(ATTENTION_NAME, inferops_attention)
+    register_mask()  # hands the padding mask to the attention function (model.generate + PagedCache)
     return ATTENTION_NAME
