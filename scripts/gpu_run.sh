@@ -51,7 +51,9 @@ if ls .gpu/peers/*.whl > /dev/null 2>&1; then  # peers for the benchmarks (fla-c
   step install_peers env.txt 300 $PY -m pip install --no-index --no-deps --no-compile -q .gpu/peers/*.whl
 fi
 
-want main && step main_job main.log 300 $PY -m inferops
+want main && step main_job main.log 300 $PY -m inferops check
+# the batch engine (needs transformers + tqdm on the machine); random-weight model, synthetic workload
+want main && step generate generate.log 300 $PY -m inferops generate --compare --out "$DIR/generate.jsonl"
 # A hung kernel must not eat the lease: per-test limit when pytest-timeout is there.
 per_test=()
 $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 240)

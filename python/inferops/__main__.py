@@ -1,4 +1,11 @@
-"""``python -m inferops``: what is available here, and every op checked and timed.
+"""``python -m inferops``: the main job, and the op check.
+
+``python -m inferops [generate] [options]`` (console script ``inferops-generate``) runs
+the batch engine (:mod:`inferops.batch.cli`): offline generation with global prefix
+sharing, on a local checkpoint (``--model PATH``) or a small random-weight model.
+
+``python -m inferops check [options]`` (console script ``inferops-check``): what is
+available here, and every op checked and timed.
 
 Prints the backend (CUDA kernels or PyTorch reference) and the build info,
 then for every registered demo: the op on fresh random inputs, its maximum
@@ -25,7 +32,23 @@ def _outputs(x):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m inferops", description=__doc__.split("\n")[0])
+    """``python -m inferops``: ``check`` runs the op table; anything else (or nothing) the
+    main job, ``generate``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check"]:
+        return check_main(argv[1:])
+    if any(a.split("=")[0] in ("--iters", "--backend") for a in argv):
+        # the op table's own flags: `python -m inferops --backend simt` as before the main job moved
+        return check_main(argv)
+    from inferops.batch.cli import main as generate_main
+
+    return generate_main(argv[1:] if argv[:1] == ["generate"] else argv)
+
+
+def check_main(argv=None) -> int:
+    """Every registered op checked against its float64 reference and timed (``inferops-check``)."""
+    p = argparse.ArgumentParser(prog="python -m inferops check",
+                                description="what is available here, and every op checked and timed")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--iters", type=int, default=None, help="timed calls per op (default 50; 2 with --backend simt)")
     p.add_argument("--backend", choices=("auto", "reference", "simt"), default="auto",

@@ -1,4 +1,4 @@
-"""Benchmark helpers shared by every family's benchmark and by ``python -m inferops``.
+"""Benchmark helpers shared by every family's benchmark and by ``python -m inferops check``.
 
 * :func:`time_fn`: warm-up, then per-iteration timing (CUDA events on a GPU,
   ``perf_counter`` on the CPU), median and spread. Pass several input sets

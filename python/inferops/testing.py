@@ -1,4 +1,4 @@
-"""Test helpers shared by every family (and by ``python -m inferops``).
+"""Test helpers shared by every family (and by ``python -m inferops check``).
 
 * tolerances, defined once: :data:`TOLERANCES` and :func:`assert_close`;
 * fresh random inputs: :func:`fresh_generator` seeds from the OS every call

@@ -179,7 +179,7 @@ def test_cache_allocator_errors():
         c.release([4])
     c.release(p)
     with pytest.raises(TypeError, match="float16 or bfloat16 for `dtype`"):
-        PagedKVCache(4, dtype=torch.float32, device="cpu")
+        PagedKVCache(4, dtype=torch.float32, device="meta")
     with pytest.raises(ValueError, match="positive int for `page_size`"):
         PagedKVCache(4, page_size=0, device="cpu")
 
@@ -246,7 +246,7 @@ def test_decode_padding_beyond_used_pages_is_ignored(gen):
         (lambda a: (a[0].half(), *a[1:]), TypeError, r"bfloat16 for `q`, got float16"),
         (lambda a: (a[0], a[1].half(), *a[2:]), TypeError, r"float16 for `v_cache`, got bfloat16"),
         (lambda a: (a[0], a[1], a[2].half(), *a[3:]), TypeError, r"bfloat16 for `v_cache`, got float16"),
-        (lambda a: (a[0].float(), a[1].float(), a[2].float(), *a[3:]), TypeError, r"float16 or bfloat16 for `k_cache`, got float32"),
+        (lambda a: (a[0].double(), a[1].double(), a[2].double(), *a[3:]), TypeError, r"float16 or bfloat16.* for `k_cache`, got float64"),
         (lambda a: (*a[:3], a[3].long(), a[4]), TypeError, r"int32 for `block_tables`, got int64"),
         (lambda a: (*a[:4], a[4].long()), TypeError, r"int32 for `seq_lens`, got int64"),
         (lambda a: (*a[:4], a[4][:1]), ValueError, r"shape \[2\] for `seq_lens`, got \[1\]"),

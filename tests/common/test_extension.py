@@ -98,8 +98,8 @@ def test_every_op_has_a_main_job_demo():
     assert set(ops.REGISTRY) <= {d.op for d in DEMOS}
 
 
-def test_main_job_runs_and_checks():
-    r = subprocess.run([sys.executable, "-m", "inferops", "--iters", "3"], capture_output=True,
+def test_op_check_runs_and_checks():  # python -m inferops check (the main job is generate: tests/batch)
+    r = subprocess.run([sys.executable, "-m", "inferops", "check", "--iters", "3"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "merge_states" in r.stdout and " ok " in r.stdout and "FAIL" not in r.stdout

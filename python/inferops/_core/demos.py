@@ -1,4 +1,4 @@
-"""Representative cases of every op, run by ``python -m inferops``.
+"""Representative cases of every op, run by ``python -m inferops check``.
 
 Each family registers one or more :class:`Demo` next to its op. The main job
 runs the op on fresh random inputs, checks every output against the float64

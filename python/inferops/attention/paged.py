@@ -25,7 +25,7 @@ from ..reference import attention as ref
 from ..testing import Tolerance
 from ..validation import check_dtype, check_same_device, check_shape, check_tensor
 
-__all__ = ["PagedKVCache", "append_kv", "paged_decode", "check_block_tables"]
+__all__ = ["PagedKVCache", "append_kv", "paged_decode", "check_block_tables", "default_device"]
 
 _KV_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -74,7 +74,10 @@ def check_block_tables(
 def _check_cache(k_cache, v_cache) -> None:
     check_tensor("k_cache", k_cache)
     check_tensor("v_cache", v_cache)
-    check_dtype("k_cache", k_cache, _KV_DTYPES)
+    # float32: CPU caches read by the reference (the kernels take 16-bit K/V).
+    fp32_ok = k_cache.device.type == "cpu" and (torch.compiler.is_compiling()
+                                                 or ops.cpu_backend() == "reference")
+    check_dtype("k_cache", k_cache, _KV_DTYPES + ((torch.float32,) if fp32_ok else ()))
     check_dtype("v_cache", v_cache, (k_cache.dtype,))
     if k_cache.dim() != 4:
         raise ValueError(
@@ -418,11 +421,25 @@ def expand_queries(qo_indptr: torch.Tensor, seq_lens: torch.Tensor, num_tokens: 
 # --- cache object -----------------------------------------------------------------------
 
 
+def default_device() -> torch.device:
+    """The current accelerator (e.g. ``cuda:0``) when torch has one, else the CPU."""
+    acc = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    if acc is None and torch.cuda.is_available():
+        acc = torch.device("cuda")
+    if acc is None:
+        return torch.device("cpu")
+    idx = torch.accelerator.current_device_index() if hasattr(torch, "accelerator") else None
+    return torch.device(acc.type, idx) if idx is not None and idx >= 0 else torch.device(acc.type)
+
+
 class PagedKVCache:
     """K and V page pools with a reference-counted page allocator.
 
     ``k``, ``v``: ``[num_pages, page_size, num_kv_heads, head_dim]`` tensors
-    (uninitialised until written). Pages are handed out by :meth:`allocate`
+    (uninitialised until written), fp16 or bf16; float32 is accepted for a CPU
+    cache, which only the PyTorch reference reads (exact float32 checks against a
+    model's own attention). ``device`` defaults to the current accelerator, else
+    the CPU. Pages are handed out by :meth:`allocate`
     with reference count 1; a request that shares a page (a common prefix)
     calls :meth:`retain`, and :meth:`release` frees a page only when its count
     reaches 0. The allocator is host-side and not thread-safe.
@@ -435,7 +452,7 @@ class PagedKVCache:
         num_kv_heads: int = 8,
         head_dim: int = 128,
         dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str = "cuda",
+        device: torch.device | str | None = None,
     ) -> None:
         sizes = {}
         for name, val in (("num_pages", num_pages), ("page_size", page_size),
@@ -449,8 +466,10 @@ class PagedKVCache:
         num_pages, page_size, num_kv_heads, head_dim = sizes.values()
         if num_pages > 2**31 - 1:
             raise ValueError(f"expected num_pages < 2^31 (int32 page ids), got {num_pages}")
-        if dtype not in _KV_DTYPES:
-            raise TypeError(f"expected dtype float16 or bfloat16 for `dtype`, got {dtype}")
+        device = default_device() if device is None else torch.device(device)
+        if dtype not in _KV_DTYPES and not (dtype == torch.float32 and device.type == "cpu"):
+            raise TypeError(f"expected dtype float16 or bfloat16 for `dtype` (float32 only for a "
+                            f"CPU cache), got {dtype}")
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)

@@ -24,7 +24,27 @@ from .._core.extension import extension
 from ..reference import attention as ref
 from .paged import PagedKVCache
 
-__all__ = ["PrefixPlan", "PrefixLayout"]
+__all__ = ["PrefixPlan", "PrefixLayout", "shared_work"]
+
+# Query rows per block of the shared-prefix kernel (csrc: kSharedRows). The work list
+# lives here, beside the layout that caches it, so that this module does not import
+# prefix_shared (which imports it).
+SHARED_ROWS = 64
+
+
+def shared_work(group_indptr: np.ndarray, group_page_indptr: np.ndarray, group_size: int) -> np.ndarray:
+    """[W, 2] int32 work items (group, first query row) of the shared-prefix kernel.
+
+    ``group_indptr`` counts query rows per group before the GQA expansion (one per
+    request, or per query token with multi-token queries): a group of m of them
+    has m * group_size kernel rows (row = member * G + head-in-group), cut into
+    tiles of 64; groups without shared pages get none.
+    """
+    sizes = np.diff(group_indptr)
+    pages = np.diff(group_page_indptr)
+    items = [(g, r0) for g in np.nonzero(pages > 0)[0]
+             for r0 in range(0, int(sizes[g]) * group_size, SHARED_ROWS)]
+    return np.asarray(items, dtype=np.int32).reshape(-1, 2)
 
 
 def _positive_int(name: str, val) -> int:
@@ -256,8 +276,6 @@ class PrefixLayout:
         """[W, 2] int32 (group, first row) for the shared-prefix kernel, cached per GQA
         ratio (host-built once, so later calls can be captured in a CUDA graph)."""
         if group_size not in self._work:
-            from .prefix_shared import shared_work
-
             self._work[group_size] = self._device(
                 shared_work(self.plan.group_indptr, self.plan.group_page_indptr, group_size))
         return self._work[group_size]
@@ -267,8 +285,6 @@ class PrefixLayout:
         group_indptr over query rows, work items), cached per (qo_lens, GQA ratio)."""
         key = ("qo", group_size, qo_lens.tobytes())
         if key not in self._work:
-            from .prefix_shared import shared_work
-
             qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
             rows = np.repeat(np.arange(qo_lens.size, dtype=np.int64), qo_lens)
             group_indptr = qo_indptr[self.plan.group_indptr]

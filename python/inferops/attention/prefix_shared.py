@@ -31,28 +31,12 @@ from .paged import (
     expand_queries,
     sm_count,
 )
-from .prefix_plan import PrefixLayout, PrefixPlan
+from .prefix_plan import SHARED_ROWS, PrefixLayout, PrefixPlan, shared_work  # noqa: F401 (re-exported)
 
 __all__ = ["prefix_shared_decode", "PrefixSharedAttention", "shared_work"]
 
-SHARED_ROWS = 64  # query rows per shared-prefix block (csrc: kSharedRows)
 SHARED_KEYS = 64  # keys per shared-prefix tile
 DECODE_TILE = 16  # csrc: kDecodeTileTokens
-
-
-def shared_work(group_indptr: np.ndarray, group_page_indptr: np.ndarray, group_size: int) -> np.ndarray:
-    """[W, 2] int32 work items (group, first query row) of the shared-prefix kernel.
-
-    ``group_indptr`` counts query rows per group before the GQA expansion (one per
-    request, or per query token with multi-token queries): a group of m of them
-    has m * group_size kernel rows (row = member * G + head-in-group), cut into
-    tiles of 64; groups without shared pages get none.
-    """
-    sizes = np.diff(group_indptr)
-    pages = np.diff(group_page_indptr)
-    items = [(g, r0) for g in np.nonzero(pages > 0)[0]
-             for r0 in range(0, int(sizes[g]) * group_size, SHARED_ROWS)]
-    return np.asarray(items, dtype=np.int32).reshape(-1, 2)
 
 
 def _prefix_shared_cuda(q, k_cache, v_cache, block_tables, seq_lens, shared_lens, group_indptr,
@@ -213,13 +197,19 @@ class PrefixSharedAttention:
         attn = PrefixSharedAttention(num_pages=4096, num_kv_heads=8, head_dim=128)
         plan = attn.start(prompts, decode_lens)      # plan order: plan.order
         attn.write_prompts(k, v)                     # prompt K/V, plan order, concatenated
-        out, lse = attn.decode(q)                    # q in plan order
+        # each decode step, per layer: the new token's K/V first, then its attention
         attn.append(k_new, v_new)                    # one new token per request
+        out, lse = attn.decode(q)                    # q in plan order; sees the new token
         attn.finish()                                # pages back to the pool
+
+    The order matters: a new token attends to itself, so its K/V must be in the
+    cache before :meth:`decode` (decoding first silently drops that key).
+    ``decode_lens`` (default 1 per request) reserves the pages appends may fill;
+    appending past it raises.
     """
 
     def __init__(self, num_pages: int, page_size: int = 16, num_kv_heads: int = 8,
-                 head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, device="cuda") -> None:
+                 head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, device=None) -> None:
         self.cache = PagedKVCache(num_pages, page_size, num_kv_heads, head_dim, dtype, device)
         self.layout: PrefixLayout | None = None
         self.seq_lens: torch.Tensor | None = None
@@ -264,13 +254,26 @@ class PrefixSharedAttention:
         order) at each request's current length, then advance the lengths."""
         lay = self._need_layout()
         n = lay.plan.num_requests
+        if validate and n > 0:
+            # Each request's own pages hold prompt_len - shared_len + decode_len tokens: the
+            # reserved decode_lens bound the appends (past them the block table has no page).
+            cap = torch.from_numpy((lay.plan.prompt_len.astype(np.int64) + lay.plan.decode_len))
+            over = self.seq_lens.cpu().long() >= cap
+            if bool(over.any()):
+                i = int(over.nonzero()[0])
+                raise ValueError(
+                    f"request {int(lay.plan.order[i])} (plan position {i}) already holds "
+                    f"{int(self.seq_lens[i]) - int(lay.plan.prompt_len[i])} appended tokens, all that "
+                    f"`decode_lens` reserved for it ({int(lay.plan.decode_len[i])}): pass larger "
+                    "`decode_lens` to start()")
         append_kv(self.cache.k, self.cache.v, k, v, lay.block_tables,
                   torch.arange(n, dtype=torch.int32, device=self.cache.k.device), self.seq_lens,
                   validate=validate)
         self.seq_lens += 1
 
     def decode(self, q: torch.Tensor, **kwargs):
-        """:func:`prefix_shared_decode` of ``q`` (plan order) over the current lengths."""
+        """:func:`prefix_shared_decode` of ``q`` (plan order) over the current lengths: call it
+        after :meth:`append` of the same step, so each new token attends to itself."""
         lay = self._need_layout()
         return prefix_shared_decode(q, self.cache.k, self.cache.v, lay, seq_lens=self.seq_lens,
                                     **kwargs)

@@ -88,8 +88,11 @@ def paged_decode(
     valid = pos[None, :] < seq_lens.long()[:, None]  # [B, max_len]
     pages = torch.where(valid, block_tables.long()[:, pos // page_size], 0)
     slots = (pos % page_size)[None, :].expand(B, -1)
-    k = k_cache[pages, slots].to(compute_dtype)  # [B, max_len, Hkv, D]
-    v = v_cache[pages, slots].to(compute_dtype)
+    # Positions past a sequence's end read page 0, which may belong to another
+    # request and hold anything (inf, NaN): zero them, or 0 * inf poisons the output.
+    keep = valid[:, :, None, None]
+    k = torch.where(keep, k_cache[pages, slots].to(compute_dtype), 0)  # [B, max_len, Hkv, D]
+    v = torch.where(keep, v_cache[pages, slots].to(compute_dtype), 0)
     qg = q.to(compute_dtype).view(B, Hkv, G, D)
     s = torch.einsum("bhgd,bthd->bhgt", qg, k) * scale
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
