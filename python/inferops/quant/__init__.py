@@ -13,7 +13,9 @@ from .hadamard import (
     prepare_hadamard,
     supported_hadamard_sizes,
 )
+from .checkpoints import int4_from_awq, int4_from_gptq
 from .int4 import Int4Weight, dequantize, pack_int4, pack_int4_quantized, unpack
+from .loading import load_pretrained, load_quantized
 from .linear import CONFIG_FIELDS, FORMATS, QuantLinear, decode_config, quantize_model_
 from .rotation import fuse_rotation, random_hadamard_matrix, rotate_input
 from .w4a16 import w4a16_matmul
@@ -28,6 +30,8 @@ __all__ = [
     # Hadamard and rotations
     "hadamard_quantize", "hadamard_transform", "hadamard_matrix", "hadamard_factorization", "prepare_hadamard",
     "supported_hadamard_sizes", "fuse_rotation", "rotate_input", "random_hadamard_matrix",
+    # checkpoints
+    "int4_from_gptq", "int4_from_awq", "load_quantized", "load_pretrained",
     # modules
     "CONFIG_FIELDS", "FORMATS", "QuantLinear", "decode_config", "quantize_model_",
 ]

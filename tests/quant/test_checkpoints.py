@@ -1,0 +1,142 @@
+"""GPTQ / AWQ tensors -> Int4Weight: bit-exact dequantization against the formats' definitions
+(tests/quant/_formats.py writes them), act-order permutation, bad input, and the converted
+layer's forward on the kernels (GPU or the CPU executor)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inferops._core.ops import kernel_backend
+from inferops.quant import QuantLinear, dequantize, int4_from_awq, int4_from_gptq
+
+from . import _formats as F
+
+N, K = 128, 256
+
+
+def _weights(gen, n=N, k=K):
+    return torch.randn(n, k, generator=gen) * 0.05
+
+
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group", [64, -1])
+def test_gptq_dequantizes_bit_exactly(checkpoint_format, sym, act_order, group, gen):
+    w = _weights(gen)
+    gl = K if group == -1 else group
+    G = K // gl
+    g_idx = F.act_order_g_idx(K, gl, gen) if act_order else (torch.arange(K) // gl).to(torch.int32)
+    # v1 stores zero - 1: zeros of 0 are not representable there, as in the real format
+    q, z, s = F.quantize_groups(w, g_idx, G, sym)
+    if checkpoint_format == "gptq":
+        z = z.clamp(min=1)
+    t = F.gptq_tensors(q, z, s, g_idx, checkpoint_format)
+    iw, perm = int4_from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], group_size=group,
+                              checkpoint_format=checkpoint_format, sym=sym)
+    expect = F.dequantize_definition(q, z, s, g_idx)  # [N, K]
+    assert iw.symmetric == sym and iw.group_size == group
+    if act_order and group != -1:
+        assert perm is not None and torch.equal(g_idx[perm].long(), torch.arange(K) // gl)
+        expect = expect[:, perm]
+    else:
+        assert perm is None
+    assert torch.equal(dequantize(iw).view(torch.int16), expect.view(torch.int16))
+
+
+def test_gptq_v1_zero_16_is_exact(gen):
+    """v1 stores zero - 1, so a stored 15 means zero point 16 (outside [0, 15]): kept exact."""
+    w = _weights(gen)
+    g_idx = (torch.arange(K) // 128).to(torch.int32)
+    q, z, s = F.quantize_groups(w, g_idx, 2, sym=False)
+    z[0, :8] = 16
+    t = F.gptq_tensors(q, z.clamp(min=1), s, g_idx, "gptq")
+    iw, _ = int4_from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
+    expect = F.dequantize_definition(q, z.clamp(min=1), s, g_idx)
+    assert torch.equal(dequantize(iw).view(torch.int16), expect.view(torch.int16))
+
+
+@pytest.mark.parametrize("group", [128, -1])
+def test_awq_dequantizes_bit_exactly(group, gen):
+    w = _weights(gen)
+    gl = K if group == -1 else group
+    g_idx = (torch.arange(K) // gl).to(torch.int32)
+    q, z, s = F.quantize_groups(w, g_idx, K // gl, sym=False)
+    t = F.awq_tensors(q, z, s)
+    iw = int4_from_awq(t["qweight"], t["qzeros"], t["scales"], group_size=group)
+    expect = F.dequantize_definition(q, z, s, g_idx)
+    assert not iw.symmetric
+    assert torch.equal(dequantize(iw).view(torch.int16), expect.view(torch.int16))
+    # the interleaved order matters: reading AWQ words in GPTQ's column order is wrong
+    wrong = F.pack_cols(q)
+    assert not torch.equal(dequantize(int4_from_awq(wrong, t["qzeros"], s)), expect)
+
+
+def test_bad_checkpoint_tensors_raise(gen):
+    w = _weights(gen)
+    g_idx = (torch.arange(K) // 128).to(torch.int32)
+    q, z, s = F.quantize_groups(w, g_idx, 2, sym=False)
+    t = F.gptq_tensors(q, z.clamp(min=1), s, g_idx)
+    with pytest.raises(ValueError, match="`checkpoint_format`"):
+        int4_from_gptq(t["qweight"], t["qzeros"], s, checkpoint_format="marlin")
+    with pytest.raises(TypeError, match="`qweight`"):
+        int4_from_gptq(t["qweight"].float(), t["qzeros"], s)
+    with pytest.raises(ValueError, match="`qzeros` of shape"):
+        int4_from_gptq(t["qweight"], t["qzeros"][:, :4], s)
+    with pytest.raises(ValueError, match="`group_size` 128"):
+        int4_from_gptq(t["qweight"], t["qzeros"], s, group_size=64)
+    with pytest.raises(ValueError, match="zero point = 8"):
+        int4_from_gptq(t["qweight"], t["qzeros"], s, sym=True)
+    bad = g_idx.clone()
+    bad[:3] = 1  # group 1 gets 131 channels
+    with pytest.raises(ValueError, match="exactly 128 input channels"):
+        int4_from_gptq(t["qweight"], t["qzeros"], s, bad)
+    with pytest.raises(ValueError, match=r"`scales` of shape \[G, 128\]"):
+        int4_from_awq(F.pack_cols(q, F.AWQ_ORDER), F.pack_cols(z, F.AWQ_ORDER), s[:, :64])
+
+
+def test_act_order_layer_equals_dequantized_float_layer(gen):
+    """QuantLinear.from_int4(w, in_perm=perm) == x @ W^T with W in the checkpoint's own order."""
+    w = _weights(gen)
+    g_idx = F.act_order_g_idx(K, 64, gen)
+    q, z, s = F.quantize_groups(w, g_idx, K // 64, sym=False)
+    t = F.gptq_tensors(q, z.clamp(min=1), s, g_idx)
+    iw, perm = int4_from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
+    bias = torch.randn(N, generator=gen).half()
+    layer = QuantLinear.from_int4(iw, bias, in_perm=perm)
+    x = torch.randn(3, 5, K, generator=gen)
+    W = F.dequantize_definition(q, z.clamp(min=1), s, g_idx).double()
+    expect = x.half().double() @ W.t() + bias.double()
+    got = layer(x)  # fp32 in, fp16 math, fp32 out
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expect, rtol=2e-3, atol=2e-3 * float(expect.abs().mean()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["gptq-act-order", "awq"])
+def test_converted_layer_on_the_kernel(fmt, gen, kernel_device):
+    """The converted weights through the w4a16 kernel (fused path, M = 3) and the dequantize
+    kernel: equal to the reference's result on the same weights."""
+    w = _weights(gen)
+    if fmt == "awq":
+        g_idx = (torch.arange(K) // 128).to(torch.int32)
+        q, z, s = F.quantize_groups(w, g_idx, 2, sym=False)
+        t = F.awq_tensors(q, z, s)
+        layer = QuantLinear.from_int4(int4_from_awq(t["qweight"], t["qzeros"], t["scales"]))
+    else:
+        g_idx = F.act_order_g_idx(K, 128, gen)
+        q, z, s = F.quantize_groups(w, g_idx, 2, sym=True)
+        t = F.gptq_tensors(q, z, s, g_idx)
+        iw, perm = int4_from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
+        layer = QuantLinear.from_int4(iw, in_perm=perm)
+    expect_w = F.dequantize_definition(q, z, s, g_idx)
+    assert kernel_backend("w4a16_matmul", kernel_device) in ("cuda", "simt")
+    layer = layer.to(kernel_device)
+    x = torch.randn(3, K, generator=gen).half().to(kernel_device)
+    got = layer(x).cpu().double()
+    expect = x.cpu().double() @ expect_w.double().t()
+    torch.testing.assert_close(got, expect, rtol=1e-2, atol=1e-2 * float(expect.abs().mean()))
+    w_dev = dequantize(layer._int4()).cpu()
+    perm = layer.in_perm.cpu() if layer.in_perm is not None else torch.arange(K)
+    assert torch.equal(w_dev.view(torch.int16), expect_w[:, perm].view(torch.int16))
