@@ -108,8 +108,9 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.format, self.group_size, self.hadamard, self.dtype = format, group_size, bool(hadamard), dtype
         self.symmetric = bool(symmetric) if format == "w4a16" else True
-        self.register_buffer("bias", None)
-        self.register_buffer("in_perm", None)
+        self._put("bias", None)
+        self._put("in_perm", None)
+        self._put("zeros", None)
         self._int4_meta = None
         self._set_config()
 
@@ -123,6 +124,16 @@ class QuantLinear(nn.Module):
         old = self._buffers.get("quant_config")
         t = torch.tensor([vals[k] for k in CONFIG_FIELDS], dtype=torch.int64)
         self.register_buffer("quant_config", t if old is None else t.to(old.device))
+
+    def _put(self, name: str, t: torch.Tensor | None) -> None:
+        """Register ``t`` as buffer ``name``; an absent tensor (None) is a plain attribute, not a
+        None buffer: torch.export miscounts the graph inputs of modules with None buffers."""
+        if name in self._buffers or hasattr(self, name):
+            delattr(self, name)
+        if t is None:
+            object.__setattr__(self, name, None)
+        else:
+            self.register_buffer(name, t)
 
     def config(self) -> dict:
         """This layer's quantization as a dict (what ``quant_config`` encodes)."""
@@ -190,7 +201,7 @@ class QuantLinear(nn.Module):
         m._set_int4(weight)
         m._set_bias(bias, weight.device)
         if in_perm is not None:
-            m.register_buffer("in_perm", _check_perm(in_perm, weight.in_features, weight.device))
+            m._put("in_perm", _check_perm(in_perm, weight.in_features, weight.device))
         m._set_config()
         if hadamard:
             prepare_hadamard(weight.in_features, weight.device)
@@ -248,12 +259,12 @@ class QuantLinear(nn.Module):
             m._set_int4(Int4Weight(torch.zeros(K // 16, 2 * N, dtype=torch.int32, device=device),
                                    torch.ones(G, N, dtype=dt, device=device), z, K, N, gs))
             if config.get("act_order"):
-                m.register_buffer("in_perm", torch.arange(K, device=device))
+                m._put("in_perm", torch.arange(K, device=device))
         else:
             m.register_buffer("weight_q", torch.zeros(N, K, dtype=_W8_DTYPES[fmt], device=device))
             m.register_buffer("weight_scale", torch.ones(N, dtype=torch.float32, device=device))
         if config.get("bias"):
-            m.register_buffer("bias", torch.zeros(N, dtype=dt, device=device))
+            m._put("bias", torch.zeros(N, dtype=dt, device=device))
         m._set_config()
         if device is not None:
             m.quant_config = m.quant_config.to(device)
@@ -265,13 +276,13 @@ class QuantLinear(nn.Module):
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"expected `bias` of shape [{self.out_features}] or None, got "
                              f"{list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-        self.register_buffer("bias", bias.detach().to(device=device, dtype=self.dtype).clone())
+        self._put("bias", bias.detach().to(device=device, dtype=self.dtype).clone())
 
     def _set_int4(self, w: Int4Weight) -> None:
-        self.register_buffer("zeros", None)
-        for name, t in w.state_dict().items():
-            if name != "meta":  # described by quant_config (a buffer named `meta` breaks torch.export)
-                self.register_buffer(name, t)
+        self._put("zeros", w.zeros)
+        self._put("qweight", w.qweight)
+        self._put("scales", w.scales)  # w's `meta` is described by quant_config (a buffer named
+        # `meta` breaks torch.export: it collides with GraphModule.meta)
         # forward uses this host copy of (layout version, N, K, group): it never reads a buffer
         # back from the GPU (a sync per call).
         self._int4_meta = (w.layout_version, w.out_features, w.in_features, w.group_size)
