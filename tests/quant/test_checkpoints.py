@@ -116,8 +116,8 @@ def test_act_order_layer_equals_dequantized_float_layer(gen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["gptq-act-order", "awq"])
 def test_converted_layer_on_the_kernel(fmt, gen, kernel_device):
-    """The converted weights through the w4a16 kernel (fused path, M = 3) and the dequantize
-    kernel: equal to the reference's result on the same weights."""
+    """The converted weights (act-order GPTQ v1 with zero points up to 16; AWQ) through the w4a16
+    kernel (fused path, M = 3) and the dequantize kernel (bit-exact)."""
     w = _weights(gen)
     if fmt == "awq":
         g_idx = (torch.arange(K) // 128).to(torch.int32)
@@ -126,7 +126,9 @@ def test_converted_layer_on_the_kernel(fmt, gen, kernel_device):
         layer = QuantLinear.from_int4(int4_from_awq(t["qweight"], t["qzeros"], t["scales"]))
     else:
         g_idx = F.act_order_g_idx(K, 128, gen)
-        q, z, s = F.quantize_groups(w, g_idx, 2, sym=True)
+        q, z, s = F.quantize_groups(w, g_idx, 2, sym=False)
+        z = z.clamp(min=1)
+        z[1, :16] = 16  # v1's stored 15: zero point 16, exact in the kernel's (magic + z) too
         t = F.gptq_tensors(q, z, s, g_idx)
         iw, perm = int4_from_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
         layer = QuantLinear.from_int4(iw, in_perm=perm)
