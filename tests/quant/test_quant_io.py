@@ -91,6 +91,18 @@ def test_load_quantized_rebuilds_layers_in_a_float_model(fmt, saver, tmp_path):
         assert torch.equal(dst(x), expect)
 
 
+def test_load_quantized_into_a_meta_model():
+    """A model built on the meta device (no memory) is filled by assignment."""
+    src = _quantized("w4a16", hadamard=True)
+    with torch.device("meta"):
+        m = MLP()
+    m = load_quantized(m, src.state_dict())
+    assert not any(t.is_meta for t in list(m.parameters()) + list(m.buffers()))
+    x = torch.randn(2, D)
+    with torch.no_grad():
+        assert torch.equal(m(x), src(x))
+
+
 def test_load_quantized_from_a_state_dict_and_a_standalone_layer():
     a = QuantLinear.from_linear(nn.Linear(256, 128), "w4a16", 128, symmetric=False, dtype=torch.float16)
     b = load_quantized(nn.Linear(256, 128), a.state_dict())

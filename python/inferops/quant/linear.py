@@ -114,15 +114,18 @@ class QuantLinear(nn.Module):
         self._int4_meta = None
         self._set_config()
 
-    def _set_config(self) -> None:
+    def _config_codes(self) -> list[int]:
         layout = self._int4_meta[0] if self._int4_meta is not None else 0
         vals = {"config_version": CONFIG_VERSION, "format": FORMATS.index(self.format),
                 "group_size": self.group_size if self.format == "w4a16" else 0, "symmetric": int(self.symmetric),
                 "hadamard": int(self.hadamard), "in_features": self.in_features, "out_features": self.out_features,
                 "layout_version": layout, "act_order": int(self.in_perm is not None),
                 "dtype": _DTYPE_CODES[self.dtype]}
+        return [vals[k] for k in CONFIG_FIELDS]
+
+    def _set_config(self) -> None:
         old = self._buffers.get("quant_config")
-        t = torch.tensor([vals[k] for k in CONFIG_FIELDS], dtype=torch.int64)
+        t = torch.tensor(self._config_codes(), dtype=torch.int64)
         self.register_buffer("quant_config", t if old is None else t.to(old.device))
 
     def _put(self, name: str, t: torch.Tensor | None) -> None:
@@ -136,8 +139,9 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, t)
 
     def config(self) -> dict:
-        """This layer's quantization as a dict (what ``quant_config`` encodes)."""
-        return decode_config(self.quant_config)
+        """This layer's quantization as a dict (what ``quant_config`` encodes; read from the
+        layer's attributes, so it also works on the ``meta`` device and never syncs)."""
+        return decode_config(torch.tensor(self._config_codes()))
 
     # --- construction -------------------------------------------------------------------------
 
