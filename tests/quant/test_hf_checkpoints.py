@@ -135,7 +135,7 @@ def test_awq_sharded_checkpoint_into_llama(gen, tmp_path):
 def test_unsupported_quantization_configs_raise(gen, tmp_path):
     _, tensors, qc = _quantized_checkpoint("awq", gen, group=128)
     for bad, match in (({**qc, "version": "gemv"}, "'gemm'"), ({**qc, "bits": 3}, "4-bit"),
-                       ({**qc, "quant_method": "bitsandbytes"}, "'gptq' or 'awq'")):
+                       ({**qc, "quant_method": "bitsandbytes"}, "'gptq', 'awq' or 'inferops'")):
         _write(tmp_path, tensors, bad)
         with pytest.raises(ValueError, match=match):
             load_pretrained(tmp_path)
@@ -148,16 +148,36 @@ def test_unsupported_quantization_configs_raise(gen, tmp_path):
 @pytest.mark.parametrize("fmt", ["w4a16", "w8a8-int8", "w8a8-fp8"])
 def test_save_pretrained_round_trip(fmt, gen, tmp_path):
     """Trial failure: save_pretrained + from_pretrained "loaded" random weights. The saved
-    directory now describes itself: load_pretrained (meta init) and load_quantized (into a
-    float model) rebuild the same layers and give the same logits."""
+    directory now describes itself (config.json's quantization_config, quant method
+    "inferops", and each layer's quant_config): transformers' own from_pretrained,
+    load_pretrained (meta init) and load_quantized (into a float model) rebuild the same
+    layers and give the same logits."""
     model = _model(0)
     quantize_model_(model, fmt, 64, hadamard=lambda n, m: n.endswith("down_proj"), progress=False)
     model.save_pretrained(tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "inferops" and len(qc["layers"]) == 14
+    assert qc["layers"]["model.layers.1.mlp.down_proj"]["hadamard"] is True
     ids = torch.randint(0, 256, (2, 6), generator=gen)
     with torch.no_grad():
         expect = model(ids).logits
         a = load_pretrained(tmp_path, dtype=torch.float32)
         b = load_quantized(_model(1), tmp_path)
-        for m in (a, b):
+        c = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+        for m in (a, b, c):
             assert m.model.layers[0].mlp.down_proj.hadamard and not m.model.layers[0].mlp.up_proj.hadamard
             assert torch.equal(m(ids).logits, expect)
+
+
+def test_gptq_checkpoint_resaved_in_inferops_format(gen, tmp_path):
+    """A loaded GPTQ model saves as an inferops checkpoint (converted once, act-order
+    permutation included) that transformers' from_pretrained loads with the same logits."""
+    _, tensors, qc = _quantized_checkpoint("gptq", gen)
+    _write(tmp_path / "gptq", tensors, qc)
+    model = load_pretrained(tmp_path / "gptq", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "ours")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert again.model.layers[0].mlp.up_proj.in_perm is not None
+    ids = torch.randint(0, 256, (1, 8), generator=gen)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)

@@ -15,6 +15,7 @@ from .hadamard import (
 )
 from .checkpoints import int4_from_awq, int4_from_gptq
 from .int4 import Int4Weight, dequantize, pack_int4, pack_int4_quantized, unpack
+from .hf import register as register_transformers
 from .loading import load_pretrained, load_quantized
 from .linear import CONFIG_FIELDS, FORMATS, QuantLinear, decode_config, quantize_model_
 from .rotation import fuse_rotation, random_hadamard_matrix, rotate_input
@@ -31,7 +32,12 @@ __all__ = [
     "hadamard_quantize", "hadamard_transform", "hadamard_matrix", "hadamard_factorization", "prepare_hadamard",
     "supported_hadamard_sizes", "fuse_rotation", "rotate_input", "random_hadamard_matrix",
     # checkpoints
-    "int4_from_gptq", "int4_from_awq", "load_quantized", "load_pretrained",
+    "int4_from_gptq", "int4_from_awq", "load_quantized", "load_pretrained", "register_transformers",
     # modules
     "CONFIG_FIELDS", "FORMATS", "QuantLinear", "decode_config", "quantize_model_",
 ]
+
+import sys as _sys
+
+if "transformers" in _sys.modules:  # else on first use, or register_transformers() (see .hf)
+    register_transformers()

@@ -408,6 +408,9 @@ def quantize_model_(model: nn.Module, format: str = "w4a16", group_size: int = 1
     needs ``out_features % 64 == 0`` and ``in_features % group_size == 0``; w8a8
     ``in_features % 16 == 0``) raise before any layer is replaced, naming them.
 
+    A ``transformers`` model also gets ``config.quantization_config`` listing its quantized
+    layers (quant method ``"inferops"``), so ``save_pretrained`` / ``from_pretrained`` round-trip it.
+
     Returns ``{name: "format[, hadamard]"}`` for the replaced layers.
     """
     _check_format(format)
@@ -432,6 +435,9 @@ def quantize_model_(model: nn.Module, format: str = "w4a16", group_size: int = 1
         done[name] = format + (", hadamard" if had else "")
         if progress:
             _progress(i + 1, len(plans), name, t0, stream)
+    from .hf import set_hf_quantization_config  # lazy: hf imports this module
+
+    set_hf_quantization_config(model)  # transformers models: save_pretrained records the layers
     return done
 
 

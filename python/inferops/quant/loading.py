@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .checkpoints import int4_from_awq, int4_from_gptq
+from .hf import set_hf_quantization_config
 from .linear import QuantLinear, decode_config
 
 __all__ = ["load_pretrained", "load_quantized"]
@@ -145,6 +146,7 @@ def load_quantized(model: nn.Module, state_dict_or_path, *, strict: bool = True)
             _set_module(model, name, q)
     state = {k: tensors.get(k) for k in keys}
     model.load_state_dict(state, strict=strict, assign=meta)
+    set_hf_quantization_config(model)
     return model
 
 
@@ -174,9 +176,11 @@ def _check_quant_config(qc: dict) -> str | None:
     if method is None:
         return None
     method = str(method).lower()
+    if method == "inferops":
+        return None  # the layers describe themselves (quant_config buffers)
     if method not in ("gptq", "awq"):
-        raise ValueError(f"expected quantization_config.quant_method 'gptq' or 'awq' (or none: an inferops "
-                         f"checkpoint), got {method!r}")
+        raise ValueError(f"expected quantization_config.quant_method 'gptq', 'awq' or 'inferops', "
+                         f"got {method!r}")
     if int(qc.get("bits", 4)) != 4:
         raise ValueError(f"expected 4-bit {method.upper()} weights (quantization_config.bits), got {qc.get('bits')}")
     if method == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
@@ -279,4 +283,5 @@ def load_pretrained(path, *, model_cls=None, dtype: torch.dtype | None = None, d
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"the checkpoint in {path} lacks {left[:8]}")
+    set_hf_quantization_config(model)  # save_pretrained now writes inferops' format
     return model.eval()

@@ -1,0 +1,111 @@
+"""Hugging Face ``transformers`` integration: ``from_pretrained`` of inferops-quantized models.
+
+Through transformers' public extension points (``register_quantization_config`` and
+``register_quantizer``), quant method ``"inferops"``: a model's ``config.quantization_config``
+``{"quant_method": "inferops", "layers": {name: {format, group_size, ...}}}`` (written by
+:func:`quantize_model_` / the loaders, saved by ``save_pretrained``) makes
+``AutoModelForCausalLM.from_pretrained(dir)`` build those layers as :class:`QuantLinear`
+before the weights are loaded. The quantizer only loads pre-quantized checkpoints; it does
+not quantize.
+
+Registration needs ``transformers`` imported (a multi-second import), so it is not done by
+``import inferops.quant`` unless transformers is already imported; :func:`register` does it
+explicitly (the loaders and ``quantize_model_`` call it when they meet a transformers model).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from .linear import QuantLinear
+
+__all__ = ["QUANT_METHOD", "hf_quantization_config", "register", "set_hf_quantization_config"]
+
+QUANT_METHOD = "inferops"
+_registered = False
+
+
+def _layer_entry(layer: QuantLinear) -> dict:
+    c = layer.config()
+    c["dtype"] = str(c["dtype"]).replace("torch.", "")
+    c["bias"] = layer.bias is not None
+    return c
+
+
+def hf_quantization_config(model: nn.Module) -> dict:
+    """``{"quant_method": "inferops", "layers": {name: config}}`` for ``model``'s QuantLinear layers."""
+    layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return {"quant_method": QUANT_METHOD, "layers": layers}
+
+
+def set_hf_quantization_config(model: nn.Module) -> None:
+    """Record ``model``'s quantized layers in its transformers config (so ``save_pretrained``
+    writes them to config.json) and register the quantizer; no-op for other models."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict") or "transformers" not in sys.modules:
+        return
+    register()
+    config.quantization_config = hf_quantization_config(model)
+
+
+def register() -> None:
+    """Register quant method ``"inferops"`` with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:  # registered by another copy of this module
+        _registered = True
+        return
+
+    @register_quantization_config(QUANT_METHOD)
+    class InferopsQuantConfig(QuantizationConfigMixin):
+        """Pre-quantized inferops layers: ``layers`` maps module names to their configs."""
+
+        def __init__(self, layers: dict | None = None, **kwargs) -> None:
+            self.quant_method = QUANT_METHOD
+            self.layers = dict(layers or {})
+
+    @register_quantizer(QUANT_METHOD)
+    class InferopsHfQuantizer(HfQuantizer):
+        requires_calibration = True  # loads pre-quantized checkpoints only
+
+        def validate_environment(self, *args, **kwargs) -> None:
+            pass
+
+        def _process_model_before_weight_loading(self, model, **kwargs) -> None:
+            for name, entry in self.quantization_config.layers.items():
+                cfg = dict(entry)
+                dt = getattr(torch, str(cfg["dtype"]), None)
+                if not isinstance(dt, torch.dtype):
+                    raise ValueError(f"expected a torch dtype name for layer `{name}` in quantization_config, "
+                                     f"got {cfg['dtype']!r}")
+                cfg["dtype"] = dt
+                try:
+                    target = model.get_submodule(name)
+                except AttributeError:
+                    raise ValueError(f"quantization_config names layer `{name}`, the model has no such module") from None
+                if not isinstance(target, nn.Linear):
+                    raise TypeError(f"quantization_config names layer `{name}`, a {type(target).__name__}, "
+                                    "expected nn.Linear")
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, QuantLinear.empty(cfg, "meta"))
+
+        def is_serializable(self, *args, **kwargs) -> bool:
+            return True
+
+        @property
+        def is_trainable(self) -> bool:  # adapters on a frozen base: gradients reach activations
+            return True
+
+    _registered = True
