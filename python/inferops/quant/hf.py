@@ -94,7 +94,8 @@ def register() -> None:
                 try:
                     target = model.get_submodule(name)
                 except AttributeError:
-                    raise ValueError(f"quantization_config names layer `{name}`, the model has no such module") from None
+                    raise ValueError(f"quantization_config names layer `{name}`, "
+                                     "the model has no such module") from None
                 if not isinstance(target, nn.Linear):
                     raise TypeError(f"quantization_config names layer `{name}`, a {type(target).__name__}, "
                                     "expected nn.Linear")
