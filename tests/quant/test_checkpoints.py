@@ -4,6 +4,9 @@ layer's forward on the kernels (GPU or the CPU executor)."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -142,3 +145,38 @@ def test_converted_layer_on_the_kernel(fmt, gen, kernel_device):
     w_dev = dequantize(layer._int4()).cpu()
     perm = layer.in_perm.cpu() if layer.in_perm is not None else torch.arange(K)
     assert torch.equal(w_dev.view(torch.int16), expect_w[:, perm].view(torch.int16))
+
+
+def _autoawq_packing_utils():
+    """AutoAWQ's packing helpers as an independent oracle (optional: `pip install autoawq
+    --no-deps`). Its `awq/utils/packing_utils.py` imports only torch, but the `awq` package's
+    `__init__` needs accelerate, datasets and triton, so the file is loaded on its own."""
+    spec = importlib.util.find_spec("awq")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("AutoAWQ not installed (optional oracle: pip install autoawq --no-deps)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "utils" / "packing_utils.py"
+    if not path.is_file():
+        pytest.skip(f"AutoAWQ without {path.name}")
+    mspec = importlib.util.spec_from_file_location("_autoawq_packing_utils", path)
+    mod = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mod)
+    return mod
+
+
+def test_awq_and_gptq_v1_match_autoawq(gen):
+    """Oracle from a peer: AutoAWQ's dequantize_gemm reads our AWQ tensors to the same fp16
+    weights as int4_from_awq, and its AWQ -> ExLlama (GPTQ v1 packing, zero - 1) conversion
+    reads back through int4_from_gptq to the same weights."""
+    awq = _autoawq_packing_utils()
+    g_idx = (torch.arange(K) // 64).to(torch.int32)
+    q, z, s = F.quantize_groups(_weights(gen), g_idx, K // 64, sym=False)
+    z = z.clamp(min=1)  # AutoAWQ's v1 conversion subtracts 1 without a borrow guard
+    t = F.awq_tensors(q, z, s)
+    expect = awq.dequantize_gemm(t["qweight"], t["qzeros"], s, 4, 64).t()  # [N, K] fp16
+    assert expect.dtype == torch.float16
+    ours = dequantize(int4_from_awq(t["qweight"], t["qzeros"], s))
+    assert torch.equal(ours.view(torch.int16), expect.contiguous().view(torch.int16))
+    qw, qz = awq.unpack_reorder_pack(t["qweight"], t["qzeros"], 4)
+    iw, perm = int4_from_gptq(qw.to(torch.int32), qz.to(torch.int32), s, checkpoint_format="gptq")
+    assert perm is None
+    assert torch.equal(dequantize(iw).view(torch.int16), expect.contiguous().view(torch.int16))
