@@ -35,16 +35,26 @@ def _fake(x, w_q, w_scale, bias, hadamard, out_dtype, path):
     return x.new_empty((x.shape[0], w_q.shape[0]), dtype=_CODE_OUT[out_dtype])
 
 
-@ops.register_op("w8a8_linear", family="quant", fake=_fake)
-def _linear_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-               hadamard: bool, out_dtype: str, path: str) -> torch.Tensor:
-    # Composite: each inner op dispatches to its own kernel (CUDA, executor) or reference.
+def _linear_kernels(x, w_q, w_scale, bias, hadamard, out_dtype, path):
+    """GPU / executor: the family's kernels, one op each (each routes itself)."""
     if hadamard:
         x_q, s = torch.ops.inferops.hadamard_quantize(x, _code(w_q))
     else:
         x_q, s = torch.ops.inferops.quantize_per_token(x, _code(w_q))
     b = None if bias is None else bias.float().contiguous()
     return torch.ops.inferops.w8a8_matmul(x_q, s, w_q, w_scale, b, out_dtype, path)
+
+
+@ops.register_op("w8a8_linear", family="quant", fake=_fake, cuda_impl=_linear_kernels, cuda_kernel="w8a8_matmul")
+def _linear_op(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+               hadamard: bool, out_dtype: str, path: str) -> torch.Tensor:
+    # the reference (CPU fallback): the ops' PyTorch references composed
+    if hadamard:
+        x_q, s = ref.hadamard_quantize(x, w_q.dtype)
+    else:
+        x_q, s = ref.quantize_per_token(x, w_q.dtype)
+    b = None if bias is None else bias.float()
+    return ref.w8a8_matmul(x_q, s, w_q, w_scale, _CODE_OUT[out_dtype], b).contiguous()
 
 
 def _setup(ctx, inputs, output):
