@@ -6,6 +6,9 @@ model that holds the same dequantized weights."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -181,3 +184,18 @@ def test_gptq_checkpoint_resaved_in_inferops_format(gen, tmp_path):
     ids = torch.randint(0, 256, (1, 8), generator=gen)
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_from_pretrained_in_a_fresh_process(tmp_path):
+    """The documented recipe in a new process: import transformers, then inferops.quant
+    (which registers quant method "inferops"), then from_pretrained."""
+    model = _model(0)
+    quantize_model_(model, "w4a16", 64, progress=False)
+    model.save_pretrained(tmp_path)
+    code = ("import transformers, inferops.quant\n"
+            f"m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n"
+            "print(type(m.model.layers[1].mlp.down_proj).__name__)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "QuantLinear"

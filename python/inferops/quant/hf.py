@@ -3,52 +3,27 @@
 Through transformers' public extension points (``register_quantization_config`` and
 ``register_quantizer``), quant method ``"inferops"``: a model's ``config.quantization_config``
 ``{"quant_method": "inferops", "layers": {name: {format, group_size, ...}}}`` (written by
-:func:`quantize_model_` / the loaders, saved by ``save_pretrained``) makes
+:func:`quantize_model_` / the loaders through ``linear.set_hf_quantization_config``, saved by
+``save_pretrained``; writing it needs no transformers import) makes
 ``AutoModelForCausalLM.from_pretrained(dir)`` build those layers as :class:`QuantLinear`
 before the weights are loaded. The quantizer only loads pre-quantized checkpoints; it does
 not quantize.
 
 Registration needs ``transformers`` imported (a multi-second import), so it is not done by
 ``import inferops.quant`` unless transformers is already imported; :func:`register` does it
-explicitly (the loaders and ``quantize_model_`` call it when they meet a transformers model).
+explicitly (the loaders call it).
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
-from .linear import QuantLinear
+from .linear import QUANT_METHOD, QuantLinear
 
-__all__ = ["QUANT_METHOD", "hf_quantization_config", "register", "set_hf_quantization_config"]
+__all__ = ["register"]
 
-QUANT_METHOD = "inferops"
 _registered = False
-
-
-def _layer_entry(layer: QuantLinear) -> dict:
-    c = layer.config()
-    c["dtype"] = str(c["dtype"]).replace("torch.", "")
-    c["bias"] = layer.bias is not None
-    return c
-
-
-def hf_quantization_config(model: nn.Module) -> dict:
-    """``{"quant_method": "inferops", "layers": {name: config}}`` for ``model``'s QuantLinear layers."""
-    layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    return {"quant_method": QUANT_METHOD, "layers": layers}
-
-
-def set_hf_quantization_config(model: nn.Module) -> None:
-    """Record ``model``'s quantized layers in its transformers config (so ``save_pretrained``
-    writes them to config.json) and register the quantizer; no-op for other models."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict") or "transformers" not in sys.modules:
-        return
-    register()
-    config.quantization_config = hf_quantization_config(model)
 
 
 def register() -> None:

@@ -30,7 +30,8 @@ from .w4a16 import w4a16_matmul
 from .w8a8_linear import w8a8_linear
 from .w8a8 import quantize_weight_per_channel
 
-__all__ = ["CONFIG_FIELDS", "FORMATS", "QuantLinear", "decode_config", "quantize_model_"]
+__all__ = ["CONFIG_FIELDS", "FORMATS", "QuantLinear", "decode_config", "hf_quantization_config", "quantize_model_",
+           "set_hf_quantization_config"]
 
 FORMATS = ("w4a16", "w8a8-int8", "w8a8-fp8")
 _W8_DTYPES = {"w8a8-int8": torch.int8, "w8a8-fp8": torch.float8_e4m3fn}
@@ -435,10 +436,33 @@ def quantize_model_(model: nn.Module, format: str = "w4a16", group_size: int = 1
         done[name] = format + (", hadamard" if had else "")
         if progress:
             _progress(i + 1, len(plans), name, t0, stream)
-    from .hf import set_hf_quantization_config  # lazy: hf imports this module
-
     set_hf_quantization_config(model)  # transformers models: save_pretrained records the layers
     return done
+
+
+QUANT_METHOD = "inferops"  # config.quantization_config["quant_method"] (see inferops.quant.hf)
+
+
+def hf_quantization_config(model: nn.Module) -> dict:
+    """``{"quant_method": "inferops", "layers": {name: config}}`` for ``model``'s QuantLinear
+    layers (JSON-ready: dtype as a name, plus ``bias``), what ``config.json`` records."""
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            c = m.config()
+            c["dtype"] = str(c["dtype"]).replace("torch.", "")
+            c["bias"] = m.bias is not None
+            layers[name] = c
+    return {"quant_method": QUANT_METHOD, "layers": layers}
+
+
+def set_hf_quantization_config(model: nn.Module) -> None:
+    """Record ``model``'s quantized layers in its transformers config (``model.config`` with
+    ``to_dict``), so ``save_pretrained`` writes them to config.json; no-op for other models.
+    Loading them back with ``from_pretrained`` needs :func:`inferops.quant.register_transformers`."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        config.quantization_config = hf_quantization_config(model)
 
 
 def _unsupported(lin: nn.Linear, format: str, group_size: int, hadamard: bool) -> str | None:

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .checkpoints import int4_from_awq, int4_from_gptq
-from .hf import set_hf_quantization_config
-from .linear import QuantLinear, decode_config
+from .hf import register as register_transformers
+from .linear import QuantLinear, decode_config, set_hf_quantization_config
 
 __all__ = ["load_pretrained", "load_quantized"]
 
@@ -147,6 +148,8 @@ def load_quantized(model: nn.Module, state_dict_or_path, *, strict: bool = True)
     state = {k: tensors.get(k) for k in keys}
     model.load_state_dict(state, strict=strict, assign=meta)
     set_hf_quantization_config(model)
+    if "transformers" in sys.modules:
+        register_transformers()
     return model
 
 
@@ -284,4 +287,5 @@ def load_pretrained(path, *, model_cls=None, dtype: torch.dtype | None = None, d
     if left:
         raise ValueError(f"the checkpoint in {path} lacks {left[:8]}")
     set_hf_quantization_config(model)  # save_pretrained now writes inferops' format
+    register_transformers()  # and from_pretrained in this process reads it
     return model.eval()
