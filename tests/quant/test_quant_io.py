@@ -113,6 +113,10 @@ def test_load_quantized_from_a_state_dict_and_a_standalone_layer():
         load_quantized(nn.Linear(256, 128), nn.Linear(256, 128).state_dict())
     with pytest.raises(ValueError, match=r"`<root>`.*256->128, the model's 256->64"):
         load_quantized(nn.Linear(256, 64), a.state_dict())
+    with pytest.raises(TypeError, match=r"`<root>` into a Conv1d"):
+        load_quantized(nn.Conv1d(256, 128, 1), a.state_dict())
+    with pytest.raises(ValueError, match="no such module"):
+        load_quantized(nn.Sequential(nn.Linear(256, 128)), {"x." + k: v for k, v in a.state_dict().items()})
 
 
 @pytest.mark.parametrize("change", ["hadamard", "format", "group_size", "symmetric"])

@@ -139,6 +139,9 @@ def load_quantized(model: nn.Module, state_dict_or_path, *, strict: bool = True)
             continue
         if isinstance(mod, QuantLinear):
             continue  # load_state_dict checks its quant_config against the checkpoint's
+        if not isinstance(mod, nn.Linear):
+            raise TypeError(f"cannot load quantized layer `{name or '<root>'}` into a {type(mod).__name__} "
+                            "(expected nn.Linear or QuantLinear)")
         dev = None if mod.weight.is_meta else mod.weight.device
         q = _inferops_layer(tensors, keys, name, mod, dev if dev is not None else "meta")
         if not name:
