@@ -199,3 +199,31 @@ def test_from_pretrained_in_a_fresh_process(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "QuantLinear"
+
+
+def test_load_pretrained_never_materializes_float_weights_of_quantized_layers(gen, tmp_path):
+    """Every tensor created while loading is recorded (a dispatch mode sees each op's outputs):
+    none is a floating tensor off the meta device shaped like a quantized projection's weight
+    ([128, 256] down_proj, [128, 128] q/o_proj, [64, 128] k/v_proj; the embedding and the
+    gate/up shape [256, 128] coincide, so that one is not checked)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta:
+                    self.shapes.add(tuple(t.shape))
+            return out
+
+    _, tensors, qc = _quantized_checkpoint("gptq", gen)
+    _write(tmp_path, tensors, qc)
+    with Record() as rec:
+        model = load_pretrained(tmp_path, dtype=torch.float32)
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    assert (128,) in rec.shapes  # the recorder sees the float tensors that are loaded (norms)
+    assert not rec.shapes & {(128, 256), (128, 128), (64, 128)}, sorted(rec.shapes)
