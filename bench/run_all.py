@@ -29,6 +29,7 @@ BENCHMARKS = [
     ("tp/bench_gemm_rs.py", "main"),
     ("quant/bench_w8a8.py", "main"),
     ("quant/bench_hadamard.py", "main"),
+    ("quant/bench_quant_linear.py", "main"),
     ("attention/bench_batch_generate.py", "main"),  # last: a 1B model end to end (minutes on a GPU)
 ]
 

@@ -316,7 +316,9 @@ def _hadamard_cuda(x: torch.Tensor, out_dtype: str):
 
 def _hadamard_ref(x: torch.Tensor, out_dtype: str):
     if out_dtype == "none":
-        return ref.hadamard_transform(x), torch.empty(0, dtype=torch.float32, device=x.device)
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64: gradcheck
+        return (ref.hadamard_transform(x, compute_dtype=compute),
+                torch.empty(0, dtype=torch.float32, device=x.device))
     qdt = torch.int8 if out_dtype == "int8" else torch.float8_e4m3fn
     return ref.hadamard_quantize(x, qdt)
 
@@ -331,6 +333,24 @@ def _hadamard_fake(x, out_dtype):
 def _hadamard_op(x: torch.Tensor, out_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     out, scale = _hadamard_ref(x, out_dtype)
     return out.contiguous(), scale.contiguous()
+
+
+def _hadamard_setup(ctx, inputs, output):
+    ctx.out_dtype = inputs[1]
+
+
+def _hadamard_backward(ctx, grad_out, grad_scale):
+    """The rotation is linear and orthonormal: ``dx = dy @ (H_n / sqrt(n))^T``. The quantized
+    outputs (int8 / fp8) have no useful derivative: QuantLinear's w8a8 path differentiates
+    through w8a8_linear (straight-through) instead."""
+    if ctx.out_dtype != "none":
+        raise RuntimeError("hadamard_quantize with a quantized output (int8 / fp8) has no gradient; "
+                           "differentiate the rotation alone (dtype=None) or use QuantLinear / w8a8_linear")
+    compute = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    return ref.hadamard_rotate(grad_out, compute_dtype=compute, transpose=True).to(grad_out.dtype), None
+
+
+_hadamard_op.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
 
 
 def hadamard_quantize(x: torch.Tensor, dtype: torch.dtype | None = None):

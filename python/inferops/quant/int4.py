@@ -51,8 +51,9 @@ class Int4Weight:
             (``layout_version``; see docs/quant.md). Do not index it as a matrix.
         scales: ``[G, N]`` fp16 or bf16 (the activations' dtype), ``G = K // group_size``
             (1 for per-channel), natural column order.
-        zeros: ``[G, N]`` in the scales' dtype holding integer zero points 0..15, or
-            None for symmetric weights (``q in [-8, 7]``). ``W = (q_stored - z) * s``.
+        zeros: ``[G, N]`` in the scales' dtype holding integer zero points 0..15 (16 also
+            works exactly: GPTQ v1 checkpoints store ``z - 1`` up to 15), or None for
+            symmetric weights (``q in [-8, 7]``). ``W = (q_stored - z) * s``.
         in_features, out_features: K and N.
         group_size: k per scale group, or -1 for one group per output channel.
         layout_version: checked against :data:`LAYOUT_VERSION` at construction and by

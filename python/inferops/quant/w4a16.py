@@ -107,7 +107,30 @@ def _matmul_fake(x, qweight, scales, zeros, bias, group_size, path):
 @ops.register_op("w4a16_matmul", family="quant", fake=_matmul_fake, cuda_impl=_matmul_cuda)
 def _matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                bias: torch.Tensor | None, group_size: int, path: str) -> torch.Tensor:
-    return ref.w4a16_matmul(x, qweight, scales, zeros, bias, group_size)
+    # fp32 math for fp16 / bf16 (the kernels' accumulation); float64 inputs (gradcheck on the
+    # op itself) stay in float64
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return ref.w4a16_matmul(x, qweight, scales, zeros, bias, group_size, compute_dtype=compute)
+
+
+def _matmul_setup(ctx, inputs, output):
+    x, qweight, scales, zeros, bias, group_size, path = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.group_size = group_size
+    ctx.bias_grad = bias is not None
+
+
+def _matmul_backward(ctx, grad):
+    """Gradients to ``x`` and ``bias`` only (the int4 weight is frozen): ``dx = dy @ W`` with
+    W dequantized exactly as the forward uses it (one int4_dequantize kernel on the GPU)."""
+    qweight, scales, zeros = ctx.saved_tensors
+    w = torch.ops.inferops.int4_dequantize(qweight, scales, zeros, ctx.group_size)
+    dx = grad @ w.to(grad.dtype)
+    db = grad.sum(0) if ctx.bias_grad else None
+    return dx, None, None, None, db, None, None
+
+
+_matmul_op.register_autograd(_matmul_backward, setup_context=_matmul_setup)
 
 
 def w4a16_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, *,

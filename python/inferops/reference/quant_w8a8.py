@@ -91,10 +91,12 @@ def _fwht_last(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def hadamard_rotate(x: torch.Tensor, *, compute_dtype=torch.float32) -> torch.Tensor:
+def hadamard_rotate(x: torch.Tensor, *, compute_dtype=torch.float32, transpose: bool = False) -> torch.Tensor:
     """``x @ H_n / sqrt(n)`` over the last dim in ``compute_dtype`` through the factorization
     ``H_n = kron(H_m, H_{2^k})``: the row as ``X [m, 2^k]`` becomes ``H_m^T X H_{2^k}``
-    (O(n (log n + m)) work, no ``[n, n]`` matrix)."""
+    (O(n (log n + m)) work, no ``[n, n]`` matrix). ``transpose``: ``x @ (H_n / sqrt(n))^T``
+    (``H_m X H_{2^k}``, the Sylvester factor is symmetric): the rotation's adjoint, i.e. its
+    backward."""
     from ..quant.hadamard import (  # lazy: avoids an import cycle
         dense_factor,
         hadamard_factorization,
@@ -105,7 +107,7 @@ def hadamard_rotate(x: torch.Tensor, *, compute_dtype=torch.float32) -> torch.Te
     y = _fwht_last(x.to(compute_dtype).reshape(*x.shape[:-1], m, p))
     if m > 1:
         hm = dense_factor(m).to(device=x.device, dtype=compute_dtype)
-        y = hm.t() @ y  # [m, m] x [..., m, p]: Y[c, d] = sum_a H_m[a, c] X[a, d]
+        y = (hm if transpose else hm.t()) @ y  # [m, m] x [..., m, p]: Y[c, d] = sum_a H_m[a, c] X[a, d]
     return y.reshape(x.shape) / math.sqrt(n)
 
 
