@@ -25,10 +25,11 @@ def make_inputs(g: torch.Generator, device) -> dict:
     def rand(*s, dtype=torch.bfloat16, scale=1.0):
         return (torch.randn(*s, generator=g) * scale).to(device, dtype)
 
-    seq_lens = [5, 8]
-    num_pages = 2 + 2 + 3
-    perm = torch.randperm(num_pages, generator=g)
-    bt = torch.stack([perm[:2], perm[2:4]]).to(device, torch.int32)
+    seq_lens = [5, 11]
+    num_pages = 2 + 3 + 3
+    perm = torch.randperm(num_pages, generator=g).to(torch.int32)
+    # row 0 padded with -1 past its 2 pages, as block tables of unequal sequences are
+    bt = torch.stack([torch.cat([perm[:2], torch.tensor([-1], dtype=torch.int32)]), perm[2:5]]).to(device)
     # a prefix-shared batch: two requests sharing a 9-token prefix
     pre = torch.randint(0, 100, (9,), generator=g).tolist()
     prompts = [pre + [200, 201], pre + [300, 301, 302]]
