@@ -291,7 +291,7 @@ register_demo(Demo(
     op="causal_linear_attention",
     sizes=lambda d: "B={} T={} H={} K=V={}".format(*_demo_shape(d)),
     make_inputs=_demo_inputs,
-    run=lambda q, k, v: causal_linear_attention(q, k, v, output_final_state=True),
+    run=lambda q, k, v: causal_linear_attention(q, k, v, output_final_state=True, normalize=False),
     baseline=lambda q, k, v: ref.causal_linear_attention(q, k, v),
     reference64=_demo_ref64,
     dtype=torch.bfloat16,
