@@ -109,3 +109,36 @@ def test_prefix_shared_decode_compiles_after_one_eager_call(gen):
     eager = prefix_shared_decode(q, cache.k, cache.v, lay)
     got = _compiled(lambda q, k, v: prefix_shared_decode(q, k, v, lay, validate=False))(q, cache.k, cache.v)
     assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
+
+
+@pytest.mark.gpu
+def test_default_validation_captures_in_cuda_graph(gen, cuda_device):
+    """validate=True (the default) inside CUDA-graph capture: no host sync (the value checks
+    become captured device-side assertions), and replay gives the eager results."""
+    q, kc, vc, bt, sl = make_case(gen, batch=2, hq=8, hkv=2, d=64, page_size=4, seq_lens=[5, 8], device=cuda_device)
+    k = torch.randn(2, 2, 64, generator=gen).bfloat16().to(cuda_device)
+    ids = torch.tensor([0, 1], dtype=torch.int32, device=cuda_device)
+    pos = torch.tensor([4, 7], dtype=torch.int32, device=cuda_device)
+    topk = torch.rand(16, 8, generator=gen).topk(2, dim=1).indices.to(cuda_device, torch.int32)
+    lq = torch.rand(1, 70, 2, 32, generator=gen).bfloat16().to(cuda_device)
+    cu = torch.tensor([0, 30, 70], device=cuda_device)  # int64, as fla users pass
+
+    def step(kc, vc):
+        append_kv(kc, vc, k, k, bt, ids, pos)
+        out, lse = paged_decode(q, kc, vc, bt, sl)
+        lay = routing_layout(topk, 8)
+        o, (kv, z) = causal_linear_attention(lq, lq, lq, cu_seqlens=cu, output_final_state=True)
+        return out, lse, lay.dst_index, o, kv, z
+
+    eager = step(kc.clone(), vc.clone())  # also warms every per-device cache
+    kc2, vc2 = kc.clone(), vc.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(kc2, vc2)
+    kc2.copy_(kc)
+    vc2.copy_(vc)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
