@@ -99,15 +99,24 @@ def test_defaults_are_fla_defaults(fla_naive, gen):
     assert_close(o, want.double(), OUT_TOL)
 
 
-# every argument combination, batch layout
+# every argument combination, in both layouts: [B, T, H, K] (fla's) and a [B, H, T, K] tensor
+# passed by mistake, which both sides read with dim 1 as time (we also warn)
 @pytest.mark.parametrize("normalize,with_init,final,scale",
                          list(itertools.product([True, False], [False, True], [False, True], [None, 0.3])))
-def test_batched_matches_fla(normalize, with_init, final, scale, fla_naive, gen):
+@pytest.mark.parametrize("layout", ["BTHK", "BHTK"])
+def test_batched_matches_fla(layout, normalize, with_init, final, scale, fla_naive, gen):
     B, T, H, K, V = 2, 67, 3, 32, 16
     q, k, v = _inputs(gen, B, T, H, K, V)
+    if layout == "BHTK":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        T, H = H, T  # what both implementations read
     init = _initial(gen, B, H, K, V, normalize) if with_init else None
-    o, st = causal_linear_attention(q, k, v, scale=scale, initial_state=init, output_final_state=final,
-                                    normalize=normalize)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        o, st = causal_linear_attention(q, k, v, scale=scale, initial_state=init, output_final_state=final,
+                                        normalize=normalize)
+    assert [str(w.message) for w in caught if "T = 3 < H = 67" in str(w.message)] != [] if layout == "BHTK" \
+        else not caught
     want_o, want_st = fla_naive.naive_recurrent_linear_attn(q, k, v, scale=scale, initial_state=init,
                                                             output_final_state=final, normalize=normalize)
     assert o.dtype == q.dtype and o.shape == want_o.shape
@@ -150,6 +159,18 @@ def test_head_first_layout_warns_and_runs_as_fla(fla_naive, gen):
         right, _ = causal_linear_attention(q, k, v)
     assert_close(right, fla_naive.naive_recurrent_linear_attn(q, k, v, normalize=True)[0].double(), OUT_TOL)
     assert not torch.allclose(o.transpose(1, 2).float(), right.float(), atol=0.1)
+
+
+def test_kv_only_initial_state_with_normalize(fla_naive, gen):
+    """fla: a tensor initial_state with normalize=True is the kv state, the key sum starts at 0."""
+    q, k, v = _inputs(gen, 2, 40, 2, 32, 8)
+    kv = torch.randn(2, 2, 32, 8, generator=gen)
+    o, (kv1, z1) = causal_linear_attention(q, k, v, initial_state=kv, output_final_state=True)
+    want_o, (want_kv, want_z) = fla_naive.naive_recurrent_linear_attn(q, k, v, initial_state=kv, normalize=True,
+                                                                      output_final_state=True)
+    assert_close(o, want_o.double(), OUT_TOL)
+    assert_close(kv1, want_kv.double(), STATE_TOL)
+    assert_close(z1, want_z.double(), STATE_TOL)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
