@@ -1,7 +1,7 @@
 """SLAB's own block structures take our modules with their own arguments and give SLAB's answer.
 
 The blocks (Swin with shifted windows and its attention mask, DeiT, PVT with spatial
-reduction) and SLAB's attention are written here from SLAB's published architecture
+reduction, CSWin with two stripe branches and LePE) and SLAB's attention are written here from SLAB's published architecture
 (Guo et al., "SLAB: Efficient Transformers with Simplified Linear Attention and
 Progressive Re-parameterized BatchNorm", ICML 2024, and its model definitions): each
 block builds its attention exactly as SLAB's block code does (same positional and keyword
@@ -16,16 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inferops.linear_attention import SimplifiedLinearAttention, SLABDeiTAttention, SLABPVTAttention
+from inferops.linear_attention import SimplifiedLinearAttention, SLABCSwinAttention, SLABDeiTAttention, SLABPVTAttention
 from inferops.testing import Tolerance, assert_close
 
 
 # --- SLAB's attention, plain PyTorch (the oracle) --------------------------------------------
 
 
-def _slab_math(q, k, v, num_heads, dwc, conv_v=None):
+def _slab_math(q, k, v, num_heads, dwc, conv_v=None, grid=None):
     """ReLU features, the normalised linear attention in the quadratic form (an order of
-    operations independent of the kernel's K^T V first), plus dwc on a square grid."""
+    operations independent of the kernel's K^T V first), plus dwc on the token grid
+    (square unless ``grid`` is given)."""
     B, N, C = q.shape
     split = lambda t: t.reshape(B, t.shape[1], num_heads, C // num_heads).transpose(1, 2)  # noqa: E731
     q, k, v = split(F.relu(q)), split(F.relu(k)), split(v)
@@ -33,9 +34,10 @@ def _slab_math(q, k, v, num_heads, dwc, conv_v=None):
     out = (scores @ v) / (q @ k.sum(2, keepdim=True).transpose(-1, -2) + 1e-6)
     cv = v if conv_v is None else split(conv_v)
     side = int(round(N ** 0.5))
+    gh, gw = grid or (side, side)
     d = C // num_heads
-    grid = cv.reshape(B * num_heads, side, side, d).permute(0, 3, 1, 2)
-    conv = dwc(grid).permute(0, 2, 3, 1).reshape(B, num_heads, N, d)
+    img = cv.reshape(B * num_heads, gh, gw, d).permute(0, 3, 1, 2)
+    conv = dwc(img).permute(0, 2, 3, 1).reshape(B, num_heads, N, d)
     return (out + conv).transpose(1, 2).reshape(B, N, C)
 
 
@@ -94,6 +96,33 @@ class SlabPVTSLA(nn.Module):
         conv_v = None if self.sr_ratio == 1 else F.interpolate(v.transpose(1, 2), size=N, mode="linear").transpose(1, 2)
         out = _slab_math(self.q(x), k + self.positional_encoding, v, self.num_heads, self.dwc, conv_v)
         return self.proj_drop(self.proj(out))
+
+
+class SlabCSwinSLA(nn.Module):
+    def __init__(self, dim, resolution, idx, split_size=7, dim_out=None, num_heads=8, attn_drop=0., proj_drop=0.,
+                 qk_scale=None, focusing_factor=3, kernel_size=5):
+        super().__init__()
+        self.res, self.num_heads = resolution, num_heads
+        self.hs, self.ws = {-1: (resolution, resolution), 0: (resolution, split_size), 1: (split_size, resolution)}[idx]
+        d = dim // num_heads
+        self.get_v = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)  # LePE
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.dwc = nn.Conv2d(d, d, kernel_size, padding=kernel_size // 2, groups=d)
+        self.scale = nn.Parameter(torch.zeros(1, 1, dim))
+        self.positional_encoding = nn.Parameter(torch.zeros(1, self.hs * self.ws, dim))
+
+    def forward(self, qkv):
+        B, L, C = qkv.shape[1:]
+        R, hs, ws = self.res, self.hs, self.ws
+
+        def stripes(t):  # image tokens -> [B * windows, hs * ws, C], window-major
+            return t.reshape(B, R // hs, hs, R // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, hs * ws, C)
+
+        q, k, v = (stripes(t) for t in qkv)
+        out = _slab_math(q, k + self.positional_encoding, v, self.num_heads, self.dwc, grid=(hs, ws))
+        lepe = self.get_v(v.transpose(1, 2).reshape(-1, C, hs, ws)).flatten(2).transpose(1, 2)
+        out = out + lepe
+        return out.reshape(B, R // hs, R // ws, hs, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, L, C)
 
 
 # --- the blocks, built as SLAB's model code builds them -----------------------------------------
@@ -169,6 +198,33 @@ class PVTBlock(nn.Module):
 
     def forward(self, x, H, W):
         x = x + self.attn(self.norm1(x), H, W)
+        return x + self.mlp(self.norm2(x))
+
+
+class CSwinBlock(nn.Module):
+    def __init__(self, attn_cls, dim, reso, num_heads, split_size=7, qkv_bias=False, qk_scale=None, drop=0.,
+                 attn_drop=0., focusing_factor=3, kernel_size=5):
+        super().__init__()
+        self.reso = reso
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.norm1, self.norm2, self.mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), Mlp(dim)
+        self.proj = nn.Linear(dim, dim)
+        last = reso == split_size
+        branches = [-1] if last else [0, 1]
+        bdim, bheads = (dim, num_heads) if last else (dim // 2, num_heads // 2)
+        self.attns = nn.ModuleList([
+            attn_cls(bdim, resolution=reso, idx=i, split_size=split_size, num_heads=bheads, dim_out=bdim,
+                     qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop, focusing_factor=focusing_factor,
+                     kernel_size=kernel_size) for i in branches])
+
+    def forward(self, x):
+        B, L, C = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(B, L, 3, C).permute(2, 0, 1, 3)
+        if len(self.attns) == 2:  # the channels split between the vertical and horizontal stripes
+            att = torch.cat([self.attns[0](qkv[..., :C // 2]), self.attns[1](qkv[..., C // 2:])], dim=2)
+        else:
+            att = self.attns[0](qkv)
+        x = x + self.proj(att)
         return x + self.mlp(self.norm2(x))
 
 
@@ -248,6 +304,14 @@ def test_pvt_block(sr_ratio, gen):
         assert_close(ours(x, H, W), slab.double()(x.double(), H, W), F32)
 
 
+@pytest.mark.parametrize("reso,split", [(14, 2), (7, 7)], ids=["stripes", "last-stage"])
+def test_cswin_block(reso, split, gen):
+    slab, ours = _pair(gen, CSwinBlock, SlabCSwinSLA, SLABCSwinAttention, 64, reso, 4, split_size=split)
+    x = torch.randn(2, reso * reso, 64, generator=gen)
+    with torch.no_grad():
+        assert_close(ours(x), slab.double()(x.double()), F32)
+
+
 def test_swin_wrong_window_tokens(gen):
     attn = SimplifiedLinearAttention(64, (7, 7), 2)
     with pytest.raises(ValueError, match=r"expected 49 tokens in `x` \(window 7 x 7\), got 50"):
@@ -256,7 +320,7 @@ def test_swin_wrong_window_tokens(gen):
 
 @pytest.mark.gpu
 def test_blocks_on_kernels(gen, kernel_device):
-    """The three blocks with the kernels (GPU, or the SIMT executor) against SLAB's math."""
+    """The four blocks with the kernels (GPU, or the SIMT executor) against SLAB's math."""
     tol = Tolerance(atol=2e-3, rtol=2e-3)
     cases = [
         (_pair(gen, SwinBlock, SlabSwinSLA, SimplifiedLinearAttention, 64, (14, 14), 2, window_size=7, shift_size=3),
@@ -264,6 +328,8 @@ def test_blocks_on_kernels(gen, kernel_device):
         (_pair(gen, DeiTBlock, SlabDeiTSLA, SLABDeiTAttention, 128, 2), (torch.randn(1, 196, 128, generator=gen),), ()),
         (_pair(gen, PVTBlock, SlabPVTSLA, SLABPVTAttention, 64, 64, 1, sr_ratio=2),
          (torch.randn(1, 64, 64, generator=gen),), (8, 8)),
+        (_pair(gen, CSwinBlock, SlabCSwinSLA, SLABCSwinAttention, 128, 14, 4, split_size=2),
+         (torch.randn(1, 196, 128, generator=gen),), ()),
     ]
     with torch.no_grad():
         for (slab, ours), (x,), hw in cases:

@@ -1,7 +1,7 @@
 """Drop-in SLAB attention modules: SLAB's constructors, forward signatures and parameter
 names, running :func:`~inferops.linear_attention.simplified_linear_attention`.
 
-SLAB (Guo et al., 2024) ships its simplified linear attention (SLA) inside three model
+SLAB (Guo et al., 2024) ships its simplified linear attention (SLA) inside four model
 families, each with its own module signature; each class here takes that family's exact
 arguments and ``state_dict`` keys, so a SLAB checkpoint loads with ``load_state_dict``
 and the model's own block code calls it unchanged:
@@ -18,6 +18,8 @@ SLAB (classification/models/...)       inferops
                                          (keyword, ours) for class/distillation tokens
 ``slab_pvt.SimplifiedLinearAttention``   :class:`SLABPVTAttention`, ``forward(x, H, W)``;
 ``(dim, num_patches, num_heads, ...)``   ``sr_ratio > 1`` (reduced keys/values) supported
+``slab_cswin.SimplifiedLinearAttention``  :class:`SLABCSwinAttention`, ``forward(qkv)``:
+``(dim, resolution, idx, split_size, ...)``  stripe windows, plus CSWin's LePE (``get_v``)
 =====================================  ==================================================
 
 The math of every class is SLAB's: ``q, k, v`` from the projection(s), the learned
@@ -41,7 +43,7 @@ from torch import nn
 from ..reference.linear_attention import SLA_EPS
 from .sla import simplified_linear_attention
 
-__all__ = ["SimplifiedLinearAttention", "SLABDeiTAttention", "SLABPVTAttention"]
+__all__ = ["SimplifiedLinearAttention", "SLABDeiTAttention", "SLABPVTAttention", "SLABCSwinAttention"]
 
 
 def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -236,3 +238,71 @@ class SLABPVTAttention(nn.Module):
             v_up = F.interpolate(v.transpose(1, 2), size=N, mode="linear").transpose(1, 2)
             out = _sla(_heads(q, h), _heads(kp, h), _heads(vp, h), self.dwc, (H, W), conv_input=_heads(v_up, h))
         return self.proj_drop(self.proj(_merge(out).to(x.dtype)))
+
+
+class SLABCSwinAttention(nn.Module):
+    """SLAB's CSWin attention (``slab_cswin.SimplifiedLinearAttention``), same constructor,
+    forward and parameters: ``get_v`` (CSWin's LePE, a 3 x 3 depthwise conv over all
+    ``dim`` channels), ``dwc``, ``scale`` (declared by SLAB, unused) and
+    ``positional_encoding`` ``[1, H_sp * W_sp, dim]``; no projection (CSWin's block owns
+    ``qkv`` and ``proj`` and splits the channels between two stripe branches).
+
+    ``idx`` picks the stripes of a ``resolution x resolution`` image: -1 the whole image,
+    0 ``resolution x split_size`` (vertical), 1 ``split_size x resolution`` (horizontal).
+    ``forward(qkv)``: ``qkv`` ``[3, B, resolution^2, dim]`` (q, k, v stacked, last dim
+    contiguous, e.g. a channel slice of the block's projection); returns ``[B, L, dim]``:
+    per stripe window, SLAB's attention with the ``dwc`` conv on the ``H_sp x W_sp`` window
+    (in the kernel), plus the LePE of ``v`` (``F.conv2d`` in PyTorch).
+    """
+
+    def __init__(self, dim, resolution, idx, split_size=7, dim_out=None, num_heads=8, attn_drop=0., proj_drop=0.,
+                 qk_scale=None, focusing_factor=3, kernel_size=5):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"expected `dim` ({dim}) divisible by `num_heads` ({num_heads})")
+        if idx == -1:
+            h_sp, w_sp = resolution, resolution
+        elif idx == 0:
+            h_sp, w_sp = resolution, split_size
+        elif idx == 1:
+            h_sp, w_sp = split_size, resolution
+        else:
+            raise ValueError(f"expected `idx` -1, 0 or 1, got {idx!r}")
+        if resolution % h_sp or resolution % w_sp:
+            raise ValueError(f"expected `split_size` ({split_size}) to divide `resolution` ({resolution})")
+        self.dim, self.dim_out, self.resolution = dim, dim_out or dim, resolution
+        self.split_size, self.num_heads = split_size, num_heads
+        self.H_sp, self.W_sp = h_sp, w_sp
+        self.focusing_factor = focusing_factor  # accepted, unused (as SLAB)
+        self.get_v = nn.Conv2d(dim, dim, kernel_size=3, stride=1, padding=1, groups=dim)
+        self.attn_drop = nn.Dropout(attn_drop)
+        head_dim = dim // num_heads
+        self.dwc = nn.Conv2d(head_dim, head_dim, kernel_size, padding=kernel_size // 2, groups=head_dim)
+        self.scale = nn.Parameter(torch.zeros(1, 1, dim))  # SLAB declares it and never reads it
+        self.positional_encoding = nn.Parameter(torch.zeros(1, h_sp * w_sp, dim))
+
+    def _windows(self, t):
+        """``[B, H * W, C]`` (row-major image) -> ``[B * windows, H_sp * W_sp, C]``."""
+        B, _, C = t.shape
+        R, hs, ws = self.resolution, self.H_sp, self.W_sp
+        return t.reshape(B, R // hs, hs, R // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, hs * ws, C)
+
+    def _image(self, t, B):
+        R, hs, ws = self.resolution, self.H_sp, self.W_sp
+        C = t.shape[-1]
+        return t.reshape(B, R // hs, R // ws, hs, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, R * R, C)
+
+    def forward(self, qkv):
+        if qkv.dim() != 4 or qkv.shape[0] != 3 or qkv.shape[-1] != self.dim:
+            raise ValueError(f"expected `qkv` of shape [3, B, tokens, {self.dim}], got {list(qkv.shape)}")
+        R = self.resolution
+        if qkv.shape[2] != R * R:
+            raise ValueError(f"expected {R * R} tokens in `qkv` (resolution {R} x {R}), got {qkv.shape[2]}")
+        B = qkv.shape[1]
+        q, k, v = (self._windows(t) for t in qkv.unbind(0))
+        k = k + self.positional_encoding
+        h = self.num_heads
+        out = _merge(_sla(_heads(q, h), _heads(k, h), _heads(v, h), self.dwc, (self.H_sp, self.W_sp)))
+        lepe = self.get_v(v.transpose(1, 2).reshape(v.shape[0], self.dim, self.H_sp, self.W_sp))
+        out = out.to(lepe.dtype) + lepe.flatten(2).transpose(1, 2)
+        return self._image(out, B)
