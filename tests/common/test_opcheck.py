@@ -72,6 +72,7 @@ def executor_calls():
         return _recorded_calls("cpu", seed=1)
 
 
+@pytest.mark.simt  # the kernels on the executor: also in CI's AddressSanitizer run
 @pytest.mark.skipif(not simt_available(), reason="the SIMT executor (inferops._simt) is not available")
 @pytest.mark.parametrize("name", _executor_ops())
 def test_opcheck_executor(name, executor_calls):
