@@ -238,9 +238,9 @@ def linear_attention_step(q, k, v, state, scale=None, normalize=None, *, use_rel
     V = v.shape[-1]
     check_shape("k", k, (B, H, K))
     check_shape("v", v, (B, H, V))
-    parts = (("state[0]", state[0]), ("state[1]", state[1])) if tup else (("state", state),)
     if tup and len(state) != 2:
         raise ValueError(f"expected `state` = (kv_state, z_state), got {len(state)} items")
+    parts = (("state[0]", state[0]), ("state[1]", state[1])) if tup else (("state", state),)
     for name, t in parts:
         check_tensor(name, t)
         check_dtype(name, t, (torch.float32,))
