@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         r = lambda *s: (torch.randn(*s, generator=g) * 0.3).to(dev, torch.bfloat16)  # noqa: E731
         q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, K)
         flops = B * H * T * (2 * 64 * (K + K) + 4 * K * K)  # chunk 64: intra-chunk + state terms
-        t = time_fn(lambda: causal_linear_attention(q, k, v), None, device=dev, iters=iters)
+        t = time_fn(lambda: causal_linear_attention(q, k, v, normalize=False), None, device=dev, iters=iters)
         tflops = flops / (t.median_us * 1e-6) / 1e12
         sizes = f"B={B} T={T} H={H} K=V={K}"
         base_fns = {}

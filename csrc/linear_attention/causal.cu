@@ -42,7 +42,7 @@ constexpr int kC = 64;   // tokens per chunk
 constexpr int kVt = 64;  // value columns per block
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr float kNormEps = 1e-6f;
+constexpr float kNormEps = 1e-10f;  // fla's normaliser eps (drop-in parity: same call, same answer)
 // The state operand copy is scaled (per 16 columns) once its max |S| reaches this.
 constexpr float kScaleFrom = 32768.f;  // 2^15: fp16's max finite is 65504 (< 2^16)
 static_assert(kVt / 16 == kWarps, "refresh_operand gives each warp one 16-column group");

@@ -17,6 +17,8 @@ __all__ = [
     "check_shape",
     "check_same_device",
     "check_last_dim_contiguous",
+    "host_sync_allowed",
+    "read_flags",
 ]
 
 
@@ -57,3 +59,36 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
             f"expected `{name}` contiguous in its last dimension (stride 1), "
             f"got strides {list(t.stride())}"
         )
+
+
+# --- value checks (they read tensor values) ----------------------------------------------------
+
+
+def host_sync_allowed(*tensors: torch.Tensor) -> bool:
+    """Whether a check may read tensor values on the host now: not while ``torch.compile``
+    traces (a ``.tolist()`` breaks the graph) and not while the current CUDA stream is
+    being captured into a graph (a device->host copy is illegal there)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(t.is_cuda for t in tensors) or not torch.cuda.is_current_stream_capturing()
+
+
+def read_flags(flags: torch.Tensor, messages: Sequence[str]) -> list[bool]:
+    """Read boolean error flags computed on the device, for a value check.
+
+    ``flags``: 1-d bool tensor, one entry per failure mode (True = the input is bad),
+    ``messages[i]`` saying what ``flags[i]`` means. Eagerly this syncs once and returns the
+    flags: the caller then raises its detailed ``ValueError`` (with the offending index
+    and value). While compiling or capturing a CUDA graph (:func:`host_sync_allowed`) it
+    reads nothing: each flag becomes a device-side assertion (``torch._assert_async``,
+    traced into the graph and captured with it) carrying its message, and all-False is
+    returned. A failed assertion raises ``RuntimeError(message)`` on the CPU when the op
+    runs; on CUDA it is a device-side assert, reported at the next synchronisation (and,
+    as every device assert, it leaves the CUDA context unusable): the check still happens,
+    without a host sync.
+    """
+    if host_sync_allowed(flags):
+        return [bool(f) for f in flags.tolist()]
+    for i, msg in enumerate(messages):
+        torch._assert_async(~flags[i], msg)
+    return [False] * len(messages)

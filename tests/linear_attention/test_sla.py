@@ -81,7 +81,7 @@ def test_module_state_dict_compatible(gen):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     slow = ref.SimplifiedLinearAttentionReference(96, 3, (7, 7))
     torch.nn.init.normal_(slow.positional_encoding, std=0.1)
-    fast = SimplifiedLinearAttention(96, 3, (7, 7))
+    fast = SimplifiedLinearAttention(96, (7, 7), 3)  # SLAB's Swin signature
     fast.load_state_dict(slow.state_dict())
     x = torch.randn(2, 49, 96)
     with torch.no_grad():
@@ -167,7 +167,7 @@ def test_cuda_poisoned_output_and_module(gen, kernel_device):
     synchronize(kernel_device)
     assert_close(out, _ref64(q, k, v, w, b, hw), torch.bfloat16)
     slow = ref.SimplifiedLinearAttentionReference(96, 3, hw).to(kernel_device)
-    fast = SimplifiedLinearAttention(96, 3, hw).to(kernel_device)
+    fast = SimplifiedLinearAttention(96, hw, 3).to(kernel_device)
     fast.load_state_dict(slow.state_dict())
     x = torch.randn(2, N, 96, device=kernel_device)
     with torch.no_grad():

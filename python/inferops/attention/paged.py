@@ -23,7 +23,7 @@ from .._core.demos import Demo, register_demo
 from .._core.extension import simt_extension
 from ..reference import attention as ref
 from ..testing import Tolerance
-from ..validation import check_dtype, check_same_device, check_shape, check_tensor
+from ..validation import check_dtype, check_same_device, check_shape, check_tensor, read_flags
 
 __all__ = ["PagedKVCache", "append_kv", "paged_decode", "check_block_tables", "default_device"]
 
@@ -45,7 +45,8 @@ def check_block_tables(
     ``seq_lens[i]`` must be in ``[0, max_pages * page_size]`` and the first
     ``ceil(seq_lens[i] / page_size)`` entries of ``block_tables[i]`` in
     ``[0, num_pages)``; entries past them are ignored (padding such as -1 is fine).
-    Reads the values, so it synchronizes with the device once.
+    Reads the values, so it synchronizes with the device once; under torch.compile or
+    CUDA-graph capture the checks run on the device instead (``validation.read_flags``).
     """
     max_pages = block_tables.shape[1]
     sl = seq_lens.long()
@@ -53,7 +54,10 @@ def check_block_tables(
     mask = torch.arange(max_pages, device=block_tables.device)[None, :] < used[:, None]
     bad_page = mask & ((block_tables < 0) | (block_tables >= num_pages))
     flags = torch.stack([(sl < 0).any(), (sl > max_pages * page_size).any(), bad_page.any()])
-    neg, too_long, page = flags.tolist()
+    neg, too_long, page = read_flags(flags, (
+        "expected `seq_lens` >= 0",
+        f"expected `seq_lens` <= max_pages * page_size = {max_pages * page_size}",
+        f"expected the used entries of `block_tables` in [0, {num_pages}) (cache pages)"))
     if neg:
         i = int((sl < 0).nonzero()[0])
         raise ValueError(f"expected `seq_lens` >= 0, got {int(sl[i])} for sequence {i}")
@@ -188,7 +192,10 @@ def _check_append_indices(block_tables, seq_ids, positions, num_pages, page_size
     else:
         pages = block_tables.long()[torch.where(ok, s, 0), torch.where(ok, p // page_size, 0)]
     bad_page = ok & ((pages < 0) | (pages >= num_pages))
-    a, b, c = torch.stack([bad_seq.any(), bad_pos.any(), bad_page.any()]).tolist()
+    a, b, c = read_flags(torch.stack([bad_seq.any(), bad_pos.any(), bad_page.any()]), (
+        f"expected `seq_ids` in [0, {batch}) (rows of `block_tables`)",
+        f"expected `positions` in [0, {max_pages * page_size}) (block table width x page_size)",
+        f"expected the `block_tables` entries that `seq_ids`/`positions` reach in [0, {num_pages}) (cache pages)"))
     if a:
         t = int(bad_seq.nonzero()[0])
         raise ValueError(f"seq_ids[{t}] = {int(s[t])} is out of range [0, {batch}) (rows of `block_tables`)")
@@ -389,8 +396,11 @@ def check_qo_indptr(qo_indptr: torch.Tensor, seq_lens: torch.Tensor, num_tokens:
     """Raise ValueError unless ``qo_indptr`` is a valid CSR over ``num_tokens`` query
     rows whose tokens fit in their sequences (one device sync)."""
     counts = (qo_indptr[1:] - qo_indptr[:-1]).long()
-    flags = torch.stack([qo_indptr[0] != 0, qo_indptr[-1] != num_tokens, (counts < 0).any(),
-                         (counts > seq_lens.long()).any()]).tolist()
+    flags = read_flags(torch.stack([qo_indptr[0] != 0, qo_indptr[-1] != num_tokens, (counts < 0).any(),
+                                    (counts > seq_lens.long()).any()]), (
+        "expected qo_indptr[0] == 0", f"expected qo_indptr[-1] == {num_tokens} (rows of `q`)",
+        "expected non-decreasing `qo_indptr`",
+        "expected each sequence's query tokens (from `qo_indptr`) <= its `seq_lens` (append their K/V first)"))
     if flags[0] or flags[1]:
         raise ValueError(f"expected qo_indptr[0] == 0 and qo_indptr[-1] == {num_tokens} (rows of `q`), "
                          f"got {int(qo_indptr[0])} and {int(qo_indptr[-1])}")

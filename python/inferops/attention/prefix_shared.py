@@ -17,7 +17,7 @@ import torch
 from .._core import ops
 from .._core.demos import Demo, register_demo
 from ..reference import attention as ref
-from ..validation import check_dtype, check_shape, check_tensor
+from ..validation import check_dtype, check_shape, check_tensor, read_flags
 from .paged import (
     LSE_TOLERANCE,
     PagedKVCache,
@@ -146,7 +146,7 @@ def prefix_shared_decode(
     if validate and B > 0:
         check_block_tables(layout.block_tables, seq_lens, num_pages, page_size)
         short = seq_lens < layout.shared_lens
-        if bool(short.any()):
+        if read_flags(short.any()[None], ("expected every `seq_lens` >= its shared prefix length",))[0]:
             i = int(short.nonzero()[0])
             raise ValueError(f"seq_lens[{i}] = {int(seq_lens[i])} is shorter than its shared "
                              f"prefix ({int(layout.shared_lens[i])} tokens)")
@@ -168,7 +168,8 @@ def prefix_shared_decode(
             # prefix (no per-row causal limit): a query token whose causal length is
             # shorter than the prefix would silently see later prefix tokens.
             inside = seq_lens < shared_lens
-            if bool(inside.any()):
+            if read_flags(inside.any()[None], ("expected multi-token queries to start at or after position "
+                                               "shared_len - 1 of their request",))[0]:
                 j = int(inside.nonzero()[0])
                 raise ValueError(
                     f"query row {j} (request {int(rows[j])}) is at position {int(seq_lens[j]) - 1}, "

@@ -5,15 +5,19 @@ inferops.reference.linear_attention (chunkwise form = CPU fallback; the masked
 quadratic form is the test oracle).
 
 Feature maps are the caller's business (apply yours to q and k first), except
-ReLU, which ``use_relu=True`` applies inside the kernel. ``scale`` multiplies
-q (default ``K ** -0.5``, as fla). State: ``[num_seqs, H, K, V]`` fp32; with
-``normalize=True`` it has ``V + 1`` columns, the last holding the key sum, and
-``o_t = (scale q_t . S_t[:, :V]) / (scale q_t . z_t + 1e-6)`` (the scale stays in the
-denominator, so it sets the weight of the eps), so normalised attention
-continues exactly across calls (prefill in pieces, then decode steps).
+ReLU, which ``use_relu=True`` applies inside the kernel. The public call is fla's
+``chunk_linear_attn`` (arguments, defaults incl. ``normalize=True``, state structure):
+``scale`` multiplies q (default ``K ** -0.5``); with ``normalize``
+``o_t = (scale q_t . S_t) / (scale q_t . z_t + 1e-10)``, ``z_t`` the running key sum, and
+the state is fla's ``(kv_state [N, H, K, V], z_state [N, 1, H, K])``. The kernels keep it
+packed as one fp32 ``[N, H, K, V + 1]`` tensor (the last column ``z``), so normalised
+attention continues exactly across calls (prefill in pieces, then decode steps); the
+wrappers convert between the two.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -21,7 +25,8 @@ from .._core import ops
 from .._core.demos import Demo, register_demo
 from ..reference import linear_attention as ref
 from ..testing import Tolerance
-from ..validation import check_dtype, check_last_dim_contiguous, check_same_device, check_shape, check_tensor
+from ..validation import (check_dtype, check_last_dim_contiguous, check_same_device, check_shape, check_tensor,
+                          read_flags)
 
 __all__ = ["causal_linear_attention", "linear_attention_step"]
 
@@ -62,25 +67,74 @@ def _causal_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state:
     return o.contiguous(), final.contiguous()
 
 
+def _pack_state(name, state, n, H, K, V, normalize):
+    """fla's state structure -> the kernels' fp32 ``[n, H, K, V (+1)]`` (the last column the key
+    sum ``z`` when normalising). ``state``: a ``[n, H, K, V]`` tensor, or with ``normalize`` a
+    ``(kv_state, z_state)`` tuple, ``z_state`` ``[n, 1, H, K]`` (either may be None: zeros).
+    Returns None when there is no state at all."""
+    if isinstance(state, (tuple, list)):
+        if not normalize:
+            raise TypeError(f"expected a tensor `{name}` with normalize=False (a (kv_state, z_state) "
+                            f"tuple is the normalize=True state), got a {type(state).__name__}")
+        if len(state) != 2:
+            raise ValueError(f"expected `{name}` = (kv_state, z_state), got {len(state)} items")
+        parts = ((f"{name}[0]", state[0], (n, H, K, V)), (f"{name}[1]", state[1], (n, 1, H, K)))
+    else:
+        parts = ((name, state, (n, H, K, V)), (None, None, None))
+    for pname, t, shape in parts:
+        if t is None:
+            continue
+        check_tensor(pname, t)
+        if not t.is_floating_point():
+            raise TypeError(f"expected a floating-point `{pname}`, got {str(t.dtype).replace('torch.', '')}")
+        check_shape(pname, t, shape)
+    kv, z = parts[0][1], parts[1][1]
+    if kv is None and z is None:
+        return None
+    dev = (kv if kv is not None else z).device
+    kv = kv.float() if kv is not None else torch.zeros(n, H, K, V, device=dev)
+    if not normalize:
+        return kv.contiguous()
+    z = z.float().squeeze(1) if z is not None else torch.zeros(n, H, K, device=dev)
+    if z.device != kv.device:
+        raise ValueError(f"expected `{name}[1]` on the device of `{name}[0]` ({kv.device}), got {z.device}")
+    return torch.cat([kv, z.unsqueeze(-1)], dim=-1).contiguous()
+
+
+def _unpack_state(packed, V, normalize):
+    """The kernels' packed state -> fla's structure: ``[n, H, K, V]``, or with ``normalize``
+    ``(kv_state [n, H, K, V], z_state [n, 1, H, K])``, fp32."""
+    if not normalize:
+        return packed
+    return packed[..., :V].contiguous(), packed[..., V].unsqueeze(1).contiguous()
+
+
 def causal_linear_attention(q, k, v, scale=None, initial_state=None, output_final_state=False,
-                            normalize=False, cu_seqlens=None, *, use_relu=False, validate=True):
-    """Causal linear attention, chunkwise parallel (chunks of 64 tokens, tensor cores).
+                            normalize=True, cu_seqlens=None, *, use_relu=False, validate=True):
+    """Causal linear attention, chunkwise parallel (chunks of 64 tokens, tensor cores), with
+    fla's ``chunk_linear_attn`` call: same arguments, defaults, state structure and results.
 
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; fp16 or bf16, last dim contiguous;
-            ``K`` in {32, 64, 128} on the GPU, any ``V``.
+            ``K`` in {32, 64, 128} on the GPU, any ``V``. Warns (as fla did) when
+            ``T < H`` without ``cu_seqlens``: probably a ``[B, H, T, K]`` tensor.
         scale: multiplies q; default ``K ** -0.5``.
-        initial_state: ``[num_seqs, H, K, V]`` fp32 (``V + 1`` columns when normalising).
+        initial_state: ``[N, H, K, V]`` (``N`` = B, or the number of sequences with
+            ``cu_seqlens``); with ``normalize`` also fla's tuple ``(kv_state, z_state)``,
+            ``z_state`` ``[N, 1, H, K]`` the running key sum. Any float dtype (used in fp32).
         output_final_state: also return the state after the last token.
-        normalize: divide by ``q_t . z_t`` (key-sum normaliser; see the module docstring).
-        cu_seqlens: ``[num_seqs + 1]`` int32 on q's device, with ``B == 1``: sequence ``i``
-            is tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` (empty sequences allowed).
+        normalize: divide by ``scale q_t . z_t + 1e-10``, ``z_t = z_0 + sum_{j<=t} k_j``
+            (fla's key-sum normaliser; default True, as fla's chunk_linear_attn).
+        cu_seqlens: ``[N + 1]`` int32 or int64 on q's device, with ``B == 1``: sequence
+            ``i`` is tokens ``cu_seqlens[i]:cu_seqlens[i+1]`` (empty sequences allowed).
         use_relu: apply ReLU to q and k inside the kernel (SLAB's feature map).
-        validate: check ``cu_seqlens`` values (one device sync).
+        validate: check ``cu_seqlens`` values (eagerly one device sync; under torch.compile
+            or CUDA-graph capture a device-side assertion, ``validation.read_flags``).
 
     Returns:
-        ``(o, final_state)``: ``o`` ``[B, T, H, V]`` in q's dtype; ``final_state`` as
-        ``initial_state`` when ``output_final_state`` else None.
+        ``(o, final_state)``: ``o`` ``[B, T, H, V]`` in q's dtype; ``final_state`` None unless
+        ``output_final_state``, then ``[N, H, K, V]`` fp32, or with ``normalize``
+        ``(kv_state [N, H, K, V], z_state [N, 1, H, K])`` fp32.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
@@ -97,35 +151,44 @@ def causal_linear_attention(q, k, v, scale=None, initial_state=None, output_fina
     n = B
     if cu_seqlens is not None:
         check_tensor("cu_seqlens", cu_seqlens)
-        check_dtype("cu_seqlens", cu_seqlens, (torch.int32,))
+        check_dtype("cu_seqlens", cu_seqlens, (torch.int32, torch.int64))
         if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
             raise ValueError(f"expected a 1-d `cu_seqlens` of length num_seqs + 1, got {list(cu_seqlens.shape)}")
         if B != 1:
             raise ValueError(f"expected batch 1 for `q` with cu_seqlens (sequences packed along T), got {B}")
         n = cu_seqlens.shape[0] - 1
         devs["cu_seqlens"] = cu_seqlens
+    elif T < H:
+        # fla's layout check: [B, T, H, K] with fewer tokens than heads is rare, a head-first
+        # [B, H, T, K] tensor passed by mistake is not (it would run and be wrong).
+        warnings.warn(f"causal_linear_attention: `q` {list(q.shape)} has T = {T} < H = {H}: inputs must be "
+                      "[B, T, H, K] (time before heads); a [B, H, T, K] tensor gives wrong results",
+                      stacklevel=2)
     if initial_state is not None:
-        check_tensor("initial_state", initial_state)
-        check_dtype("initial_state", initial_state, (torch.float32,))
-        check_shape("initial_state", initial_state, (n, H, K, _state_cols(V, normalize)))
-        devs["initial_state"] = initial_state
-        initial_state = initial_state.contiguous()
+        initial_state = _pack_state("initial_state", initial_state, n, H, K, V, normalize)
+        if initial_state is not None:
+            devs["initial_state"] = initial_state
     check_same_device(devs)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_last_dim_contiguous(name, t)
     # the kernel's limit wherever it runs: a GPU, or the SIMT executor on CPU tensors
     if ops.kernel_backend("causal_linear_attention", q.device) != "reference" and K not in KERNEL_KEY_DIMS:
         raise ValueError(f"expected key dim 32, 64 or 128 for `q` on the GPU, got {K}")
-    if validate and cu_seqlens is not None:
-        lens = cu_seqlens[1:] - cu_seqlens[:-1]
-        first, last, neg = torch.stack([cu_seqlens[0], cu_seqlens[-1], (lens < 0).any().int()]).tolist()
-        if first != 0 or last != T or neg:
-            raise ValueError(f"expected non-decreasing `cu_seqlens` from 0 to T = {T}, "
-                             f"got {cu_seqlens.tolist()}")
+    if cu_seqlens is not None:
+        if validate:
+            lens = cu_seqlens[1:] - cu_seqlens[:-1]
+            bad = read_flags(torch.stack([cu_seqlens[0] != 0, cu_seqlens[-1] != T, (lens < 0).any()]), (
+                "expected cu_seqlens[0] == 0", f"expected cu_seqlens[-1] == T = {T}",
+                "expected non-decreasing `cu_seqlens`"))
+            if any(bad):
+                raise ValueError(f"expected non-decreasing `cu_seqlens` from 0 to T = {T}, "
+                                 f"got {cu_seqlens.tolist()}")
+        # int64 offsets (what fla users pass) fit int32 whenever T does
+        cu_seqlens = cu_seqlens.to(torch.int32)
     scale = K**-0.5 if scale is None else float(scale)
     o, final = torch.ops.inferops.causal_linear_attention(q, k, v, initial_state, cu_seqlens, scale,
                                                           bool(normalize), bool(use_relu))
-    return o, (final if output_final_state else None)
+    return o, (_unpack_state(final, V, normalize) if output_final_state else None)
 
 
 def _step_cuda(q, k, v, state, scale, normalize, use_relu):
@@ -146,35 +209,58 @@ def _step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Ten
     return o
 
 
-def linear_attention_step(q, k, v, state, scale=None, normalize=False, *, use_relu=False):
+def linear_attention_step(q, k, v, state, scale=None, normalize=None, *, use_relu=False):
     """One new token per sequence; updates ``state`` in place (CUDA-graph capturable).
 
-    ``q, k``: ``[B, H, K]``; ``v``: ``[B, H, V]`` (fp16 / bf16 / fp32); ``state``:
-    ``[B, H, K, V]`` fp32 contiguous (``V + 1`` columns with ``normalize``), e.g. the
-    ``final_state`` of :func:`causal_linear_attention`. Returns ``(o [B, H, V], state)``
-    with ``o = scale q . (S + k^T v)`` (normalised if asked), as the chunked op gives
-    for the same token.
+    ``q, k``: ``[B, H, K]``; ``v``: ``[B, H, V]`` (fp16 / bf16 / fp32); ``state``: fla's
+    structure as :func:`causal_linear_attention` returns it, fp32 contiguous: ``[B, H, K, V]``,
+    or with ``normalize`` the tuple ``(kv_state [B, H, K, V], z_state [B, 1, H, K])``.
+    ``normalize`` defaults to the structure (a tuple: True); an explicit value must agree.
+    Returns ``(o [B, H, V], state)`` with ``o = scale q . (S + k^T v)`` (normalised as
+    :func:`causal_linear_attention`), what the chunked op gives for the same token.
+    The tuple form is packed into the kernel's ``[B, H, K, V + 1]`` and copied back (two
+    extra passes over the state).
     """
-    for name, t in (("q", q), ("k", k), ("v", v), ("state", state)):
+    tup = isinstance(state, (tuple, list))
+    if normalize is None:
+        normalize = tup
+    if bool(normalize) != tup:
+        raise TypeError(f"expected `state` = (kv_state, z_state) with normalize=True and a tensor with "
+                        f"normalize=False, got a {type(state).__name__} with normalize={normalize}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
     check_dtype("q", q, (torch.float16, torch.bfloat16, torch.float32))
     check_dtype("k", k, (q.dtype,))
     check_dtype("v", v, (q.dtype,))
-    check_dtype("state", state, (torch.float32,))
     if q.dim() != 3 or v.dim() != 3:
         raise ValueError(f"expected q, k [B, H, K] and v [B, H, V], got {list(q.shape)} and {list(v.shape)}")
     B, H, K = q.shape
     V = v.shape[-1]
     check_shape("k", k, (B, H, K))
     check_shape("v", v, (B, H, V))
-    check_shape("state", state, (B, H, K, _state_cols(V, normalize)))
-    if not state.is_contiguous():
-        raise ValueError("expected a contiguous `state` (it is updated in place)")
-    check_same_device({"q": q, "k": k, "v": v, "state": state})
+    if tup and len(state) != 2:
+        raise ValueError(f"expected `state` = (kv_state, z_state), got {len(state)} items")
+    parts = (("state[0]", state[0]), ("state[1]", state[1])) if tup else (("state", state),)
+    for name, t in parts:
+        check_tensor(name, t)
+        check_dtype(name, t, (torch.float32,))
+        if not t.is_contiguous():
+            raise ValueError(f"expected a contiguous `{name}` (it is updated in place)")
+    check_shape(parts[0][0], parts[0][1], (B, H, K, V))
+    if tup:
+        check_shape("state[1]", state[1], (B, 1, H, K))
+    check_same_device({"q": q, "k": k, "v": v, **dict(parts)})
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_last_dim_contiguous(name, t)
     scale = K**-0.5 if scale is None else float(scale)
-    o = torch.ops.inferops.linear_attention_step(q, k, v, state, scale, bool(normalize), bool(use_relu))
+    if not tup:
+        o = torch.ops.inferops.linear_attention_step(q, k, v, state, scale, False, bool(use_relu))
+        return o, state
+    kv, z = state
+    packed = torch.cat([kv, z.squeeze(1).unsqueeze(-1)], dim=-1)
+    o = torch.ops.inferops.linear_attention_step(q, k, v, packed, scale, True, bool(use_relu))
+    kv.copy_(packed[..., :V])
+    z.copy_(packed[..., V].unsqueeze(1))
     return o, state
 
 
@@ -205,7 +291,7 @@ register_demo(Demo(
     op="causal_linear_attention",
     sizes=lambda d: "B={} T={} H={} K=V={}".format(*_demo_shape(d)),
     make_inputs=_demo_inputs,
-    run=lambda q, k, v: causal_linear_attention(q, k, v, output_final_state=True),
+    run=lambda q, k, v: causal_linear_attention(q, k, v, output_final_state=True, normalize=False),
     baseline=lambda q, k, v: ref.causal_linear_attention(q, k, v),
     reference64=_demo_ref64,
     dtype=torch.bfloat16,

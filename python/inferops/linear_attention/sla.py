@@ -1,4 +1,4 @@
-"""simplified_linear_attention (SLAB) and the drop-in SimplifiedLinearAttention module.
+"""simplified_linear_attention (SLAB); the drop-in modules with SLAB's signatures are in slab.py.
 
 Kernel: csrc/linear_attention/sla.cu. Reference:
 inferops.reference.linear_attention.simplified_linear_attention.
@@ -13,7 +13,7 @@ from .._core.demos import Demo, register_demo
 from ..reference import linear_attention as ref
 from ..validation import check_dtype, check_last_dim_contiguous, check_same_device, check_shape, check_tensor
 
-__all__ = ["simplified_linear_attention", "SimplifiedLinearAttention"]
+__all__ = ["simplified_linear_attention"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_HEAD_DIMS = (32, 64, 128)
@@ -89,20 +89,6 @@ def simplified_linear_attention(q, k, v, dwc_weight, dwc_bias, hw) -> torch.Tens
     weight = dwc_weight.detach().float().reshape(d, 1, 5, 5).contiguous()
     bias = None if dwc_bias is None else dwc_bias.detach().float().contiguous()
     return torch.ops.inferops.simplified_linear_attention(q, k, v, weight, bias, h, w)
-
-
-class SimplifiedLinearAttention(ref.SimplifiedLinearAttentionReference):
-    """Drop-in SLAB attention block running :func:`simplified_linear_attention`.
-
-    Same parameters and names as
-    :class:`inferops.reference.linear_attention.SimplifiedLinearAttentionReference`
-    (``qkv``, ``proj``, ``dwc``, ``positional_encoding``), so
-    ``fast.load_state_dict(slow.state_dict())`` swaps it in. Inference only: the
-    op has no backward (parameters receive no gradient through the attention).
-    """
-
-    def attention(self, q, k, v):
-        return simplified_linear_attention(q, k, v, self.dwc.weight, self.dwc.bias, self.resolution)
 
 
 # --- main-job demo ------------------------------------------------------------------------

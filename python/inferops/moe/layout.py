@@ -12,7 +12,7 @@ import torch
 from .._core import ops
 from .._core.demos import Demo, register_demo
 from ..reference import moe as ref
-from ..validation import check_dtype, check_same_device, check_shape, check_tensor
+from ..validation import check_dtype, check_same_device, check_shape, check_tensor, read_flags
 
 __all__ = ["RoutingLayout", "routing_layout", "permute", "unpermute", "default_placement"]
 
@@ -50,8 +50,13 @@ class RoutingLayout:
     align: int
 
     def check(self) -> None:
-        """Raise ValueError if any assignment was dropped (one device sync)."""
-        bad_ids, over = self.errors.tolist()
+        """Raise ValueError if any assignment was dropped (one device sync; under torch.compile
+        or CUDA-graph capture a device-side assertion instead, ``validation.read_flags``)."""
+        bad_ids, over = read_flags(self.errors != 0, (
+            f"expected every top-k expert id in [0, {self.tokens_per_expert.shape[0]}) (placed on a valid rank)",
+            f"expected at most capacity = {self.capacity} rows (align {self.align}): assignments were dropped"))
+        if bad_ids or over:
+            bad_ids, over = self.errors.tolist()
         if bad_ids:
             raise ValueError(f"{bad_ids} top-k assignment(s) name an expert id out of range "
                              f"[0, {self.tokens_per_expert.numel()}) (or an expert placed on no valid rank)")

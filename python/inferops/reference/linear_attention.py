@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 SLA_EPS = 1e-6
-NORM_EPS = 1e-6
+NORM_EPS = 1e-10  # fla's linear-attention normaliser eps (causal ops)
 
 
 def simplified_linear_attention(q, k, v, dwc_weight, dwc_bias, hw, *, compute_dtype=torch.float32):

@@ -545,7 +545,9 @@ def gemm_reduce_scatter(a: torch.Tensor, b: torch.Tensor, group=None, *,
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"expected `a` [M, K] and `b` [K, N], got {list(a.shape)} and {list(b.shape)}")
     n = b.shape[1]
-    key = (id(group), a.device, a.dtype, n)
+    # the backend too: an engine sizes its buffers for the path it chose (none for the
+    # reference), so one built before a switch to the executor must not be reused after it
+    key = (id(group), a.device, a.dtype, n, ops.kernel_backend(_OP, a.device))
     eng = _engine_for(key, lambda m: GemmReduceScatter(group, m, n, a.dtype, a.device), a.shape[0])
     return eng(a, b, out=out, group=group)
 
@@ -561,7 +563,7 @@ def virtual_gemm_reduce_scatter(a: torch.Tensor, b: torch.Tensor, *,
     if a.dim() != 3:
         raise ValueError(f"expected `a` [W, M, K], got {list(a.shape)}")
     W, n = a.shape[0], b.shape[-1]
-    key = ("virtual", W, a.device, a.dtype, n)
+    key = ("virtual", W, a.device, a.dtype, n, ops.kernel_backend(_OP, a.device))
     eng = _engine_for(key, lambda m: GemmReduceScatter.virtual(W, m, n, a.dtype, a.device), a.shape[1])
     return eng(a, b, out=out)
 
