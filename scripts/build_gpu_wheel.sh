@@ -2,7 +2,7 @@
 # Build, on this (GPU-less) machine, everything the GPU machine needs so that
 # it builds nothing there:
 #   .gpu/wheels/inferops-*-cp312-*.whl   the package for the GPU machine's Python 3.12
-#   .gpu/bin/bench_merge_states          C++ microbenchmarks
+#   .gpu/bin/bench_<family>              C++ microbenchmarks (attention, linear_attention, quant, moe, tp)
 #   .gpu/peers/*.whl                     peers to benchmark against (fla-core, pure Python)
 # .gpu/ is git-ignored; name it in the device tool's `carry`.
 #
@@ -33,8 +33,9 @@ PY
 
 cmake -S . -B build/gpu-bench -G Ninja -DINFEROPS_BUILD_BENCH=ON -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_COMPILER="$CUDACXX" -DCMAKE_CUDA_ARCHITECTURES="$INFEROPS_CUDA_ARCHS" > /dev/null
-cmake --build build/gpu-bench --target bench_merge_states > /dev/null
-cp build/gpu-bench/bench_merge_states .gpu/bin/
+families="attention linear_attention quant moe tp"
+cmake --build build/gpu-bench -j2 --target $(printf 'bench_%s ' $families) > /dev/null
+for f in $families; do cp build/gpu-bench/bench_$f .gpu/bin/; done
 # fla (flash-linear-attention) for the causal linear-attention benchmark: 1 MB,
 # needs only einops/torch/triton, which the GPU machine has. Best effort.
 "$PYTHON312" -m pip download -q --no-deps -d .gpu/peers fla-core==0.6.0 \

@@ -58,9 +58,19 @@ $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 240)
 read -r -a test_paths <<< "${INFEROPS_GPU_TESTS:-tests}"
 want tests && step pytest_gpu pytest.log 900 $PY -m pytest -m gpu "${test_paths[@]}" -q -rfEs -p no:cacheprovider "${per_test[@]}"
 want bench && step bench bench.log 900 $PY bench/run_all.py --results-dir "$DIR" --compile-baseline
-if want cpp && [ -x .gpu/bin/bench_merge_states ]; then
-  for dt in bf16 fp16 fp32; do
-    step "cpp_bench_$dt" bench.log 120 .gpu/bin/bench_merge_states 2048 32 128 $dt
+# C++ microbenchmarks (docs/bench.md): each family's default (target) shapes, one JSON object
+# per case into cpp_bench.jsonl; INFEROPS_CPP_BENCH_ARGS adds flags (e.g. "--iters=50").
+# --check first at the small check shapes: the kernels are verified on the GPU too.
+if want cpp; then
+  read -r -a cpp_args <<< "${INFEROPS_CPP_BENCH_ARGS:-}"
+  for fam in attention linear_attention quant moe tp; do
+    if [ -x ".gpu/bin/bench_$fam" ]; then
+      step "cpp_check_$fam" bench.log 300 ".gpu/bin/bench_$fam" all --check
+      step "cpp_bench_$fam" bench.log 600 ".gpu/bin/bench_$fam" all --json="$DIR/cpp_bench.jsonl" "${cpp_args[@]}"
+    else
+      echo "gpu_run: .gpu/bin/bench_$fam missing (scripts/build_gpu_wheel.sh builds it)" | tee -a "$DIR/bench.log"
+      status+=("$(printf '%-22s rc=%-3s %4ss  %s' "cpp_bench_$fam" missing 0 bench.log)")
+    fi
   done
 fi
 if want sanitizer && [ -z "${INFEROPS_SKIP_SANITIZER:-}" ] && command -v compute-sanitizer > /dev/null; then
