@@ -192,7 +192,7 @@ int main(int argc, char** argv) {
   const std::vector<FlagSpec> routing = {
       {"T", "4096", "37", "tokens"},
       {"topk", "8", "2,3", "experts per token"},
-      {"E", "64", "8", "experts"},
+      {"E", "256", "8", "experts"},
       {"R", "8", "4", "ranks (experts placed contiguously, E/R each)"},
       {"align", "16", "1,16", "rows per expert padded to a multiple of this"},
       {"capacity", "0", "0,40", "rows of the layout (0: everything fits)"},
@@ -202,7 +202,7 @@ int main(int argc, char** argv) {
     f.insert(f.end(), extra.begin(), extra.end());
     return f;
   };
-  const std::vector<FlagSpec> data = {{"hidden", "7168", "72", "hidden size"}, {"dtype", "bf16", "bf16,fp16", "bf16 | fp16"}};
+  const std::vector<FlagSpec> data = {{"hidden", "2048,7168", "72", "hidden size"}, {"dtype", "bf16", "bf16,fp16", "bf16 | fp16"}};
   std::vector<OpSpec> ops = {
       {"routing_layout", "expert-major routing layout and per-rank send blocks", routing, run_layout},
       {"permute", "gather tokens into the expert-major layout", with(data),

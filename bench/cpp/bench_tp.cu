@@ -5,9 +5,10 @@
 // executor the W grids run as one concurrent pool (simt::concurrent_begin/end), 2 blocks each.
 // Harness and flags: bench/cpp/harness.h, docs/bench.md.
 //
-// Each rank r holds A_r [M, K] and B_r [K, N] (K = the rank's slice of the inner dim); the
-// result on rank r is rows [r M/W, (r+1) M/W) of sum_s A_s B_s. FLOPs 2 W M N K (all ranks,
-// one device), compared with the datasheet BF16 peak. Bytes: every A_r and B_r read once and
+// The row-parallel linear layer Y = A B with A [M, K], B [K, N] split along K: rank r holds
+// A_r [M, K/W] and B_r [K/W, N]; its result is rows [r M/W, (r+1) M/W) of sum_s A_s B_s.
+// FLOPs 2 M N K (all ranks, one device), compared with the datasheet BF16 peak. Bytes:
+// every A_r and B_r read once and
 // the W outputs written (the peer pushes stay on the device here, so they are not counted).
 // Reference (host, double): the sum of the W products, sliced by rows. The kernel pushes
 // partial tiles in the input dtype, so the tolerance allows W roundings of the output dtype.
@@ -29,9 +30,12 @@ double max_abs(const std::vector<double>& v) {
 }
 
 void run_gemm_rs(Ctx& ctx, const Case& c) {
-  const int64_t W = c.i("world"), M = c.i("M"), N = c.i("N"), K = c.i("K");
+  const int64_t W = c.i("world"), M = c.i("M"), N = c.i("N"), Ktot = c.i("K");
   const DType dt = parse_float_dtype(c.s("dtype"));
-  if (W < 1 || W > tp::kMaxWorld || M < W || M % W) throw ValueError("expected 1 <= world <= 32 and M a multiple of world");
+  if (W < 1 || W > tp::kMaxWorld || M < W || M % W || Ktot < W || Ktot % W) {
+    throw ValueError("expected 1 <= world <= 32 and M, K multiples of world");
+  }
+  const int64_t K = Ktot / W;  // each rank's slice of the inner dim
   const int es = dtype_size(dt);
   const int64_t Ml = M / W;
   std::vector<HostTensor> a, b;
@@ -134,15 +138,16 @@ void run_gemm_rs(Ctx& ctx, const Case& c) {
   }
   cudaEventDestroy(fork);
   const double bytes = double(W) * (M * K + K * N + Ml * N) * es;
-  ctx.report("gemm_rs", c, t, bytes, 2.0 * W * M * N * K, ctx.datasheet_bf16_tflops,
+  ctx.report("gemm_rs", c, t, bytes, 2.0 * M * N * Ktot, ctx.datasheet_bf16_tflops,
              W == 1 ? "world 1" : std::to_string(W) + " virtual ranks, " + std::to_string(blocks) + " blocks each");
 }
 
 const char* kHelp =
-    "Fused GEMM + reduce-scatter (T3): out_r = rows r of sum_s A_s B_s over --world ranks, each\n"
-    "A_s [M, K], B_s [K, N] (K: the rank's slice of the inner dim). --world 1 runs the plain\n"
-    "GEMM path; --world W > 1 runs W virtual ranks on one GPU (W symmetric buffers, one stream\n"
-    "per rank, SMs / W blocks each), so the time includes every rank's GEMM and the reduction.";
+    "Fused GEMM + reduce-scatter (T3), the row-parallel linear layer: A [M, K] B [K, N] split\n"
+    "along K over --world ranks (A_s [M, K/W], B_s [K/W, N]); rank r gets rows\n"
+    "[r M/W, (r+1) M/W) of sum_s A_s B_s. --world 1 runs the plain GEMM path; --world W > 1 runs\n"
+    "W virtual ranks on one GPU (W symmetric buffers, one stream per rank, SMs / W blocks each),\n"
+    "so the time includes every rank's GEMM and the reduction.";
 
 }  // namespace
 
@@ -152,7 +157,7 @@ int main(int argc, char** argv) {
        {{"world", "1,2,4", "1,2,3", "ranks (virtual ranks on one device when > 1)"},
         {"M", "4096", "264", "rows of A (multiple of world)"},
         {"N", "8192", "136", "columns of B (multiple of 8)"},
-        {"K", "2048", "40", "each rank's slice of the inner dim (multiple of 8)"},
+        {"K", "8192", "48", "inner dim, split over the ranks (K / world a multiple of 8)"},
         {"dtype", "bf16", "bf16,fp16", "bf16 | fp16"}},
        run_gemm_rs},
   };
