@@ -101,8 +101,12 @@ TensorView view(const Buf& b, DType dtype, std::vector<int64_t> shape, std::vect
 #ifdef INFEROPS_SIMT
   t.device = {dlpack::kCPU, 0};
 #else
-  int dev = 0;
-  INFEROPS_CUDA_CHECK(cudaGetDevice(&dev));
+  // The current device, read once: views are built inside the timed loop.
+  static const int dev = [] {
+    int d = 0;
+    INFEROPS_CUDA_CHECK(cudaGetDevice(&d));
+    return d;
+  }();
   t.device = {dlpack::kCUDA, dev};
 #endif
   t.ndim = int32_t(shape.size());
@@ -449,6 +453,7 @@ int bench_main(int argc, char** argv, const char* binary, const char* family_hel
       if (eq != std::string::npos) {
         value = key.substr(eq + 1);
         key = key.substr(0, eq);
+        if (booleans.count(key)) throw ValueError("flag --" + key + " takes no value");
       } else if (!booleans.count(key)) {
         if (i + 1 >= argc) throw ValueError("flag --" + key + " needs a value");
         value = argv[++i];
