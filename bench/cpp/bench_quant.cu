@@ -9,8 +9,8 @@
 // References (host, double): w4a16 dequantizes the packed nibbles exactly as the header
 // documents ((u - z) * s rounded to x's dtype) and multiplies; w8a8 sums the 8-bit products;
 // quantize_per_token applies the rule of csrc/quant/quant_rules.cuh (bit exact);
-// hadamard_quantize rotates with the Sylvester H_n (n a power of two, m = 1 only here) and
-// allows one code of rounding difference (the rotation's fp32 summation order differs).
+// hadamard_quantize rotates with kron(H_m, H_p) (Sylvester H_p; Paley H_m for m = 12, 20, 28)
+// and allows one code of rounding difference (the rotation's fp32 summation order differs).
 #include <algorithm>
 #include <cmath>
 
@@ -207,18 +207,87 @@ void run_quantize(Ctx& ctx, const Case& c) {
   ctx.report("quantize_per_token", c, t, double(M * K) * (dtype_size(dt) + 1) + 4.0 * M, 0, 0);
 }
 
+// A Hadamard matrix of order m = 12, 20 (Paley I: q = 11, 19 prime, q = 3 mod 4) or 28
+// (Paley II: q = 13, q = 1 mod 4), row-major +-1; verified H H^T = m I. Any Hadamard matrix of
+// the order costs the kernel the same; the check uses this one on both sides.
+std::vector<int8_t> paley_hadamard(int m) {
+  const int q = m == 28 ? 13 : m - 1;
+  auto chi = [q](int a) {  // quadratic character of GF(q)
+    a = ((a % q) + q) % q;
+    if (a == 0) return 0;
+    for (int y = 1; y < q; ++y) {
+      if (y * y % q == a) return 1;
+    }
+    return -1;
+  };
+  // C [q+1, q+1]: 0 at [0][0], border +-1, Q[i][j] = chi(j - i) inside.
+  const int c = q + 1;
+  std::vector<int> C(static_cast<size_t>(c * c));
+  for (int i = 0; i < c; ++i) {
+    for (int j = 0; j < c; ++j) {
+      int v;
+      if (i == 0 && j == 0) v = 0;
+      else if (i == 0) v = 1;
+      else if (j == 0) v = m == 28 ? 1 : -1;  // symmetric (II) or skew (I)
+      else v = chi(j - i);
+      C[i * c + j] = v;
+    }
+  }
+  std::vector<int8_t> H(static_cast<size_t>(m * m));
+  if (m == 28) {  // each entry -> 2x2: 0 -> [[1,-1],[-1,-1]], +-1 -> +-[[1,1],[1,-1]]
+    for (int i = 0; i < c; ++i) {
+      for (int j = 0; j < c; ++j) {
+        const int v = C[i * c + j];
+        const int b[4] = {v == 0 ? 1 : v, v == 0 ? -1 : v, v == 0 ? -1 : v, v == 0 ? -1 : -v};
+        for (int r = 0; r < 2; ++r) {
+          for (int s = 0; s < 2; ++s) H[(2 * i + r) * m + 2 * j + s] = int8_t(b[r * 2 + s]);
+        }
+      }
+    }
+  } else {  // H = I + C (C skew-symmetric)
+    for (int i = 0; i < m; ++i) {
+      for (int j = 0; j < m; ++j) H[i * m + j] = int8_t(C[i * c + j] + (i == j ? 1 : 0));
+    }
+  }
+  for (int i = 0; i < m; ++i) {
+    for (int j = 0; j < m; ++j) {
+      int dot = 0;
+      for (int k = 0; k < m; ++k) dot += H[i * m + k] * H[j * m + k];
+      if (dot != (i == j ? m : 0) || H[i * m + j] * H[i * m + j] != 1) {
+        throw Error("bench_quant: the Paley construction of H_" + std::to_string(m) + " is not Hadamard");
+      }
+    }
+  }
+  return H;
+}
+
+// n = m * 2^k with 2^k >= 8: the largest dense order m in {28, 20, 12} that fits, else 1.
+int dense_order(int64_t n) {
+  for (int m : {28, 20, 12, 1}) {
+    const int64_t p = n % m == 0 ? n / m : 0;
+    if (p >= 8 && (p & (p - 1)) == 0) return m;
+  }
+  return 0;
+}
+
 void run_hadamard(Ctx& ctx, const Case& c) {
   const int64_t M = c.i("M"), n = c.i("n");
   const DType dt = parse_float_dtype(c.s("dtype"));
   const DType od = parse_qdtype(c.s("out"), dt);
-  if (n < 8 || (n & (n - 1))) throw ValueError("--n: this benchmark runs powers of two >= 8 (m = 1), got " + c.s("n"));
+  const int m = dense_order(n);
+  if (m == 0) {
+    throw ValueError("--n: this benchmark runs n = m * 2^k with m in {1, 12, 20, 28} and 2^k >= 8, got " + c.s("n"));
+  }
+  const int64_t p = n / m;
+  std::vector<int8_t> hm = m > 1 ? paley_hadamard(m) : std::vector<int8_t>{};
   HostTensor x = random_tensor(ctx.rng, dt, M * n, -3.f, 3.f);
   const int oes = dtype_size(od);
   Buf dx = upload(x), dout(M * n * oes), ds(M * 4);
   const bool quantized = od == DType::kInt8 || od == DType::kFloat8E4M3;
   auto run = [&] {
-    quant::hadamard_quantize(view(dx, dt, {M, n}), nullptr, view(dout, od, {M, n}),
-                             view(ds, DType::kFloat32, {quantized ? M : 0}), 1, 0);
+    const TensorView hv = host_view(hm.data(), DType::kInt8, {m, m});
+    quant::hadamard_quantize(view(dx, dt, {M, n}), m > 1 ? &hv : nullptr, view(dout, od, {M, n}),
+                             view(ds, DType::kFloat32, {quantized ? M : 0}), m, 0);
   };
   if (ctx.check) {
     dout.fill_byte(0x7f);
@@ -227,19 +296,26 @@ void run_hadamard(Ctx& ctx, const Case& c) {
     ctx.perturb_bytes(dout, 0, oes);
     std::vector<double> ro(static_cast<size_t>(M * n)), rs(static_cast<size_t>(M)), rot(static_cast<size_t>(n)), codes;
     const double inv = 1.0 / std::sqrt(double(n));
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t j = 0; j < n; ++j) {  // (x H_n)[j] = sum_i x_i (-1)^popcount(i & j)
+    for (int64_t r = 0; r < M; ++r) {
+      // (x kron(H_m, H_p))[c p + j] = sum_{a, i} x[a p + i] H_m[a][c] H_p[i][j], with the
+      // Sylvester H_p[i][j] = (-1)^popcount(i & j).
+      for (int64_t col = 0; col < n; ++col) {
+        const int64_t cc = col / p, j = col % p;
         double acc = 0;
-        for (int64_t i = 0; i < n; ++i) acc += (__builtin_popcountll(uint64_t(i & j)) & 1 ? -1.0 : 1.0) * x.values[m * n + i];
-        rot[j] = acc * inv;
+        for (int64_t row = 0; row < n; ++row) {
+          const int64_t a = row / p, i = row % p;
+          const double hmv = m > 1 ? double(hm[a * m + cc]) : 1.0;
+          acc += hmv * (__builtin_popcountll(uint64_t(i & j)) & 1 ? -1.0 : 1.0) * x.values[r * n + row];
+        }
+        rot[col] = acc * inv;
       }
       if (quantized) {
         float s;
         ref_quantize(rot, od, &s, codes);
-        rs[m] = s;
-        std::copy(codes.begin(), codes.end(), ro.begin() + m * n);
+        rs[r] = s;
+        std::copy(codes.begin(), codes.end(), ro.begin() + r * n);
       } else {
-        std::copy(rot.begin(), rot.end(), ro.begin() + m * n);
+        std::copy(rot.begin(), rot.end(), ro.begin() + r * n);
       }
     }
     const std::vector<float> got = download_floats(dout, od, M * n);
@@ -261,8 +337,9 @@ const char* kHelp =
     "(packed, group-wise or per-channel scales, optional zero points), split-K over --splits CTAs\n"
     "(one cluster). w8a8: int8 or fp8 e4m3 x_q [M, K], w_q [N, K], per-row scales, fp32 bias,\n"
     "bf16/fp16 out; --kind picks int8_mma, fp8_mma or the experimental fp8_wgmma path.\n"
-    "hadamard_quantize: x [M, n] -> quant(x H_n / sqrt(n)), n a power of two here (the dense orders\n"
-    "m = 12..344 of n = 11008, 14336, ... need H_m, not generated by this binary).\n"
+    "hadamard_quantize: x [M, n] -> quant(x kron(H_m, H_p) / sqrt(n)), n = m p with m in {1, 12, 20,\n"
+    "28} (H_m built here by Paley's construction) and p = 2^k >= 8; the tensor-core orders m = 108,\n"
+    "344 (e.g. n = 11008) need H_m's fragment words, built only by the Python layer.\n"
     "quantize_per_token: x [M, K] -> int8/fp8 codes + fp32 scale per row.";
 
 }  // namespace
@@ -287,7 +364,7 @@ int main(int argc, char** argv) {
        run_w8a8},
       {"hadamard_quantize", "online Hadamard rotation + per-token quantization",
        {{"M", "16,4096", "3", "rows (tokens)"},
-        {"n", "4096,16384", "8,256,2048", "row length (power of two >= 8)"},
+        {"n", "4096,14336,16384,28672", "8,256,2048,96,160,224,3584", "row length m * 2^k, m in {1, 12, 20, 28}, 2^k >= 8"},
         {"out", "int8", "int8,fp8,same", "int8 | fp8 | same (x's dtype, no quantization)"},
         {"dtype", "bf16", "bf16,fp16", "bf16 | fp16"}},
        run_hadamard},

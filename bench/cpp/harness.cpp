@@ -117,6 +117,16 @@ TensorView view(const Buf& b, DType dtype, std::vector<int64_t> shape, std::vect
   return TensorView(&t, read_only);
 }
 
+TensorView host_view(void* p, DType dtype, std::vector<int64_t> shape) {
+  dlpack::Tensor t{};
+  t.data = p;
+  t.device = {dlpack::kCPU, 0};
+  t.ndim = int32_t(shape.size());
+  t.dtype = dl_dtype(dtype);
+  t.shape = shape.data();
+  return TensorView(&t, true);
+}
+
 // ---- host values ---------------------------------------------------------------------------
 float to_float(DType dt, const void* p, int64_t i) {
   switch (dt) {

@@ -110,6 +110,9 @@ class Buf {
 TensorView view(const Buf& b, DType dtype, std::vector<int64_t> shape, std::vector<int64_t> strides = {},
                 size_t byte_offset = 0, bool read_only = false);
 
+// A TensorView of host memory (kCPU), for arguments the host entries read on the host.
+TensorView host_view(void* p, DType dtype, std::vector<int64_t> shape);
+
 // ---- host values ---------------------------------------------------------------------------
 // Host storage of fp32/fp16/bf16/fp8 elements as raw bits, with float conversions.
 float to_float(DType dt, const void* p, int64_t i);
