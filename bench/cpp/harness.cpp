@@ -411,14 +411,14 @@ void print_help(const char* binary, const char* family_help, const std::vector<O
       "\nEvery op flag takes a comma list (--T=1,64,2048); the cases are the cartesian product.\n"
       "common flags:\n"
       "  --check               run each case once on random inputs (outputs poisoned first), compare with a\n"
-      "                        host C++ reference, exit 1 on any mismatch; without op flags the small\n"
-      "                        check shapes above are used (and --warmup 1 --iters 2 --copy-mib 8)\n"
+      "                        host C++ reference, exit 1 on any mismatch; op flags not given take their\n"
+      "                        small --check defaults above (and --warmup 1 --iters 2 --copy-mib 8)\n"
       "  --perturb-check       with --check: corrupt one output element after the kernel (the check must fail)\n"
       "  --no-flush-l2         do not evict L2 before each timed run (default: a memset of 2x L2 between runs)\n"
       "  --list                print the cases that would run, run nothing\n"
       "  --help                this text\n");
   for (const auto& f : common_flags()) {
-    std::printf("  --%-19s %s (default %s)\n", (f.name + "=N").c_str(), f.help.c_str(),
+    std::printf("  --%-19s %s (default %s)\n", (f.name + (f.name == "json" ? "=FILE" : "=N")).c_str(), f.help.c_str(),
                 f.bench_def.empty() ? "none" : f.bench_def.c_str());
   }
   std::printf(

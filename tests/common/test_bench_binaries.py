@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,14 +87,17 @@ def test_json_lines(family, tmp_path):
         assert "pct_of_copy" not in rec and "pct_of_peak" not in rec
 
 
-def test_inferops_bench_finds_the_binaries(monkeypatch):
+def test_inferops_bench_finds_the_binaries():
+    """`inferops-bench` (python -m inferops.bench_cli) finds a binary through
+    INFEROPS_BENCH_BIN_DIR and runs it with the remaining arguments."""
     exe = _binary("attention")
-    monkeypatch.setenv("INFEROPS_BENCH_BIN_DIR", str(exe.parent))
-    import sys
-    r = subprocess.run([sys.executable, "-m", "inferops.bench_cli", "--list"], capture_output=True, text=True,
-                       env=os.environ | {"PYTHONPATH": str(ROOT / "python")})
+    env = os.environ | {"INFEROPS_BENCH_BIN_DIR": str(exe.parent)}
+    r = subprocess.run([sys.executable, "-m", "inferops.bench_cli", "--list"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert str(exe) in r.stdout
     r = subprocess.run([sys.executable, "-m", "inferops.bench_cli", "attention", "merge_states", "--check"],
-                       capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT / "python")})
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "check ok" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "inferops.bench_cli", "no_such_family"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 2 and "expected a family" in r.stderr
