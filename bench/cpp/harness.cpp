@@ -272,7 +272,9 @@ Timing Ctx::time(const std::function<void(int)>& fn) {
   std::vector<float> ms(size_t(t.iters));
   for (int i = 0; i < t.iters; ++i) {
     // The flush is outside the timed region: it evicts the inputs the last run left in
-    // L2 (a memset writes through L2), so each run reads its inputs from HBM.
+    // L2 (a memset writes through L2), so each run reads its inputs from HBM. It is queued
+    // before the start event, so the GPU is busy with it while the host validates and
+    // launches the call: the host's few microseconds are not counted.
     if (flush_l2 && flush_buf.bytes()) INFEROPS_CUDA_CHECK(cudaMemsetAsync(flush_buf.get(), i & 0xff, flush_buf.bytes()));
     INFEROPS_CUDA_CHECK(cudaEventRecord(a));
     fn(warmup + i);
