@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build, on this (GPU-less) machine, everything the GPU machine needs so that
 # it builds nothing there:
-#   .gpu/wheels/inferops-*-cp312-*.whl   the package for the GPU machine's Python 3.12
-#   .gpu/bin/bench_merge_states          C++ microbenchmarks
+#   .gpu/wheels/inferops-*-cp312-*.whl   the package for the GPU machine's Python 3.12, with the
+#                                        C++ microbenchmarks in inferops/bin/bench_<family>
+#                                        (INFEROPS_BUILD_BENCH=1; run by `inferops-bench`)
 #   .gpu/peers/*.whl                     peers to benchmark against (fla-core, pure Python)
 # .gpu/ is git-ignored; name it in the device tool's `carry`.
 #
@@ -20,21 +21,21 @@ export INFEROPS_REQUIRE_CUDA=1   # a host-only wheel would be useless there: fai
 
 start=$(date +%s)
 rm -rf .gpu/wheels .gpu/bin .gpu/peers
-mkdir -p .gpu/wheels .gpu/bin .gpu/peers
-"$PYTHON312" -m pip wheel --no-deps -w .gpu/wheels . -q
+mkdir -p .gpu/wheels .gpu/peers
+# The benchmark binaries go into the wheel (inferops/bin/): the kernels compile once.
+INFEROPS_BUILD_BENCH=1 "$PYTHON312" -m pip wheel --no-deps -w .gpu/wheels . -q
 wheel=$(ls .gpu/wheels/inferops-*-cp312-*.whl)
 "$PYTHON312" - "$wheel" <<'PY'
 import sys, zipfile
-names = zipfile.ZipFile(sys.argv[1]).namelist()
+zf = zipfile.ZipFile(sys.argv[1])
+names = zf.namelist()
 so = [n for n in names if n.startswith("inferops/_C") and n.endswith(".so")]
 assert so and "cpython-312" in so[0], f"no cp312 extension in {sys.argv[1]}: {names}"
-print("wheel:", sys.argv[1], "->", so[0])
+for fam in ("attention", "linear_attention", "quant", "moe", "tp"):
+    info = zf.getinfo(f"inferops/bin/bench_{fam}")  # KeyError: the binary is missing
+    assert (info.external_attr >> 16) & 0o111, f"inferops/bin/bench_{fam} is not executable in the wheel"
+print("wheel:", sys.argv[1], "->", so[0], "+ inferops/bin/bench_*")
 PY
-
-cmake -S . -B build/gpu-bench -G Ninja -DINFEROPS_BUILD_BENCH=ON -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_CUDA_COMPILER="$CUDACXX" -DCMAKE_CUDA_ARCHITECTURES="$INFEROPS_CUDA_ARCHS" > /dev/null
-cmake --build build/gpu-bench --target bench_merge_states > /dev/null
-cp build/gpu-bench/bench_merge_states .gpu/bin/
 # fla (flash-linear-attention) for the causal linear-attention benchmark: 1 MB,
 # needs only einops/torch/triton, which the GPU machine has. Best effort.
 "$PYTHON312" -m pip download -q --no-deps -d .gpu/peers fla-core==0.6.0 \

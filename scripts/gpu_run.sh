@@ -60,9 +60,16 @@ $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 240)
 read -r -a test_paths <<< "${INFEROPS_GPU_TESTS:-tests}"
 want tests && step pytest_gpu pytest.log 900 $PY -m pytest -m gpu "${test_paths[@]}" -q -rfEs -p no:cacheprovider "${per_test[@]}"
 want bench && step bench bench.log 900 $PY bench/run_all.py --results-dir "$DIR" --compile-baseline
-if want cpp && [ -x .gpu/bin/bench_merge_states ]; then
-  for dt in bf16 fp16 fp32; do
-    step "cpp_bench_$dt" bench.log 120 .gpu/bin/bench_merge_states 2048 32 128 $dt
+# C++ microbenchmarks (docs/bench.md), installed with the wheel (inferops/bin/bench_<family>,
+# run through inferops-bench): --check first at the small check shapes (the kernels verified
+# against the host references on the GPU too), then each family's default (target) shapes,
+# one JSON object per case into cpp_bench.jsonl. INFEROPS_CPP_BENCH_ARGS adds flags.
+if want cpp; then
+  read -r -a cpp_args <<< "${INFEROPS_CPP_BENCH_ARGS:-}"
+  $PY -m inferops.bench_cli --list | tee -a "$DIR/bench.log"
+  for fam in attention linear_attention quant moe tp; do
+    step "cpp_check_$fam" bench.log 300 $PY -m inferops.bench_cli "$fam" all --check
+    step "cpp_bench_$fam" bench.log 600 $PY -m inferops.bench_cli "$fam" all --json="$DIR/cpp_bench.jsonl" "${cpp_args[@]}"
   done
 fi
 if want sanitizer && [ -z "${INFEROPS_SKIP_SANITIZER:-}" ] && command -v compute-sanitizer > /dev/null; then
