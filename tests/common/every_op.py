@@ -12,7 +12,7 @@ from inferops.attention import PagedKVCache, PrefixPlan, append_kv, merge_states
 from inferops.attention import prefix_shared_decode
 from inferops.linear_attention import causal_linear_attention, linear_attention_step, simplified_linear_attention
 from inferops.moe import permute, routing_layout, unpermute
-from inferops.quant import hadamard_quantize, pack_int4, quantize_per_token, w4a16_matmul, w8a8_matmul
+from inferops.quant import hadamard_quantize, pack_int4, quantize_per_token, w4a16_matmul, w8a8_linear, w8a8_matmul
 from inferops.quant.int4 import dequantize
 from inferops.quant.w8a8 import quantize_weight_per_channel
 from inferops.tp import virtual_gemm_reduce_scatter
@@ -86,7 +86,8 @@ def chain(x: dict):
     pq, ps = quantize_per_token(back)
     y4 = w4a16_matmul(back, x["w4"])
     wd = dequantize(x["w4"])
-    out += [xq, xs, y8, pq, ps, y4, wd]
+    yl = w8a8_linear(back, x["w8"], x["w8_scale"])  # quantize + GEMM in one differentiable op
+    out += [xq, xs, y8, pq, ps, y4, wd, yl]
     # tp: fused GEMM + reduce-scatter over virtual ranks on one device
     out.append(virtual_gemm_reduce_scatter(x["gemm_a"], x["gemm_b"]))
     return tuple(out)
