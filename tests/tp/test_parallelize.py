@@ -66,11 +66,13 @@ def _errors(rank, world, seed):
         with torch.no_grad():
             ref64 = float64_copy(base)(prompt).logits
             ref32 = base(prompt).logits
-            greedy = base.generate(prompt, max_new_tokens=5, do_sample=False, min_new_tokens=5, pad_token_id=0)
+            greedy = base.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                   max_new_tokens=5, do_sample=False, min_new_tokens=5, pad_token_id=0)
             for sp in ((True, False) if fam == "llama" else (True,)):
                 model = tp.parallelize(copy.deepcopy(base), dist.group.WORLD, sequence_parallel=sp)
                 got = model(prompt).logits
-                tokens = model.generate(prompt, max_new_tokens=5, do_sample=False, min_new_tokens=5, pad_token_id=0)
+                tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                        max_new_tokens=5, do_sample=False, min_new_tokens=5, pad_token_id=0)
                 out["models"][(fam, sp)] = {
                     "err": max_abs_error(got, ref64), "err_single": max_abs_error(ref32, ref64),
                     "ref_max": float(ref64.abs().max()), "shape_ok": got.shape == ref32.shape,
