@@ -106,6 +106,8 @@ def _run(rank, world, seed):
     unbalanced = rr.copy()
     unbalanced[1, :2] = 0
     catch("unbalanced", lambda: moe.parallelize(tiny_model("mixtral"), dist.group.WORLD, unbalanced))
+    catch("experts", lambda: moe.parallelize(tiny_model("mixtral", num_local_experts=2 * world - 1),
+                                             dist.group.WORLD))
     catch("mode", lambda: moe.parallelize(tiny_model("mixtral"), dist.group.WORLD, mode="three"))
     probe = torch.ones(1)
     dist.all_reduce(probe)
@@ -136,6 +138,8 @@ def test_moe_parallelize_matches_single_process(world, gen):
         assert bad["disagree"][0] == "ValueError" and "placement" in bad["disagree"][1]
         assert bad["unbalanced"][0] == "ValueError"
         assert f"expected {8 // world} experts per rank" in bad["unbalanced"][1]
+        assert bad["experts"] == ("ValueError", f"expected the model's experts ({2 * world - 1}) to be a multiple "
+                                                f"of the world size ({world})")
         assert bad["mode"][0] == "ValueError" and "'three'" in bad["mode"][1]
         assert r["alive"] == world
     # the ranks together sent what exchange_rows predicts in total
