@@ -225,7 +225,8 @@ class ExFlowModel(nn.Module):
     seq may differ between ranks; the rank's requests continue from the previous call
     until :meth:`reset`) -> logits ``[batch, seq, vocab]`` float. Collective.
     ``generate_greedy(input_ids, max_new_tokens)`` -> ``[batch, seq + max_new_tokens]``.
-    ``rows_sent`` counts the hidden-state rows this rank sent to other ranks.
+    The wrapped model's attention is switched to ``"inferops_exflow"``, which runs only
+    inside this wrapper's forward (calling the model directly raises ``RuntimeError``).
     """
 
     def __init__(self, model: nn.Module, dispatcher: MoEDispatcher) -> None:
@@ -270,25 +271,31 @@ class ExFlowModel(nn.Module):
         dist.all_gather_into_tensor(gathered, t.contiguous(), group=self.group)
         return torch.cat([gathered[r * most:r * most + c] for r, c in enumerate(every)])
 
+    def _share_kv(self, module, k: torch.Tensor, v: torch.Tensor):
+        """Context coherence: all-gather the new tokens' K/V (``[m, Hkv * d]`` each, after
+        RoPE) and their (request, position) from every rank, append them to this layer's
+        store; returns the whole store ``(K, V, meta)``. Collective."""
+        layer = module.layer_idx
+        rows = self._gather_rows(torch.cat([k, v], 1))
+        new_meta = self._gather_rows(self._cur_meta)
+        new_k, new_v = rows[:, :k.shape[1]], rows[:, k.shape[1]:]
+        if layer in self._kv:
+            K, V, M = self._kv[layer]
+            new_k, new_v, new_meta = torch.cat([K, new_k]), torch.cat([V, new_v]), torch.cat([M, new_meta])
+        self._kv[layer] = (new_k, new_v, new_meta)
+        return new_k, new_v, new_meta
+
     def _attend(self, module, query, key, value, scaling):
         """Context-coherent attention of the queries on this rank: gather the new K/V of
         every rank (in rank order), append to this layer's store, attend causally within
         each query's request. ``query`` ``[1, Hq, m, d]``, ``key``/``value`` ``[1, Hkv, m, d]``;
         returns ``[1, m, Hq, d]``."""
-        layer = module.layer_idx
-        meta = self._cur_meta  # [m, 2] (request, position) of the tokens here
         k = key[0].transpose(0, 1)  # [m, Hkv, d]
         v = value[0].transpose(0, 1)
-        m = k.shape[0]
-        rows = self._gather_rows(torch.cat([k.reshape(m, -1), v.reshape(m, -1)], 1))
-        new_meta = self._gather_rows(meta)
-        kd = k.shape[1] * k.shape[2]
-        new_k = rows[:, :kd].reshape(-1, *k.shape[1:])
-        new_v = rows[:, kd:].reshape(-1, *v.shape[1:])
-        if layer in self._kv:
-            K, V, M = self._kv[layer]
-            new_k, new_v, new_meta = torch.cat([K, new_k]), torch.cat([V, new_v]), torch.cat([M, new_meta])
-        self._kv[layer] = (new_k, new_v, new_meta)
+        new_k, new_v, new_meta = self._share_kv(module, k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1))
+        new_k = new_k.reshape(-1, *k.shape[1:])
+        new_v = new_v.reshape(-1, *v.shape[1:])
+        meta = self._cur_meta
         q = query[0].float()  # [Hq, m, d]
         groups = q.shape[0] // new_k.shape[1]
         K = new_k.float().transpose(0, 1).repeat_interleave(groups, 0)  # [Hq, N, d]
@@ -317,10 +324,14 @@ class ExFlowModel(nn.Module):
             for i, layer in enumerate(dec.layers[:self.model.config.num_hidden_layers]):
                 x, ids = state.x, state.token_ids
                 self._cur_meta = table[ids]
-                cos, sin = dec.rotary_emb(x[None], self._cur_meta[:, 1][None])
-                h, _ = layer.self_attn(hidden_states=layer.input_layernorm(x)[None], position_embeddings=(cos, sin),
-                                       attention_mask=None)
-                x = x + h[0]
+                if x.shape[0]:
+                    cos, sin = dec.rotary_emb(x[None], self._cur_meta[:, 1][None])
+                    h, _ = layer.self_attn(hidden_states=layer.input_layernorm(x)[None],
+                                           position_embeddings=(cos, sin), attention_mask=None)
+                    x = x + h[0]
+                else:  # no token here at this layer: still take part in the K/V gather
+                    self._share_kv(layer.self_attn, x.new_zeros((0, layer.self_attn.k_proj.out_features)),
+                                   x.new_zeros((0, layer.self_attn.v_proj.out_features)))
                 if i in moe:
                     block = layer.mlp
                     _, weights, topk = block.gate(layer.post_attention_layernorm(x))
