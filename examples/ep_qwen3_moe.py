@@ -26,7 +26,9 @@ def tiny_qwen3_moe():
                          num_key_value_heads=2, head_dim=16, vocab_size=128, num_experts=8, num_experts_per_tok=2,
                          moe_intermediate_size=32, initializer_range=0.1)
     torch.manual_seed(0)  # the same weights on every rank
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.eos_token_id = None  # random weights: decode the full length, never stop early
+    return model
 
 
 def main(rank: int, world: int, args) -> None:
@@ -44,6 +46,8 @@ def main(rank: int, world: int, args) -> None:
     g = torch.Generator().manual_seed(100 + rank)
     prompts = torch.randint(0, vocab, (2, 6), generator=g).to(device)  # this rank's own requests
     reference = copy.deepcopy(model) if args.check else None
+    if reference is not None:  # generate_greedy is a plain argmax loop: no EOS stop or suppression
+        reference.generation_config.eos_token_id = None
 
     # 1. record the model's own routing on calibration prompts, 2. place experts by affinity
     with torch.no_grad(), moe.RoutingRecorder(moe.moe_gates(model), k=k) as rec:

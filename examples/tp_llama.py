@@ -24,7 +24,9 @@ def tiny_llama():
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=128, initializer_range=0.1)
     torch.manual_seed(0)  # the same weights on every rank
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.eos_token_id = None  # random weights: decode the full length, never stop early
+    return model
 
 
 def main(rank: int, world: int, args) -> None:

@@ -2,7 +2,7 @@
 
 ``tiny_model(family, **overrides)`` builds a ``*ForCausalLM`` in float32, eval mode, with
 weights from ``torch.manual_seed(seed)`` so every rank of a distributed test builds
-the same model. Sizes follow the test budget: hidden 64, 2 layers.
+the same model, and no end-of-sequence token in its generation config. Sizes follow the test budget: hidden 64, 2 layers.
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     cfg = tiny_config(family, **overrides)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # No end-of-sequence token: greedy generation runs its full length and never
+    # suppresses a token (with min_new_tokens, transformers masks the EOS logit, which a
+    # plain argmax loop such as ExFlowModel.generate_greedy does not).
+    model.generation_config.eos_token_id = None
     return model.eval()
 
 

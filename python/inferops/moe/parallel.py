@@ -352,7 +352,8 @@ class ExFlowModel(nn.Module):
     @torch.no_grad()
     def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding of this rank's prompts (``[batch, seq]``, no padding): prefill,
-        then one token per step; starts from a fresh context. Collective."""
+        then one token per step (a plain argmax: no end-of-sequence stop or suppression, so
+        every rank takes the same number of steps); starts from a fresh context. Collective."""
         self.reset()
         tokens = input_ids
         step = input_ids
