@@ -126,6 +126,8 @@ def _run(rank, world, seed):
     catch("experts", lambda: moe.parallelize(tiny_model("mixtral", num_local_experts=2 * world - 1),
                                              dist.group.WORLD))
     catch("mode", lambda: moe.parallelize(tiny_model("mixtral"), dist.group.WORLD, mode="three"))
+    twice = moe.parallelize(tiny_model("mixtral"), dist.group.WORLD, mode="two")
+    catch("twice", lambda: moe.parallelize(twice, dist.group.WORLD, mode="two"))
     probe = torch.ones(1)
     dist.all_reduce(probe)
     out["alive"] = float(probe)
@@ -160,6 +162,7 @@ def test_moe_parallelize_matches_single_process(world, gen):
         assert bad["experts"] == ("ValueError", f"expected the model's experts ({2 * world - 1}) to be a multiple "
                                                 f"of the world size ({world})")
         assert bad["mode"][0] == "ValueError" and "'three'" in bad["mode"][1]
+        assert bad["twice"][0] == "ValueError" and "already sharded" in bad["twice"][1]
         assert r["alive"] == world
     # the ranks together sent what exchange_rows predicts in total
     for key in res[0]["models"]:

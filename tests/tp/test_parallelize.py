@@ -94,6 +94,8 @@ def _errors(rank, world, seed):
     else:
         catch("kv_heads", lambda: tp.parallelize(tiny_model("llama", hidden_size=96, num_attention_heads=12,
                                                             num_key_value_heads=3), dist.group.WORLD))
+    twice = tp.parallelize(tiny_model("llama"), dist.group.WORLD)
+    catch("twice", lambda: tp.parallelize(twice, dist.group.WORLD))
     # the group still works after every refusal (nobody left waiting in a collective)
     probe = torch.ones(1)
     dist.all_reduce(probe)
@@ -143,6 +145,7 @@ def test_parallelize_llama_family_matches_unsharded(world, gen):
                                                   "to shard the attention heads")
         else:
             assert bad["kv_heads"][0] == "ValueError" and "num_key_value_heads (3)" in bad["kv_heads"][1]
+        assert bad["twice"][0] == "ValueError" and "already sharded" in bad["twice"][1]
         assert r["alive"] == world
 
 

@@ -57,8 +57,7 @@ def _decoder(model: nn.Module):
 
 def _is_moe_block(mlp) -> bool:
     experts = getattr(mlp, "experts", None)
-    return (hasattr(mlp, "gate") and experts is not None
-            and (hasattr(experts, "gate_up_proj") or isinstance(experts, LocalExperts)))
+    return hasattr(mlp, "gate") and experts is not None and hasattr(experts, "gate_up_proj")
 
 
 def moe_layer_indices(model: nn.Module) -> list[int]:
@@ -170,6 +169,9 @@ def parallelize(model: nn.Module, group=None, placement=None, *, mode: str = "si
         raise TypeError(f"inferops.moe.parallelize supports Qwen3-MoE and Mixtral models "
                         f"({', '.join(SUPPORTED_MOE_MODEL_TYPES)}), got {type(model).__name__} "
                         f"(model_type {model_type!r})")
+    if hasattr(model, "inferops_ep"):
+        raise ValueError(f"expected a model not yet parallelized, got a {type(model).__name__} that "
+                         "inferops.moe.parallelize already sharded (call it once, on the full model)")
     if num_experts % world:
         raise ValueError(f"expected the model's experts ({num_experts}) to be a multiple of the world size ({world})")
     gpu_of = _placement_array(placement, len(layers_idx), num_experts, world)

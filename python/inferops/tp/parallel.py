@@ -179,6 +179,9 @@ def parallelize(model: nn.Module, group=None, *, sequence_parallel: bool = True,
     if model_type not in SUPPORTED_MODEL_TYPES or decoder is None:
         raise TypeError(f"inferops.tp.parallelize supports Llama-family models ({', '.join(SUPPORTED_MODEL_TYPES)}), "
                         f"got {type(model).__name__} (model_type {model_type!r})")
+    if hasattr(model, "inferops_tp"):
+        raise ValueError(f"expected a model not yet parallelized, got a {type(model).__name__} that "
+                         "inferops.tp.parallelize already sharded (call it once, on the full model)")
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     plan = head_plan(H, KV, world, rank)
