@@ -5,7 +5,6 @@ executor runs the same CUDA source), against the unsharded model's logits."""
 from __future__ import annotations
 
 import copy
-import os
 import socket
 
 import pytest
