@@ -27,6 +27,7 @@ BENCHMARKS = [
     ("moe/bench_moe_kernels.py", "main"),
     ("quant/bench_w4a16.py", "main"),
     ("tp/bench_gemm_rs.py", "main"),
+    ("tp/bench_tp_mlp.py", "main"),
     ("quant/bench_w8a8.py", "main"),
     ("quant/bench_hadamard.py", "main"),
     ("quant/bench_quant_linear.py", "main"),

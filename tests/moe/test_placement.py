@@ -114,18 +114,22 @@ def _exchange_rows_oracle(trace, gpu_of):
         t = t[:, :, None]
     T, L, k = t.shape
     G = int(gpu_of.max()) + 1
-    two = single = 0
+    two, single = [0] * G, [0] * G  # rows sent by each GPU
     for tok in range(T):
         home = where = tok % G
         for layer in range(L):
             ranks = [int(gpu_of[layer][e]) for e in t[tok, layer]]
             dests = set(ranks)
-            two += 2 * len(dests - {home})
-            single += len(dests - {where})
+            two[home] += len(dests - {home})  # dispatch
+            for g in dests - {home}:  # combine
+                two[g] += 1
+            single[where] += len(dests - {where})  # route
             best = max(range(k), key=lambda j: (ranks.count(ranks[j]), -j))
             where = ranks[best]
-            single += len(dests - {where})
-        single += where != home
+            for g in dests - {where}:  # partial sums to the anchor
+                single[g] += 1
+        if where != home:
+            single[where] += 1
     return two, single
 
 
@@ -135,7 +139,9 @@ def test_exchange_rows_matches_oracle(k):
     for G in (2, 4):
         for gpu_of in (round_robin_placement(4, 16, G), place_experts(trace, G, num_experts=16, time_limit=5).gpu_of):
             rows = exchange_rows(trace, gpu_of)
-            assert (rows["two"], rows["single"]) == _exchange_rows_oracle(trace, gpu_of)
+            two, single = _exchange_rows_oracle(trace, gpu_of)
+            assert (rows["two"], rows["single"]) == (sum(two), sum(single))
+            assert rows["two_by_gpu"].tolist() == two and rows["single_by_gpu"].tolist() == single
             assert rows["single"] == rows["single_route"] + rows["single_partial"] + rows["single_return"]
             if k == 1:
                 assert rows["single_partial"] == 0
@@ -143,5 +149,6 @@ def test_exchange_rows_matches_oracle(k):
 
 def test_exchange_rows_single_gpu_is_zero():
     trace = synthetic_trace(50, 3, 4, k=2, seed=0)
-    assert exchange_rows(trace, np.zeros((3, 4), dtype=np.int64)) == {
-        "two": 0, "single": 0, "single_route": 0, "single_partial": 0, "single_return": 0}
+    rows = exchange_rows(trace, np.zeros((3, 4), dtype=np.int64))
+    assert rows.pop("two_by_gpu").tolist() == [0] and rows.pop("single_by_gpu").tolist() == [0]
+    assert rows == {"two": 0, "single": 0, "single_route": 0, "single_partial": 0, "single_return": 0}

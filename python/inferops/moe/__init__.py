@@ -4,7 +4,17 @@ Kernels: csrc/moe/. References: inferops.reference.moe.
 """
 
 from .dispatcher import DispatchHandle, DispatchResult, MoEDispatcher, RouteState
+from .grouped import grouped_expert_mlp, grouped_matmul, grouped_mm_available
 from .layout import RoutingLayout, default_placement, permute, routing_layout, unpermute
+from .parallel import (
+    SUPPORTED_MOE_MODEL_TYPES,
+    ExFlowModel,
+    ExpertParallelMoE,
+    LocalExperts,
+    moe_gates,
+    moe_layer_indices,
+    parallelize,
+)
 from .placement import (
     Placement,
     RoutingRecorder,
@@ -18,6 +28,16 @@ from .placement import (
 )
 
 __all__ = [
+    "ExFlowModel",
+    "ExpertParallelMoE",
+    "LocalExperts",
+    "SUPPORTED_MOE_MODEL_TYPES",
+    "grouped_expert_mlp",
+    "grouped_matmul",
+    "grouped_mm_available",
+    "moe_gates",
+    "moe_layer_indices",
+    "parallelize",
     "MoEDispatcher",
     "DispatchResult",
     "DispatchHandle",

@@ -110,7 +110,9 @@ def exchange_rows(trace, placement) -> dict:
       if it is elsewhere). For top-1 ``finish_layer`` sends nothing.
 
     Returns ``{"two": rows, "single": rows, "single_route": ..., "single_partial": ...,
-    "single_return": ...}`` (totals over all tokens and layers).
+    "single_return": ...}`` (totals over all tokens and layers), and ``"two_by_gpu"`` /
+    ``"single_by_gpu"``: ``[G]`` int64 arrays of the rows each GPU sends (they sum to the
+    totals).
     """
     t = _check_trace(trace)
     gpu_of = placement.gpu_of if isinstance(placement, Placement) else np.asarray(placement)
@@ -120,20 +122,28 @@ def exchange_rows(trace, placement) -> dict:
     home = rows % G
     where = home.copy()
     two = route = partial = 0
+    two_by = np.zeros(G, dtype=np.int64)
+    single_by = np.zeros(G, dtype=np.int64)
     for layer in range(L):
         ranks = gpu_of[layer][t[:, layer]]  # [T, k]
         present = np.zeros((T, G), dtype=bool)
         present[rows[:, None], ranks] = True
         n = present.sum(1)
-        two += 2 * int((n - present[rows, home]).sum())
+        away_home = present & (np.arange(G)[None, :] != home[:, None])  # [T, G] expert GPUs but home
+        two += 2 * int(away_home.sum())
+        np.add.at(two_by, home, away_home.sum(1))  # dispatch: home sends one row to each
+        two_by += away_home.sum(0)  # combine: each sends one row back home
         route += int((n - present[rows, where]).sum())
+        np.add.at(single_by, where, n - present[rows, where])
         same = (ranks[:, :, None] == ranks[:, None, :]).sum(-1)
         anchor = ranks[rows, np.argmax(same * k - np.arange(k), axis=1)]
         partial += int((n - 1).sum())  # every expert GPU but the anchor sends one partial row
+        single_by += (present & (np.arange(G)[None, :] != anchor[:, None])).sum(0)
         where = anchor
     back = int((where != home).sum())
+    np.add.at(single_by, where, (where != home).astype(np.int64))
     return {"two": two, "single": route + partial + back, "single_route": route,
-            "single_partial": partial, "single_return": back}
+            "single_partial": partial, "single_return": back, "two_by_gpu": two_by, "single_by_gpu": single_by}
 
 
 def round_robin_placement(num_layers: int, num_experts: int, num_gpus: int) -> np.ndarray:

@@ -12,10 +12,18 @@ from .gemm_rs import (
     symm_mem_status,
     virtual_gemm_reduce_scatter,
 )
-from .linear import RowParallelLinear
+from .linear import ColumnParallelLinear, RowParallelLinear, padded_tokens, sequence_gather, sequence_shard
+from .parallel import SUPPORTED_MODEL_TYPES, head_plan, parallelize
 
 __all__ = [
+    "ColumnParallelLinear",
     "GemmReduceScatter",
+    "SUPPORTED_MODEL_TYPES",
+    "head_plan",
+    "padded_tokens",
+    "parallelize",
+    "sequence_gather",
+    "sequence_shard",
     "RowParallelLinear",
     "buffer_bytes",
     "gemm_reduce_scatter",
