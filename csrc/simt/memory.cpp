@@ -69,6 +69,10 @@ void cp_async(uint32_t saddr, const void* gmem, int bytes, int src_bytes) {
   c.dst = dst;
   c.bytes = bytes;
   c.pc = __builtin_return_address(0);
+  // For the race check the copy writes its destination at issue (the hardware may write it
+  // any time from now: reads and writes not ordered before this are races) and again when a
+  // wait retires it (reads not ordered after that wait are races).
+  race::access(f, dst, static_cast<std::size_t>(bytes), true, c.pc);
   if (src_bytes > 0) std::memcpy(c.data, gmem, static_cast<std::size_t>(src_bytes));  // rest: zero-filled
   std::memset(dst, 0xff, static_cast<std::size_t>(bytes));
   f.cp_open.push_back(c);

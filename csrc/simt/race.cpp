@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -394,6 +395,44 @@ void warp_sync(Scheduler& s, Block& b, int warp, unsigned mask) {
     std::copy(j, j + 32, w);
     ++w[l];
   }
+}
+
+bool skip_barrier(const void* pc) {
+  static const std::vector<std::string> skip = [] {
+    std::vector<std::string> out;
+    const char* v = std::getenv("INFEROPS_SIMT_SKIP_BARRIER");
+    std::string all = v ? v : "";
+    for (std::size_t a = 0; a < all.size();) {
+      std::size_t b = all.find(',', a);
+      if (b == std::string::npos) b = all.size();
+      if (b > a) out.push_back(all.substr(a, b - a));
+      a = b + 1;
+    }
+    return out;
+  }();
+  if (skip.empty()) return false;
+  static std::map<const void*, bool> seen;  // per call site: addr2line's inline chain, once
+  auto it = seen.find(pc);
+  if (it != seen.end()) return it->second;
+  Dl_info info{};
+  bool hit = false;
+  if (dladdr(reinterpret_cast<void*>(&module_base), &info) && info.dli_fname) {
+    char cmd[1024];
+    std::snprintf(cmd, sizeof cmd, "addr2line -i -e '%s' 0x%lx 2>/dev/null", info.dli_fname,
+                  static_cast<unsigned long>(reinterpret_cast<uintptr_t>(pc) - module_base() - 1));
+    if (FILE* p = popen(cmd, "r")) {
+      char line[4096];
+      while (std::fgets(line, sizeof line, p)) {
+        std::string l = line;
+        l = l.substr(0, l.find_first_of(" \n"));
+        for (const std::string& x : skip)
+          if (l.size() >= x.size() && l.compare(l.size() - x.size(), x.size(), x) == 0) hit = true;
+      }
+      pclose(p);
+    }
+  }
+  seen[pc] = hit;
+  return hit;
 }
 
 void access(Fiber& f, const void* p, std::size_t n, bool write, const void* pc) {

@@ -16,8 +16,8 @@
 // Accesses reach it from two places: the kernel sources, compiled with g++'s ThreadSanitizer
 // instrumentation (-fsanitize=thread), whose __tsan_read*/__tsan_write* calls race.cpp defines
 // itself (the TSan runtime is never linked); and the executor's own instruction models, which
-// report the accesses they perform for a thread: cp.async writes its destination when a wait
-// retires its group, ldmatrix reads for each lane, wgmma reads its operands at issue. Atomics
+// report the accesses they perform for a thread: cp.async writes its destination at issue and
+// again when a wait retires its group, ldmatrix reads for each lane, wgmma reads its operands at issue. Atomics
 // are performed and not checked (two atomics never race; a plain access racing an atomic is not
 // reported). Without INFEROPS_SIMT_RACECHECK every function here is an empty inline.
 #pragma once
@@ -40,6 +40,10 @@ void cluster_barrier(detail::Scheduler& s);                   // threads waiting
 void warp_sync(detail::Scheduler& s, detail::Block& b, int warp, unsigned mask);
 // An access performed by the executor for fiber `f` (pc: the instruction, for the report).
 void access(detail::Fiber& f, const void* p, std::size_t n, bool write, const void* pc);
+// Mutation testing: true when the __syncthreads called at `pc` is one that
+// INFEROPS_SIMT_SKIP_BARRIER ("csrc/FILE:LINE[,...]") removes (it then does nothing), so a test
+// can show that removing a real kernel's barrier is reported.
+bool skip_barrier(const void* pc);
 #else
 constexpr bool kBuilt = false;
 inline void pool_start(detail::Scheduler&) {}
@@ -48,6 +52,7 @@ inline void block_barrier(detail::Scheduler&, detail::Block&) {}
 inline void cluster_barrier(detail::Scheduler&) {}
 inline void warp_sync(detail::Scheduler&, detail::Block&, int, unsigned) {}
 inline void access(detail::Fiber&, const void*, std::size_t, bool, const void*) {}
+inline bool skip_barrier(const void*) { return false; }
 #endif
 
 }  // namespace simt::race

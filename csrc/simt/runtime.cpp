@@ -431,7 +431,10 @@ void fail(const char* fmt, ...) {
   std::abort();
 }
 
-void syncthreads() { syncthreads_reduce(0, BarrierReduce::kCount); }
+void syncthreads() {
+  if (race::skip_barrier(__builtin_return_address(0))) return;  // INFEROPS_SIMT_SKIP_BARRIER (race.h)
+  syncthreads_reduce(0, BarrierReduce::kCount);
+}
 
 int syncthreads_reduce(int pred, BarrierReduce how) {
   Scheduler& s = S();

@@ -264,7 +264,7 @@ inline const dim3& gridDim = ::simt::g_gridDim;
 #endif
 
 // ---- synchronization and warp intrinsics ---------------------------------------------------------------------
-inline void __syncthreads() { simt::syncthreads(); }
+__attribute__((always_inline)) inline void __syncthreads() { simt::syncthreads(); }
 inline int __syncthreads_count(int pred) { return simt::syncthreads_reduce(pred, simt::BarrierReduce::kCount); }
 inline int __syncthreads_and(int pred) { return simt::syncthreads_reduce(pred, simt::BarrierReduce::kAnd); }
 inline int __syncthreads_or(int pred) { return simt::syncthreads_reduce(pred, simt::BarrierReduce::kOr); }

@@ -7,6 +7,7 @@ skip elsewhere."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -261,6 +262,52 @@ def test_shared_memory_races(name, n, kind, kernel, expected, consequence):
         pytest.skip("only the race-check build sees this race (CI runs it: INFEROPS_SIMT_RACECHECK)")
     else:
         assert consequence(_module().simt_selftest(broken, x)[: len(ref)], ref)
+
+
+# A real kernel's barrier removed (INFEROPS_SIMT_SKIP_BARRIER makes the __syncthreads at that
+# source line do nothing, race-check build only) must be reported, naming that kernel's lines.
+_SLA_CALL = (
+    "q, k, v = (torch.randn(1, 2, 64, 32, generator=g).bfloat16() for _ in range(3))\n"
+    "w, b = torch.randn(32, 1, 5, 5, generator=g), torch.randn(32, generator=g)\n"
+    "inferops.linear_attention.simplified_linear_attention(q, k, v, w, b, (8, 8))\n"
+)
+_PAGED_CALL = (
+    "pages = torch.randperm(16, generator=g).to(torch.int32).view(1, 16)\n"
+    "kc, vc = (torch.randn(16, 16, 2, 128, generator=g).bfloat16() for _ in range(2))\n"
+    "q = torch.randn(1, 8, 128, generator=g).bfloat16()\n"
+    "inferops.attention.paged_decode(q, kc, vc, pages, torch.tensor([250], dtype=torch.int32), num_splits=1)\n"
+)
+
+
+@pytest.mark.parametrize(
+    "barrier, call",
+    [
+        ("csrc/linear_attention/sla.cu:49", _SLA_CALL),   # tile loaded, then read by every thread
+        ("csrc/linear_attention/sla.cu:64", _SLA_CALL),   # every thread done before the next tile
+        ("csrc/attention/paged_decode.cu:193", _PAGED_CALL),  # a pipeline stage reloaded while read
+    ],
+    ids=["sla_load", "sla_reuse", "paged_decode_stage_reuse"],
+)
+def test_removed_barrier_in_a_real_kernel_is_reported(barrier, call):
+    if not _racecheck():
+        pytest.skip("needs the race-check build of inferops._simt (CI: INFEROPS_SIMT_RACECHECK)")
+    code = (
+        "import torch, inferops\n"
+        "from inferops.testing import backend\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "with backend('simt'):\n" + "".join("    " + line + "\n" for line in call.splitlines())
+        + "print('no report')\n"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert ok.returncode == 0 and "no report" in ok.stdout, ok.stderr[-3000:]  # intact: no report
+    env["INFEROPS_SIMT_SKIP_BARRIER"] = barrier
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0, r.stdout[-2000:]
+    file = barrier.split(":")[0]
+    assert re.search(r"shared-memory race \((read/write|write/read|write/write)\) in kernel .*" + re.escape(file),
+                     r.stderr), r.stderr[-3000:]
 
 
 def test_shared_memory_atomics_are_not_races():
