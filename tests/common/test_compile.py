@@ -58,7 +58,7 @@ def test_every_op_chained_compiles_with_defaults(dynamic, gen):
     arguments (validate=True included) compiles with fullgraph=True and gives the eager
     answer exactly (same reference code on the CPU)."""
     x = make_inputs(gen, "cpu")
-    eager = chain(clone_inputs(x))  # also fills prefix_shared_decode's per-ratio cache (docs/attention.md)
+    eager = chain(clone_inputs(x))
     torch._dynamo.reset()
     got = torch.compile(chain, fullgraph=True, backend="eager", dynamic=dynamic)(clone_inputs(x))
     assert len(got) == len(eager)
@@ -99,16 +99,26 @@ def test_value_checks_still_run_when_compiled(backend, gen):
             cls(q1, torch.tensor([0, 4, 9]))
 
 
-def test_prefix_shared_decode_compiles_after_one_eager_call(gen):
-    """The layout caches host-built metadata per GQA ratio on first use; after that
-    the call is a pure tensor program (documented in docs/attention.md)."""
+def test_prefix_shared_decode_compiles_without_warm_up(gen):
+    """materialize() builds the work items of GQA ratios up to 16, so the first call,
+    compiled with default arguments, is a pure tensor program (docs/attention.md)."""
     from inferops.attention import prefix_shared_decode
     from tests.attention.test_prefix_shared import build_batch
 
     plan, cache, lay, q = build_batch(gen, groups=2, members=3, prefix=40, suffix=5, page_size=16, hq=8, hkv=2, d=64)
+    got = _compiled(lambda q, k, v: prefix_shared_decode(q, k, v, lay))(q, cache.k, cache.v)
     eager = prefix_shared_decode(q, cache.k, cache.v, lay)
-    got = _compiled(lambda q, k, v: prefix_shared_decode(q, k, v, lay, validate=False))(q, cache.k, cache.v)
     assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
+
+
+def test_prefix_shared_work_items_match_for_every_precomputed_ratio(gen):
+    from inferops.attention.prefix_plan import PRECOMPUTED_RATIOS, shared_work
+    from tests.attention.test_prefix_shared import build_batch
+
+    plan, cache, lay, q = build_batch(gen, groups=3, members=5, prefix=40, suffix=5, page_size=16, hq=8, hkv=2, d=64)
+    for r in range(1, PRECOMPUTED_RATIOS + 1):
+        want = shared_work(plan.group_indptr, plan.group_page_indptr, r)
+        assert torch.equal(lay.work_items(r).cpu(), torch.from_numpy(want)), r
 
 
 @pytest.mark.gpu

@@ -32,6 +32,10 @@ __all__ = ["PrefixPlan", "PrefixLayout", "shared_work"]
 SHARED_ROWS = 64
 
 
+# GQA ratios (query heads per KV head) whose work items materialize() builds up front.
+PRECOMPUTED_RATIOS = 16
+
+
 def shared_work(group_indptr: np.ndarray, group_page_indptr: np.ndarray, group_size: int) -> np.ndarray:
     """[W, 2] int32 work items (group, first query row) of the shared-prefix kernel.
 
@@ -229,6 +233,13 @@ class PrefixPlan:
             block_tables[i, k:k + own_pages[i]] = own[own_at[i]:own_at[i + 1]]
         dev = cache.k.device if device is None else torch.device(device)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(dev)  # noqa: E731
+        # The shared-prefix kernel's work items for every GQA ratio up to PRECOMPUTED_RATIOS, in
+        # one copy: prefix_shared_decode then builds nothing on the host for those ratios, so it
+        # traces under torch.compile(fullgraph=True) and captures in CUDA graphs from the first call.
+        items = [shared_work(self.group_indptr, self.group_page_indptr, r) for r in range(1, PRECOMPUTED_RATIOS + 1)]
+        ends = np.cumsum([len(a) for a in items])
+        flat = t(np.concatenate(items) if ends[-1] else np.zeros((0, 2), np.int32))
+        work = {r: flat[e - len(a):e] for r, a, e in zip(range(1, PRECOMPUTED_RATIOS + 1), items, ends)}
         return PrefixLayout(
             plan=self,
             block_tables=t(block_tables),
@@ -241,7 +252,7 @@ class PrefixPlan:
             own_pages=own,
             max_own_tokens=int(own_pages.max(initial=0)) * ps,
             max_shared_pages=int(np.diff(self.group_page_indptr).max(initial=0)),
-            _work={},
+            _work=work,
         )
 
 
