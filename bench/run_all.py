@@ -55,7 +55,14 @@ def main(argv=None) -> int:
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         try:
-            rc = getattr(mod, fn_name)(forwarded)
+            if getattr(mod, "RUN_AS_SCRIPT", False):
+                # It spawns processes (gloo ranks): their workers must be importable by the
+                # children, which a module loaded from a file path here is not.
+                import subprocess
+
+                rc = subprocess.run([sys.executable, os.path.join(here, rel), *forwarded]).returncode
+            else:
+                rc = getattr(mod, fn_name)(forwarded)
         except Exception as e:  # keep going: one broken family must not hide the others
             print(f"[run_all] {rel} failed: {type(e).__name__}: {e}")
             rc = 1

@@ -103,6 +103,10 @@ def run(rank, world, args, device):
                   f"matmul + reduce_scatter {t_base:9.1f} us ({t_base / t_fused:4.2f}x)")
 
 
+# bench/run_all.py runs this file as a script: its spawned gloo ranks import it by name.
+RUN_AS_SCRIPT = True
+
+
 def _spawned(rank, world, port, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
