@@ -238,7 +238,8 @@ class PrefixPlan:
         # traces under torch.compile(fullgraph=True) and captures in CUDA graphs from the first call.
         items = [shared_work(self.group_indptr, self.group_page_indptr, r) for r in range(1, PRECOMPUTED_RATIOS + 1)]
         ends = np.cumsum([len(a) for a in items])
-        flat = t(np.concatenate(items) if ends[-1] else np.zeros((0, 2), np.int32))
+        # (numpy gives an empty array zero strides, which the kernels' contiguity check refuses)
+        flat = t(np.concatenate(items)) if ends[-1] else torch.empty((0, 2), dtype=torch.int32, device=dev)
         work = {r: flat[e - len(a):e] for r, a, e in zip(range(1, PRECOMPUTED_RATIOS + 1), items, ends)}
         return PrefixLayout(
             plan=self,
