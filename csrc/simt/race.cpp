@@ -178,23 +178,30 @@ void restart(Domain& d, const std::vector<int>& members) {
   }
 }
 
-// addr2line on this module: {function, "file:line"} of the instruction at offset `off`.
-std::pair<std::string, std::string> addr2line(uintptr_t off) {
+// The output lines of `addr2line <flags>` on this module for the instruction at offset `off`.
+std::vector<std::string> run_addr2line(const char* flags, uintptr_t off) {
+  std::vector<std::string> out;
   Dl_info info{};
-  if (!dladdr(reinterpret_cast<void*>(&module_base), &info) || !info.dli_fname) return {"?", "?"};
+  if (!dladdr(reinterpret_cast<void*>(&module_base), &info) || !info.dli_fname) return out;
   char cmd[1024];
-  std::snprintf(cmd, sizeof cmd, "addr2line -C -f -e '%s' 0x%lx 2>/dev/null", info.dli_fname,
+  std::snprintf(cmd, sizeof cmd, "addr2line %s -e '%s' 0x%lx 2>/dev/null", flags, info.dli_fname,
                 static_cast<unsigned long>(off));
   FILE* p = popen(cmd, "r");
-  if (!p) return {"?", "?"};
-  char fn[4096] = {}, line[4096] = {};
-  if (!std::fgets(fn, sizeof fn, p)) fn[0] = 0;
-  if (!std::fgets(line, sizeof line, p)) line[0] = 0;
+  if (!p) return out;
+  char line[4096];
+  while (std::fgets(line, sizeof line, p)) {
+    line[std::strcspn(line, "\n")] = 0;
+    out.emplace_back(line);
+  }
   pclose(p);
-  auto chomp = [](char* x) { x[std::strcspn(x, "\n")] = 0; };
-  chomp(fn);
-  chomp(line);
-  std::string f = fn, l = line;
+  return out;
+}
+
+// {function, "file:line"} of the instruction at offset `off`.
+std::pair<std::string, std::string> addr2line(uintptr_t off) {
+  const std::vector<std::string> r = run_addr2line("-C -f", off);
+  if (r.size() < 2) return {"?", "?"};
+  std::string f = r[0], l = r[1];
   if (f.size() > 160) f = f.substr(0, 157) + "...";
   if (const auto k = l.find("csrc/"); k != std::string::npos) l = l.substr(k);
   if (const auto k = l.find(" (discriminator"); k != std::string::npos) l = l.substr(0, k);
@@ -414,22 +421,11 @@ bool skip_barrier(const void* pc) {
   static std::map<const void*, bool> seen;  // per call site: addr2line's inline chain, once
   auto it = seen.find(pc);
   if (it != seen.end()) return it->second;
-  Dl_info info{};
-  bool hit = false;
-  if (dladdr(reinterpret_cast<void*>(&module_base), &info) && info.dli_fname) {
-    char cmd[1024];
-    std::snprintf(cmd, sizeof cmd, "addr2line -i -e '%s' 0x%lx 2>/dev/null", info.dli_fname,
-                  static_cast<unsigned long>(reinterpret_cast<uintptr_t>(pc) - module_base() - 1));
-    if (FILE* p = popen(cmd, "r")) {
-      char line[4096];
-      while (std::fgets(line, sizeof line, p)) {
-        std::string l = line;
-        l = l.substr(0, l.find_first_of(" \n"));
-        for (const std::string& x : skip)
-          if (l.size() >= x.size() && l.compare(l.size() - x.size(), x.size(), x) == 0) hit = true;
-      }
-      pclose(p);
-    }
+  bool hit = false;  // any location of the inline chain (kernel line, then its callers) listed
+  for (std::string l : run_addr2line("-i", reinterpret_cast<uintptr_t>(pc) - module_base() - 1)) {
+    l = l.substr(0, l.find(' '));
+    for (const std::string& x : skip)
+      if (l.size() >= x.size() && l.compare(l.size() - x.size(), x.size(), x) == 0) hit = true;
   }
   seen[pc] = hit;
   return hit;

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..tp.parallel import agree_across_ranks
+from ..tp.parallel import _decoder, agree_across_ranks
 from .dispatcher import MoEDispatcher, RouteState
 from .grouped import grouped_expert_mlp
 from .placement import Placement, round_robin_placement
@@ -44,15 +44,6 @@ __all__ = ["SUPPORTED_MOE_MODEL_TYPES", "ExFlowModel", "ExpertParallelMoE", "Loc
 
 SUPPORTED_MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
 _ATTN_NAME = "inferops_exflow"
-
-
-def _decoder(model: nn.Module):
-    inner = getattr(model, "model", None)
-    if isinstance(inner, nn.Module) and isinstance(getattr(inner, "layers", None), nn.ModuleList):
-        return inner
-    if isinstance(getattr(model, "layers", None), nn.ModuleList):
-        return model
-    return None
 
 
 def _is_moe_block(mlp) -> bool:

@@ -70,6 +70,19 @@ def _check_scales(scales, N):
     return scales.shape[0]
 
 
+def _check_groups(N, K, scales, qzeros, group_size):
+    """(groups, group length) of a [N, K] 4-bit checkpoint layer, its scales and zeros checked."""
+    _check_features("qweight (as [N, K])", N, K)
+    G = _check_scales(scales, N)
+    _check_int32("qzeros", qzeros, (G, N // 8))
+    if K % G:
+        raise ValueError(f"expected in_features {K} to be a multiple of the number of groups {G} (dim 0 of `scales`)")
+    gl = K // G
+    if group_size is not None and group_size not in ((gl, -1) if G == 1 else (gl,)):
+        raise ValueError(f"expected `group_size` {gl} (= in_features / groups in `scales`), got {group_size}")
+    return G, gl
+
+
 def _to_int4(q_nk: torch.Tensor, zeros_gn: torch.Tensor, scales: torch.Tensor, group_size: int,
              symmetric: bool | None) -> Int4Weight:
     """q ``[N, K]`` uint8 in [0, 15], zeros ``[G, N]`` in [0, 16], scales ``[G, N]``."""
@@ -109,14 +122,7 @@ def int4_from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
     if qweight.dim() != 2:
         raise ValueError(f"expected `qweight` of shape [in_features / 8, out_features], got {list(qweight.shape)}")
     K, N = qweight.shape[0] * 8, qweight.shape[1]
-    _check_features("qweight (as [N, K])", N, K)
-    G = _check_scales(scales, N)
-    _check_int32("qzeros", qzeros, (G, N // 8))
-    if K % G:
-        raise ValueError(f"expected in_features {K} to be a multiple of the number of groups {G} (dim 0 of `scales`)")
-    gl = K // G
-    if group_size is not None and group_size not in ((gl, -1) if G == 1 else (gl,)):
-        raise ValueError(f"expected `group_size` {gl} (= in_features / groups in `scales`), got {group_size}")
+    G, gl = _check_groups(N, K, scales, qzeros, group_size)
     q = unpack_int32_nibbles(qweight, 0)  # [K, N]
     z = unpack_int32_nibbles(qzeros, 1).to(torch.int16)  # [G, N]
     if checkpoint_format == "gptq":
@@ -153,14 +159,7 @@ def int4_from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Ten
     if qweight.dim() != 2:
         raise ValueError(f"expected `qweight` of shape [in_features, out_features / 8], got {list(qweight.shape)}")
     K, N = qweight.shape[0], qweight.shape[1] * 8
-    _check_features("qweight (as [N, K])", N, K)
-    G = _check_scales(scales, N)
-    _check_int32("qzeros", qzeros, (G, N // 8))
-    if K % G:
-        raise ValueError(f"expected in_features {K} to be a multiple of the number of groups {G} (dim 0 of `scales`)")
-    gl = K // G
-    if group_size is not None and group_size not in ((gl, -1) if G == 1 else (gl,)):
-        raise ValueError(f"expected `group_size` {gl} (= in_features / groups in `scales`), got {group_size}")
+    G, gl = _check_groups(N, K, scales, qzeros, group_size)
     # nibble i of word c is column 8 c + AWQ_ORDER[i]: unpack in nibble order, then put each
     # column where it belongs
     inv = torch.tensor([AWQ_ORDER.index(j) for j in range(8)], device=qweight.device)

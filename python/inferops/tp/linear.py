@@ -78,6 +78,18 @@ def sequence_gather(x: torch.Tensor, tokens: int, group=None) -> torch.Tensor:
     return out[:tokens]
 
 
+def _rank_slice(side: str, features: int, world: int, rank: int, given) -> tuple[int, int]:
+    """This rank's [start, end) of the `side`_features dimension: the even split, or `given`."""
+    if given is None:
+        if features % world:
+            raise ValueError(f"expected {side}_features ({features}) divisible by the world size ({world})")
+        per = features // world
+        return (rank * per, (rank + 1) * per)
+    if not 0 <= given[0] <= given[1] <= features:
+        raise ValueError(f"expected `{side}_slice` within [0, {features}], got {tuple(given)}")
+    return (int(given[0]), int(given[1]))
+
+
 class RowParallelLinear(nn.Module):
     """Drop-in row-parallel linear layer (attention output / MLP down projection).
 
@@ -117,13 +129,7 @@ class RowParallelLinear(nn.Module):
         group, world, rank = _group_and_world(group)
         if output not in _ROW_OUTPUTS:
             raise ValueError(f"expected `output` in {_ROW_OUTPUTS}, got {output!r}")
-        if in_slice is None:
-            if in_features % world:
-                raise ValueError(f"expected in_features ({in_features}) divisible by the world size ({world})")
-            per = in_features // world
-            in_slice = (rank * per, (rank + 1) * per)
-        elif not 0 <= in_slice[0] <= in_slice[1] <= in_features:
-            raise ValueError(f"expected `in_slice` within [0, {in_features}], got {tuple(in_slice)}")
+        in_slice = _rank_slice("in", in_features, world, rank, in_slice)
         self.in_features, self.out_features, self.group, self.world_size = in_features, out_features, group, world
         self.rank, self.output, self.in_slice = rank, output, (int(in_slice[0]), int(in_slice[1]))
         self.in_local = self.in_slice[1] - self.in_slice[0]
@@ -225,17 +231,10 @@ class ColumnParallelLinear(nn.Module):
         group, world, rank = _group_and_world(group)
         if output not in _COL_OUTPUTS:
             raise ValueError(f"expected `output` in {_COL_OUTPUTS}, got {output!r}")
-        if out_slice is None:
-            if out_features % world:
-                raise ValueError(f"expected out_features ({out_features}) divisible by the world size ({world})")
-            per = out_features // world
-            out_slice = (rank * per, (rank + 1) * per)
-        else:
-            if not 0 <= out_slice[0] <= out_slice[1] <= out_features:
-                raise ValueError(f"expected `out_slice` within [0, {out_features}], got {tuple(out_slice)}")
-            if output == "replicated":
-                raise ValueError("expected output='sharded' with an explicit `out_slice` (the all-gather of a "
-                                 "replicated output needs the even split)")
+        if out_slice is not None and output == "replicated":
+            raise ValueError("expected output='sharded' with an explicit `out_slice` (the all-gather of a "
+                             "replicated output needs the even split)")
+        out_slice = _rank_slice("out", out_features, world, rank, out_slice)
         self.in_features, self.out_features, self.group, self.world_size = in_features, out_features, group, world
         self.rank, self.output, self.out_slice = rank, output, (int(out_slice[0]), int(out_slice[1]))
         self.out_local = self.out_slice[1] - self.out_slice[0]
