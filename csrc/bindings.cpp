@@ -47,6 +47,10 @@
 #define INFEROPS_CUDA_ARCHS ""
 #endif
 
+#ifdef INFEROPS_SIMT_RACECHECK
+#include "simt/metrics.h"
+#endif
+
 #ifdef INFEROPS_SIMT
 // The executor's own checks (csrc/simt/selftest.cpp).
 namespace inferops::simt_selftest {
@@ -133,8 +137,10 @@ py::dict build_info() {
 #endif
 #ifdef INFEROPS_SIMT_RACECHECK
   d["racecheck"] = true;  // the shared-memory race detector (csrc/simt/race.h)
+  d["metrics"] = true;    // and the memory-access metrics (csrc/simt/metrics.h)
 #else
   d["racecheck"] = false;
+  d["metrics"] = false;
 #endif
 #else
   d["backend"] = "cuda";
@@ -306,6 +312,11 @@ PYBIND11_MODULE(INFEROPS_MODULE_NAME, m) {
   m.def("simt_concurrent_begin", &::simt::concurrent_begin, "Queue this thread's launches from now on.");
   m.def("simt_concurrent_end", &::simt::concurrent_end, py::arg("run"),
         "Run the queued launches as one pool (run=True) or drop them; the GIL is held throughout.");
+#ifdef INFEROPS_SIMT_RACECHECK
+  // Memory-access metrics (csrc/simt/metrics.h), in the instrumented build only.
+  m.def("simt_metrics_begin", &::simt::metrics::begin, "Collect one record per launch from now on.");
+  m.def("simt_metrics_end", &::simt::metrics::end, "Stop collecting; the records (JSON objects), in launch order.");
+#endif
   m.def("simt_selftests", &inferops::simt_selftest::names, "Names of the executor's self-test kernels.");
   m.def("simt_selftest", &inferops::simt_selftest::run, py::arg("name"), py::arg("input"),
         "Run executor self-test kernel `name` on `input` (floats); returns its output.");

@@ -17,6 +17,7 @@
 // map_shared_rank takes dynamic shared memory only; barrier.cluster.arrive/wait split
 // phases, cluster-scope fences and mbarriers are not modelled.
 #include "simt/scheduler.h"
+#include "simt/metrics.h"
 #include "simt/race.h"
 
 namespace simt {
@@ -25,6 +26,7 @@ using namespace detail;
 
 void detail::release_cluster_barrier(Scheduler& s) {
   race::cluster_barrier(s);
+  metrics::cluster_barrier(s);
   s.cluster_arrived = 0;
   const int total = s.pool_fibers;
   for (int i = 0; i < total; ++i) {

@@ -16,6 +16,7 @@
 // is refused in a pool of more than one block (one instance per declaration); the pool is
 // capped at INFEROPS_SIMT_MAX_POOL_THREADS threads (default 65536: each is a fiber with its
 // own stack) and refused above that with an error naming the grids.
+#include "simt/metrics.h"
 #include "simt/scheduler.h"
 
 #include <cstdlib>
@@ -100,6 +101,7 @@ void concurrent_end(bool run) {
     const Queued& q = queue[gi];
     const dim3 g = q.cfg.grid, bd = q.cfg.block;
     const int thr = static_cast<int>(bd.x * bd.y * bd.z);
+    metrics::grid_begin(static_cast<int>(gi), q.kernel, q.cfg);
     for (unsigned z = 0; z < g.z; ++z) {
       for (unsigned y = 0; y < g.y; ++y) {
         for (unsigned x = 0; x < g.x; ++x) {
@@ -128,6 +130,7 @@ void concurrent_end(bool run) {
   s.rng = s.seed;
   run_pool(s);
   if (s.failed) throw_pool_failure(s);
+  metrics::grids_end(true);
   s.cur_block = nullptr;
   s.shuffle = false;
   g_cluster_blocks = 1;

@@ -3,6 +3,7 @@
 // wait that retires its group), 16-byte global accesses, acquire/release flags, and the special
 // registers the kernels read. Alignment and bounds are checked; a violation is a kernel error.
 #include "simt/scheduler.h"
+#include "simt/metrics.h"
 #include "simt/race.h"
 
 #include <algorithm>
@@ -73,6 +74,11 @@ void cp_async(uint32_t saddr, const void* gmem, int bytes, int src_bytes) {
   // any time from now: reads and writes not ordered before this are races) and again when a
   // wait retires it (reads not ordered after that wait are races).
   race::access(f, dst, static_cast<std::size_t>(bytes), true, c.pc);
+  // For the metrics it reads its source and writes its destination at issue.
+  if (metrics::g_on) {
+    if (src_bytes > 0) metrics::access(f, gmem, static_cast<std::size_t>(src_bytes), metrics::Op::kLoad, c.pc);
+    metrics::access(f, dst, static_cast<std::size_t>(bytes), metrics::Op::kStore, c.pc);
+  }
   if (src_bytes > 0) std::memcpy(c.data, gmem, static_cast<std::size_t>(src_bytes));  // rest: zero-filled
   std::memset(dst, 0xff, static_cast<std::size_t>(bytes));
   f.cp_open.push_back(c);
@@ -102,16 +108,19 @@ void cp_async_wait_all() {
 
 void st_global_v4(void* p, const uint32_t (&w)[4]) {
   check_aligned(p, 16, "st.global.v4");
+  if (metrics::g_on) metrics::access(cur_fiber("st.global.v4"), p, 16, metrics::Op::kStore, __builtin_return_address(0));
   std::memcpy(p, w, 16);
 }
 
 void ld_global_v4(uint32_t (&w)[4], const void* p) {
   check_aligned(p, 16, "ld.global.v4");
+  if (metrics::g_on) metrics::access(cur_fiber("ld.global.v4"), p, 16, metrics::Op::kLoad, __builtin_return_address(0));
   std::memcpy(w, p, 16);
 }
 
 uint32_t ld_acquire_u32(const uint32_t* p) {
   check_aligned(p, 4, "ld.acquire");
+  if (metrics::g_on) metrics::access(cur_fiber("ld.acquire"), p, 4, metrics::Op::kLoad, __builtin_return_address(0));
   const uint32_t v = __atomic_load_n(p, __ATOMIC_ACQUIRE);
   yield();  // a flag is being spun on: let the other threads run
   return v;
@@ -119,6 +128,7 @@ uint32_t ld_acquire_u32(const uint32_t* p) {
 
 void st_release_u32(uint32_t* p, uint32_t v) {
   check_aligned(p, 4, "st.release");
+  if (metrics::g_on) metrics::access(cur_fiber("st.release"), p, 4, metrics::Op::kStore, __builtin_return_address(0));
   __atomic_store_n(p, v, __ATOMIC_RELEASE);
   // A flag was published: let the other threads (of a concurrent pool, other grids) run
   // before this one goes on, so a consumer may see the flag before anything this thread

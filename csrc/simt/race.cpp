@@ -3,9 +3,9 @@
 // __tsan_* entry points defined at its end.
 #include "simt/race.h"
 
-#include <cxxabi.h>
-#include <dlfcn.h>
-#include <link.h>
+#include "simt/debuginfo.h"
+#include "simt/metrics.h"
+
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -21,6 +21,10 @@
 namespace simt::race {
 
 using namespace detail;
+using debuginfo::module_base;
+using debuginfo::kernel_name;
+using debuginfo::run_addr2line;
+using debuginfo::source_of;
 
 namespace {
 
@@ -83,45 +87,8 @@ const bool g_enabled = [] {
   return !(v && std::strcmp(v, "0") == 0);
 }();
 
-uintptr_t module_base() {
-  static const uintptr_t base = [] {
-    Dl_info info{};
-    dladdr(reinterpret_cast<void*>(&module_base), &info);
-    return reinterpret_cast<uintptr_t>(info.dli_fbase);
-  }();
-  return base;
-}
-
-// Static __shared__ objects are ordinary static variables (simt.h): the module's writable
-// segment (.data, .bss) is where they are, so kernel accesses there are checked like shared
-// memory. (The rest of that segment is the executor's and the bindings' state, which kernel
-// code only reads; constant tables are read-only.)
-struct Range {
-  unsigned char* lo = nullptr;
-  unsigned char* hi = nullptr;
-};
-const Range& static_range() {
-  static const Range r = [] {
-    Range out;
-    dl_iterate_phdr(
-        [](dl_phdr_info* info, std::size_t, void* data) {
-          if (info->dlpi_addr != module_base()) return 0;
-          for (int i = 0; i < info->dlpi_phnum; ++i) {
-            const ElfW(Phdr)& ph = info->dlpi_phdr[i];
-            if (ph.p_type == PT_LOAD && (ph.p_flags & PF_W)) {
-              auto* r = static_cast<Range*>(data);
-              r->lo = reinterpret_cast<unsigned char*>(info->dlpi_addr + ph.p_vaddr);
-              r->hi = r->lo + ph.p_memsz;
-            }
-          }
-          return 1;
-        },
-        &out);
-    return out;
-  }();
-  return r;
-}
-std::size_t static_bytes() { return std::size_t(static_range().hi - static_range().lo); }
+const debuginfo::Range& static_range() { return debuginfo::writable_segment(); }
+std::size_t static_bytes() { return static_range().size(); }
 
 Cell* map_cells(std::size_t n) {
   if (n == 0) return nullptr;
@@ -178,48 +145,6 @@ void restart(Domain& d, const std::vector<int>& members) {
   }
 }
 
-// The output lines of `addr2line <flags>` on this module for the instruction at offset `off`.
-std::vector<std::string> run_addr2line(const char* flags, uintptr_t off) {
-  std::vector<std::string> out;
-  Dl_info info{};
-  if (!dladdr(reinterpret_cast<void*>(&module_base), &info) || !info.dli_fname) return out;
-  char cmd[1024];
-  std::snprintf(cmd, sizeof cmd, "addr2line %s -e '%s' 0x%lx 2>/dev/null", flags, info.dli_fname,
-                static_cast<unsigned long>(off));
-  FILE* p = popen(cmd, "r");
-  if (!p) return out;
-  char line[4096];
-  while (std::fgets(line, sizeof line, p)) {
-    line[std::strcspn(line, "\n")] = 0;
-    out.emplace_back(line);
-  }
-  pclose(p);
-  return out;
-}
-
-// {function, "file:line"} of the instruction at offset `off`.
-std::pair<std::string, std::string> addr2line(uintptr_t off) {
-  const std::vector<std::string> r = run_addr2line("-C -f", off);
-  if (r.size() < 2) return {"?", "?"};
-  std::string f = r[0], l = r[1];
-  if (f.size() > 160) f = f.substr(0, 157) + "...";
-  if (const auto k = l.find("csrc/"); k != std::string::npos) l = l.substr(k);
-  if (const auto k = l.find(" (discriminator"); k != std::string::npos) l = l.substr(0, k);
-  return {f.empty() ? "?" : f, l.empty() ? "?" : l};
-}
-
-std::string kernel_name(const void* kernel) {
-  if (!kernel) return "?";
-  return addr2line(reinterpret_cast<uintptr_t>(kernel) - module_base()).first;
-}
-
-// "file:line (function)" of an instruction (pc: a return address, so the call is at pc - 1).
-std::string source_of(uint32_t pc) {
-  if (pc == 0) return "?";
-  const auto [f, l] = addr2line(pc - 1);
-  return l + " (" + f + ")";
-}
-
 std::string thread_str(Scheduler& s, const Fiber& me, int t) {
   const Block* b;
   int linear;
@@ -254,7 +179,7 @@ std::string thread_str(Scheduler& s, const Fiber& me, int t) {
 // The shadow cell of a shared-memory byte touched by fiber f, or nullptr (not shared memory).
 Cell* cell_of(Scheduler& s, const Fiber& f, const unsigned char* c, const char** region, std::size_t* offset,
               std::size_t* avail) {
-  const Range& st = static_range();
+  const debuginfo::Range& st = static_range();
   if (c >= st.lo && c < st.hi) {
     Shadow& sh = g_pool.shadows[static_cast<std::size_t>(f.block)];
     if (!sh.stat) sh.stat = map_cells(static_bytes());
@@ -444,11 +369,18 @@ void access(Fiber& f, const void* p, std::size_t n, bool write, const void* pc) 
 namespace {
 
 inline void on_access(const void* p, std::size_t n, bool write, const void* pc) {
-  if (!simt::race::g_enabled) return;
   simt::detail::Scheduler& s = simt::detail::S();
   simt::detail::Fiber* f = s.current;
-  if (!f || simt::race::g_pool.shadows.empty()) return;  // host code, or a launch without a pool
-  simt::race::check(s, *f, p, n, write, pc);
+  if (!f) return;  // host code
+  if (simt::race::g_enabled && !simt::race::g_pool.shadows.empty()) simt::race::check(s, *f, p, n, write, pc);
+  if (simt::metrics::g_on) simt::metrics::access(*f, p, n, write ? simt::metrics::Op::kStore : simt::metrics::Op::kLoad, pc);
+}
+
+// Atomics are not race-checked (race.h); the metrics count them.
+inline void on_atomic(const volatile void* p, std::size_t n, simt::metrics::Op op, const void* pc) {
+  if (!simt::metrics::g_on) return;
+  simt::detail::Fiber* f = simt::detail::S().current;
+  if (f) simt::metrics::access(*f, const_cast<const void*>(p), n, op, pc);
 }
 
 }  // namespace
@@ -477,26 +409,47 @@ SIMT_TSAN_RW(4)
 SIMT_TSAN_RW(8)
 SIMT_TSAN_RW(16)
 
-// Atomics: performed sequentially consistent (the executor runs one fiber at a time), not checked.
+// Atomics: performed sequentially consistent (the executor runs one fiber at a time), not
+// race-checked, counted by the metrics (loads as loads, stores as stores, the rest as atomics).
+#define SIMT_LD simt::metrics::Op::kLoad
+#define SIMT_ST simt::metrics::Op::kStore
+#define SIMT_RMW simt::metrics::Op::kAtomic
 #define SIMT_TSAN_ATOMIC(N, T)                                                                                \
-  T __tsan_atomic##N##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); }        \
-  void __tsan_atomic##N##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); }       \
-  T __tsan_atomic##N##_exchange(volatile T* a, T v, int) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##N##_fetch_add(volatile T* a, T v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##N##_fetch_sub(volatile T* a, T v, int) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##N##_fetch_and(volatile T* a, T v, int) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##N##_fetch_or(volatile T* a, T v, int) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }   \
-  T __tsan_atomic##N##_fetch_xor(volatile T* a, T v, int) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##N##_fetch_nand(volatile T* a, T v, int) { return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST); } \
+  T __tsan_atomic##N##_load(const volatile T* a, int) {                                                      \
+    on_atomic(a, sizeof(T), SIMT_LD, SIMT_RET);                                                               \
+    return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                              \
+  }                                                                                                           \
+  void __tsan_atomic##N##_store(volatile T* a, T v, int) {                                                   \
+    on_atomic(a, sizeof(T), SIMT_ST, SIMT_RET);                                                               \
+    __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                                 \
+  }                                                                                                           \
+  T __tsan_atomic##N##_exchange(volatile T* a, T v, int) {                                                   \
+    on_atomic(a, sizeof(T), SIMT_RMW, SIMT_RET);                                                              \
+    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                                       \
+  }                                                                                                           \
+  SIMT_TSAN_RMW(N, T, fetch_add)                                                                              \
+  SIMT_TSAN_RMW(N, T, fetch_sub)                                                                              \
+  SIMT_TSAN_RMW(N, T, fetch_and)                                                                              \
+  SIMT_TSAN_RMW(N, T, fetch_or)                                                                               \
+  SIMT_TSAN_RMW(N, T, fetch_xor)                                                                              \
+  SIMT_TSAN_RMW(N, T, fetch_nand)                                                                             \
   int __tsan_atomic##N##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {                       \
+    on_atomic(a, sizeof(T), SIMT_RMW, SIMT_RET);                                                              \
     return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                   \
   }                                                                                                           \
   int __tsan_atomic##N##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                         \
+    on_atomic(a, sizeof(T), SIMT_RMW, SIMT_RET);                                                              \
     return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                   \
   }                                                                                                           \
   T __tsan_atomic##N##_compare_exchange_val(volatile T* a, T c, T v, int, int) {                             \
+    on_atomic(a, sizeof(T), SIMT_RMW, SIMT_RET);                                                              \
     __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                         \
     return c;                                                                                                 \
+  }
+#define SIMT_TSAN_RMW(N, T, OP)                                                                               \
+  T __tsan_atomic##N##_##OP(volatile T* a, T v, int) {                                                       \
+    on_atomic(a, sizeof(T), SIMT_RMW, SIMT_RET);                                                              \
+    return __atomic_##OP(a, v, __ATOMIC_SEQ_CST);                                                             \
   }
 SIMT_TSAN_ATOMIC(8, uint8_t)
 SIMT_TSAN_ATOMIC(16, uint16_t)

@@ -16,6 +16,7 @@
 // Context switches are a few instructions of assembly on x86-64 (callee-saved registers,
 // MXCSR and the x87 control word; no signal mask, so no system call); ucontext elsewhere.
 #include "simt/scheduler.h"
+#include "simt/metrics.h"
 #include "simt/race.h"
 
 #include <signal.h>
@@ -345,6 +346,7 @@ namespace {
 // ---- barriers ---------------------------------------------------------------------------------------------
 void release_barrier(Scheduler& s, Block& b) {
   race::block_barrier(s, b);
+  metrics::barrier(s, b);
   b.bar_arrived = 0;
   int count = 0, arrived = 0;
   for (int i = b.first; i < b.first + b.nthreads; ++i) {
@@ -508,6 +510,7 @@ const unsigned char* collective(int op, const char* what, unsigned mask, const v
   if (g->arrived == g->mask) {
     release(mask, w.payload, w.result, ctx);
     race::warp_sync(s, b, f.warp, mask);
+    metrics::collective(s, b, f.warp, mask, what);
     for (int l = 0; l < 32; ++l) {
       if (mask >> l & 1) {
         Fiber& o = s.fibers[b.first + f.warp * 32 + l];
@@ -561,6 +564,7 @@ void warps_collective(int first_warp, int nwarps, const char* what, const void* 
     return;
   }
   release(m->key, ctx);
+  for (int w = first_warp; w < first_warp + nwarps; ++w) metrics::collective(s, b, w, ~0u, what);
   for (int i = first_warp * 32; i < (first_warp + nwarps) * 32; ++i) {
     s.fibers[b.first + i].wait = Wait::kNone;
     s.fibers[b.first + i].blocked = false;
@@ -707,6 +711,7 @@ void start_block(Scheduler& s, Block& b, const uint3& idx, int index, int first)
 // then poison that memory, so that another block of its cluster reading it later (a missing
 // final cluster.sync) reads NaN / -1, as it reads garbage on the GPU.
 void finish_block(Scheduler& s, Block& b) {
+  metrics::block_end(s, b);
   b.finished = true;
   b.slot.reset();
   unsigned char* const end = b.window + kSmemWindow;
@@ -818,6 +823,7 @@ void run_pool(Scheduler& s) {
   for (int r = 0; r < s.nblocks; ++r) ASAN_UNPOISON_MEMORY_REGION(s.blocks[r]->window, kSmemWindow);
 #endif
   race::pool_end(s);
+  metrics::grids_end(false);
   s.failed = false;
   s.current = nullptr;
   s.cur_block = nullptr;
@@ -875,6 +881,7 @@ cudaError_t run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body
   const int nblocks = static_cast<int>(c.x * c.y * c.z);
   ensure_blocks(s, nblocks);
   ensure_fibers(s, nthr * nblocks);
+  metrics::grid_begin(0, kernel, cfg);
   for (int r = 0; r < nblocks; ++r) {
     Block& blk = *s.blocks[r];
     blk.nthreads = nthr;
@@ -906,6 +913,7 @@ cudaError_t run_grid(const LaunchConfig& cfg, const void* kernel, BlockBody body
   s.cur_block = nullptr;
   g_cluster_blocks = 1;
   for (int r = 0; r < nblocks; ++r) s.blocks[r]->ctx.reset();
+  metrics::grids_end(true);
   return cudaSuccess;
 }
 

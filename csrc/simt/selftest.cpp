@@ -480,6 +480,43 @@ void launch_reduce_ex(Buffers& b) {
   INFEROPS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, ClusterReduceKernel, b, 1));
 }
 
+// --- access patterns with known memory metrics (tests/simt/test_metrics.py) ----------------------
+
+// out[i] = in[i * stride] for i < n / stride: a coalesced copy (stride 1) or a read that uses
+// one float of every `stride` (its sectors per request are `stride` times the minimum).
+__global__ void MetricsCopyKernel(Buffers b, int stride) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < b.n / stride) b.out[i] = b.in[i * stride];
+}
+
+// Every thread reads in[0] (a broadcast: one sector per request, the minimum) and writes out[i].
+__global__ void MetricsBroadcastKernel(Buffers b) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < b.n) b.out[i] = b.in[0];
+}
+
+// One warp: thread t stores in[t] at float index t * stride of shared memory and loads it back
+// (stride 1 or 33: one wavefront per request; 2: two; 32: thirty-two, every lane in bank 0).
+__global__ void MetricsSharedStrideKernel(Buffers b, int stride) {
+  INFEROPS_DYNAMIC_SMEM(float, s, 16);
+  const int t = static_cast<int>(threadIdx.x);
+  s[t * stride] = b.in[t];
+  __syncwarp();
+  b.out[t] = s[t * stride];
+}
+
+// One warp, ldmatrix.x4 from a 32 x 8-half tile whose rows are `pitch` bytes apart: 128 puts the
+// 8 rows of each matrix in the same 4 banks (8 wavefronts per matrix), 144 spreads them (1).
+__global__ void MetricsLdmatrixKernel(Buffers b, int pitch) {
+  INFEROPS_DYNAMIC_SMEM(unsigned char, s, 16);
+  const int t = static_cast<int>(threadIdx.x);
+  for (int e = t; e < 32 * 8; e += 32) reinterpret_cast<__half*>(s + (e / 8) * pitch)[e % 8] = __float2half(b.in[e]);
+  __syncwarp();
+  uint32_t r[4];
+  ldmatrix_x4(r, s + t * pitch);  // lane 8j + r: row r of matrix j = tile row t
+  for (int j = 0; j < 4; ++j) b.out[4 * t + j] = static_cast<float>(r[j] & 0xffffu);
+}
+
 // Runs `launches` (two grids) as one concurrent pool; n floats of channel data, poisoned.
 void run_concurrent(Buffers& b, const std::function<void(Channel)>& launches) {
   std::vector<uint32_t> flags(2, 0u);
@@ -620,6 +657,23 @@ const std::map<std::string, std::pair<int, Runner>>& registry() {
                                                    cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
           launch_cluster(ClusterRankKernel, 32, 64, 0, dim3(16), b);
         }}},
+      {"metrics_copy", {1, [](Buffers& b) { launch_kernel(MetricsCopyKernel, b.n / 64, 64, 0, nullptr, b, 1); check_launch(); }}},
+      {"metrics_copy_stride2",
+       {1, [](Buffers& b) { launch_kernel(MetricsCopyKernel, b.n / 128, 64, 0, nullptr, b, 2); check_launch(); }}},
+      {"metrics_broadcast",
+       {1, [](Buffers& b) { launch_kernel(MetricsBroadcastKernel, b.n / 64, 64, 0, nullptr, b); check_launch(); }}},
+      {"metrics_shared_stride1",
+       {1, [](Buffers& b) { launch_kernel(MetricsSharedStrideKernel, 1, 32, 32 * 33 * 4, nullptr, b, 1); check_launch(); }}},
+      {"metrics_shared_stride2",
+       {1, [](Buffers& b) { launch_kernel(MetricsSharedStrideKernel, 1, 32, 32 * 33 * 4, nullptr, b, 2); check_launch(); }}},
+      {"metrics_shared_stride32",
+       {1, [](Buffers& b) { launch_kernel(MetricsSharedStrideKernel, 1, 32, 32 * 33 * 4, nullptr, b, 32); check_launch(); }}},
+      {"metrics_shared_stride33",
+       {1, [](Buffers& b) { launch_kernel(MetricsSharedStrideKernel, 1, 32, 32 * 33 * 4, nullptr, b, 33); check_launch(); }}},
+      {"metrics_ldmatrix_conflicts",  // n = 256; out: 4 per thread (n/2 floats used)
+       {1, [](Buffers& b) { launch_kernel(MetricsLdmatrixKernel, 1, 32, 32 * 128, nullptr, b, 128); check_launch(); }}},
+      {"metrics_ldmatrix_padded",
+       {1, [](Buffers& b) { launch_kernel(MetricsLdmatrixKernel, 1, 32, 32 * 144, nullptr, b, 144); check_launch(); }}},
       {"cluster_too_large",
        {1, [](Buffers& b) { launch_cluster(EmptyKernel, 16, 32, 0, dim3(16), b); }}},
       {"grid_y_too_large",

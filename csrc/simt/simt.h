@@ -191,6 +191,14 @@ void concurrent_end(bool run);
 using Invoker = cudaError_t (*)(const void* kernel, const LaunchConfig& cfg, void** args);
 void register_invoker(const void* kernel, Invoker invoke);
 
+// The instrumented build's memory metrics (metrics.h): the running thread's copy of the launch's
+// parameters is CUDA's parameter space, not global memory.
+#if defined(INFEROPS_SIMT_RACECHECK)
+void note_params(const void* p, std::size_t n);
+#else
+inline void note_params(const void*, std::size_t) {}
+#endif
+
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), const LaunchConfig& cfg, Args&&... args) {
   // The parameters are converted once, as into CUDA's parameter space; each thread then
@@ -204,6 +212,7 @@ cudaError_t launch(void (*kernel)(Params...), const LaunchConfig& cfg, Args&&...
       cfg, reinterpret_cast<const void*>(kernel),
       [](const void* c) {
         const Ctx& x = *static_cast<const Ctx*>(c);
+        note_params(c, sizeof(Ctx));
         std::apply([&](const auto&... a) { x.kernel(a...); }, x.params);
       },
       std::move(ctx));

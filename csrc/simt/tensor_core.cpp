@@ -7,6 +7,7 @@
 //   C/D: reg i holds row g + 8 (i >> 1), column 2t + (i & 1).
 // Products are exact in double and summed in k order onto the accumulator, then rounded
 // once to fp32 (the hardware's internal rounding differs in the last bits; int8 is exact).
+#include "simt/metrics.h"
 #include "simt/race.h"
 #include "simt/simt.h"
 
@@ -131,10 +132,11 @@ void ldmatrix_release(unsigned, const unsigned char (*payload)[kPayloadBytes], u
   }
   if constexpr (race::kBuilt) {  // lane 8j + r reads row r of matrix j
     detail::Scheduler& s = detail::S();
-    const detail::Fiber& me = *s.current;
+    detail::Fiber& me = *s.current;
     const detail::Block& b = detail::block_of(me);
     for (int l = 0; l < 8 * count; ++l)
       race::access(s.fibers[static_cast<std::size_t>(b.first + me.warp * 32 + l)], rows[l], 16, false, g_ldmatrix_pc);
+    if (metrics::g_on) metrics::matrix_request(me, rows, 8 * count, false, g_ldmatrix_pc);
   }
   for (int l = 0; l < 32; ++l) {
     const int g = l >> 2, t = l & 3;

@@ -43,6 +43,7 @@
 // overlap without being the same array are not tracked; fence.proxy.async is a no-op (the
 // async-proxy ordering of cp.async writes is not checked: copies land at the thread's own
 // cp.async.wait_group here); a thread that exits with wgmmas pending is not reported.
+#include "simt/metrics.h"
 #include "simt/race.h"
 #include "simt/simt.h"
 
@@ -175,6 +176,13 @@ void issue_release(const void* key, void* ctx) {
         }
         v[std::size_t(r) * kel + e] = element(type, raw);
       }
+    }
+    if (metrics::g_on) {  // the operand as core matrices: 8 rows x 16 bytes, rows of 8 then K halves
+      std::vector<const unsigned char*> core;
+      for (int r8 = 0; r8 < rows; r8 += 8)
+        for (int h = 0; h < 2; ++h)
+          for (int r = r8; r < r8 + 8; ++r) core.push_back(shared_pointer(kmajor_address(d, r, 16 * h)));
+      metrics::matrix_request(*detail::S().current, core.data(), static_cast<int>(core.size()), true, g_wgmma_pc);
     }
     return v;
   };

@@ -7,6 +7,9 @@ sharing, on a local checkpoint (``--model PATH``) or a small random-weight model
 ``python -m inferops check [options]`` (console script ``inferops-check``): what is
 available here, and every op checked and timed.
 
+``python -m inferops simt-report [options]``: memory-efficiency metrics of every kernel
+from the CPU SIMT executor's instrumented build (:mod:`inferops.simt_report`).
+
 Prints the backend (CUDA kernels or PyTorch reference) and the build info,
 then for every registered demo: the op on fresh random inputs, its maximum
 error against the float64 reference (and whether it is within the shared
@@ -37,6 +40,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["check"]:
         return check_main(argv[1:])
+    if argv[:1] == ["simt-report"]:
+        from inferops.simt_report import main as report_main
+
+        return report_main(argv[1:])
     if any(a.split("=")[0] in ("--iters", "--backend") for a in argv):
         # the op table's own flags: `python -m inferops --backend simt` as before the main job moved
         return check_main(argv)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ __all__ = [
     "stream_handle",
     "synchronize",
     "kernel_backend_for",
+    "simt_metrics_available",
+    "simt_metrics",
 ]
 
 
@@ -205,3 +208,32 @@ def kernel_backend_for(device: torch.device | str) -> str:
     """The backend a kernel test expects its op to report on ``device``
     (``inferops._core.ops.kernel_backend``): "cuda" on a GPU, "simt" on the CPU."""
     return "cuda" if torch.device(device).type == "cuda" else "simt"
+
+
+def simt_metrics_available() -> bool:
+    """True when the loaded executor build records memory-access metrics (the instrumented
+    build, ``build_info()["simt"]["metrics"]``: ``RACE=1 scripts/dev_build.sh _simt``, loaded
+    with ``INFEROPS_SIMT_MODULE``)."""
+    mod = _extension.simt_extension() if simt_available() else None
+    return mod is not None and bool(mod.build_info().get("metrics", False))
+
+
+@contextlib.contextmanager
+def simt_metrics():
+    """Collects the executor's memory-access metrics of every kernel launched in the block
+    (docs/developer.md, "Memory-access metrics"): yields a list that receives one dict per
+    launch, in launch order, when the block exits. Kernels must run on the executor (CPU
+    tensors with ``backend("simt")``); needs the instrumented build
+    (:func:`simt_metrics_available`)."""
+    if not simt_metrics_available():
+        raise RuntimeError(
+            "memory-access metrics need the instrumented executor build: build it with "
+            "`RACE=1 scripts/dev_build.sh _simt` and load it with "
+            "INFEROPS_SIMT_MODULE=build/dev-race/_simt*.so")
+    mod = _extension.simt_extension()
+    records: list[dict] = []
+    mod.simt_metrics_begin()
+    try:
+        yield records
+    finally:
+        records.extend(json.loads(r) for r in mod.simt_metrics_end())
