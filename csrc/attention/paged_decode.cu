@@ -49,7 +49,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // Dynamic shared memory, one definition for the kernel's carve-up and the launch size:
 // the K / V stages [kStages][kTile][kHeadDim] each, later reused by the merge of the bdz
-// partial states [bdz][G][red_stride] fp32 (acc [kHeadDim], m, l).
+// partial states [bdz][G][red_stride] fp32 (acc [kHeadDim] dimension-interleaved, m, l).
 template <typename T, int kHeadDim>
 constexpr int stage_elems() {
   return kStages * kTile * kHeadDim;  // of K, then as many of V
@@ -58,9 +58,11 @@ template <typename T, int kHeadDim>
 constexpr int stage_smem_bytes() {
   return stage_elems<T, kHeadDim>() * int(sizeof(T)) * 2;  // K and V
 }
+// kHeadDim + kHeadDim / kVec floats (>= the + 2 of m and l): rows g of one warp then start
+// kHeadDim / kVec banks apart, so the interleaved rows of a warp fill disjoint banks.
 template <int kHeadDim>
 constexpr int red_stride() {
-  return kHeadDim + 2;
+  return kHeadDim + kHeadDim / kVec;
 }
 template <int kHeadDim>
 constexpr int red_smem_bytes(int bdz, int G) {
@@ -201,8 +203,10 @@ __global__ void __launch_bounds__(1024) PagedDecodeKernel(const __grid_constant_
     constexpr int kRs = red_stride<kHeadDim>();
     float* red = reinterpret_cast<float*>(smem_raw);  // [bdz][G][kRs]: red_smem_bytes
     float* mine = red + (tz * G + g) * kRs;
+    // Dimension tx * kVec + i is stored at i * kBdx + tx: for each i the row's lanes write
+    // consecutive words (tx * kVec + i put them 8 words apart: 4-way bank conflicts).
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) mine[tx * kVec + i] = acc[i];
+    for (int i = 0; i < kVec; ++i) mine[i * kBdx + tx] = acc[i];
     if (tx == 0) {
       mine[kHeadDim] = empty_state ? -INFINITY : m;
       mine[kHeadDim + 1] = l;
@@ -220,7 +224,7 @@ __global__ void __launch_bounds__(1024) PagedDecodeKernel(const __grid_constant_
       const float w = mz == -INFINITY ? 0.f : exp2f(mz - M);
       l += w * st[kHeadDim + 1];
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[i] += w * st[tx * kVec + i];
+      for (int i = 0; i < kVec; ++i) acc[i] += w * st[i * kBdx + tx];
     }
     m = M;
   } else if (empty_state) {
