@@ -1,14 +1,16 @@
 """The cases ``python -m inferops simt-report`` runs: every kernel op at its family's
 headline shape, scaled down for the CPU SIMT executor, with each op's ideal global traffic.
 
-The executor runs one CUDA thread per fiber (about 1e6-1e7 simple thread-ops per second),
-so a headline shape (a 4096 x 4096 GEMM, 32 sequences of 4K tokens) is out of reach.
-Each "report" case keeps the **per-block work** of the headline shape -- the same tile
-counts per block, page size, head dim, hidden size per row, split factor -- and runs fewer
-blocks (fewer sequences, heads, rows or output tiles). Per-block traffic is what the
-report's bytes-moved / ideal ratio depends on (re-reads inside a block, uncoalesced or
-partial-sector accesses), so it stays representative while the grid shrinks. Each case's
-``headline`` says what it scales down from and what was kept.
+The executor runs one CUDA thread per fiber, so some headline shapes (a 4096 x 4096 GEMM,
+32 sequences of 4K tokens) take minutes. Where the full shape runs in a few seconds the
+report case *is* the headline (merge_states, append_kv, routing_layout, the step,
+int4/w4a16, quantize_per_token). Otherwise the case keeps the headline's **per-block
+work** -- the same tile counts per block, page size, head dim, hidden size per row, split
+factor -- and runs fewer blocks (fewer sequences, heads, rows or output tiles).
+Per-block traffic is what the bytes-moved / ideal ratio mostly depends on (re-reads inside
+a block, uncoalesced or partial-sector accesses); what shrinking the grid changes (e.g.
+how often a GEMM re-reads A and B across output tiles) is said in the case's
+``headline``.
 
 ``ideal(inputs)`` is the fewest global bytes the op must move: each input byte it needs read
 once, each output byte written once (element sizes of the actual dtypes; only the parts of
@@ -18,7 +20,8 @@ the ideal: moving them is overhead the report should show.
 
 ``CASES["ci"]`` are tiny (each < ~3 s on the executor) and are checked against the
 reference backend by tests/common/test_simt_report_cases.py; ``CASES["report"]`` are the
-scaled headline shapes (each < ~60 s on the executor; measured times are in the comments).
+scaled headline shapes (each < ~15 s on the executor without instrumentation on the 2-core
+build machine; measured times are in the comments next to each case).
 
 This module only builds inputs and calls public ops: it imports nothing from the metrics
 instrumentation (``inferops.testing.simt_metrics``), which the report wraps around ``run``.
@@ -26,7 +29,6 @@ instrumentation (``inferops.testing.simt_metrics``), which the report wraps arou
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
