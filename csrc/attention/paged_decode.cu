@@ -243,11 +243,17 @@ __global__ void __launch_bounds__(1024) PagedDecodeKernel(const __grid_constant_
     if (tx == 0) p.lse[int64_t(b) * p.num_q_heads + q_head] = lse;
   } else {
     const int64_t row = (int64_t(split) * p.batch + b) * p.num_q_heads + q_head;
-    float* o = p.partial_out + row * kHeadDim + tx * kVec;
+    // Partial rows are stored in halves: dims tx * 8 + [0, 4) at tx * 4, dims tx * 8 + [4, 8)
+    // at kHeadDim / 2 + tx * 4, so each of the two 16-byte stores of a row's lanes is one
+    // contiguous run (storing the 8 dims together left half of every sector to the other
+    // store: 2x the sectors per request). MergeSplitsKernel reads them back in this order.
+    float* o = p.partial_out + row * kHeadDim + tx * 4;
 #pragma unroll
-    for (int i = 0; i < kVec; i += 4) {
-      *reinterpret_cast<float4*>(o + i) =
-          make_float4(acc[i] * inv, acc[i + 1] * inv, acc[i + 2] * inv, acc[i + 3] * inv);
+    for (int h = 0; h < 2; ++h) {
+      Vec<float, 4> w;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) w.v[i] = acc[4 * h + i] * inv;
+      w.store(o + h * (kHeadDim / 2));
     }
     if (tx == 0) p.partial_lse[row] = lse;
   }
@@ -280,11 +286,16 @@ __global__ void __launch_bounds__(128) MergeSplitsKernel(const __grid_constant__
   }
   const float inv = W == 0.f ? 0.f : 1.f / W;
   const int64_t b = row / p.num_q_heads, h = row % p.num_q_heads;
-  T* o = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + lane * 4;
-  o[0] = from_float<T>(acc.x * inv);
-  o[1] = from_float<T>(acc.y * inv);
-  o[2] = from_float<T>(acc.z * inv);
-  o[3] = from_float<T>(acc.w * inv);
+  // Partial position lane * 4 holds dims 8 * (lane % (lanes / 2)) + 4 * (lane / (lanes / 2))
+  // + [0, 4) (PagedDecodeKernel's halves); one 8-byte store of the 4 outputs.
+  const int half = lanes / 2;
+  T* o = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + 8 * (lane % half) + 4 * (lane / half);
+  Vec<T, 4> out;
+  out.v[0] = from_float<T>(acc.x * inv);
+  out.v[1] = from_float<T>(acc.y * inv);
+  out.v[2] = from_float<T>(acc.z * inv);
+  out.v[3] = from_float<T>(acc.w * inv);
+  out.store(o);
   if (lane == 0) p.lse[row] = W == 0.f ? -INFINITY : M + logf(W);
 }
 
