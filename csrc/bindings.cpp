@@ -451,11 +451,12 @@ PYBIND11_MODULE(INFEROPS_MODULE_NAME, m) {
       "MoE routing layout on the device (deterministic, no host sync).");
   m.def(
       "permute",
-      [](py::handle x, py::handle src_index, py::handle out, std::uintptr_t stream) {
-        inferops::moe::permute(view_of(x, "x"), view_of(src_index, "src_index"), view_of(out, "out"), stream);
+      [](py::handle x, py::handle src_index, py::handle dst_index, py::handle out, std::uintptr_t stream) {
+        inferops::moe::permute(view_of(x, "x"), view_of(src_index, "src_index"), view_of(dst_index, "dst_index"),
+                               view_of(out, "out"), stream);
       },
-      py::arg("x"), py::arg("src_index"), py::arg("out"), py::arg("stream"),
-      "Gather tokens into the expert-major buffer (padding rows zeroed).");
+      py::arg("x"), py::arg("src_index"), py::arg("dst_index"), py::arg("out"), py::arg("stream"),
+      "Scatter tokens into the expert-major buffer (each token read once; padding rows zeroed).");
   m.def(
       "unpermute",
       [](py::handle y, py::handle dst_index, py::handle weights, py::handle out, std::uintptr_t stream) {

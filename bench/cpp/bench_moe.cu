@@ -134,9 +134,10 @@ void run_permute(Ctx& ctx, const Case& c, bool un) {
   for (int32_t s : L.src) kept += s >= 0;
   if (!un) {
     HostTensor x = random_tensor(ctx.rng, dt, T * hidden);
-    Buf dx = upload(x), dsrc = Buf::from(L.src), dout(cap * hidden * es);
+    Buf dx = upload(x), dsrc = Buf::from(L.src), ddst = Buf::from(L.dst), dout(cap * hidden * es);
     auto run = [&] {
-      moe::permute(view(dx, dt, {T, hidden}), view(dsrc, DType::kInt32, {cap}), view(dout, dt, {cap, hidden}), 0);
+      moe::permute(view(dx, dt, {T, hidden}), view(dsrc, DType::kInt32, {cap}), view(ddst, DType::kInt32, {T, k}),
+                   view(dout, dt, {cap, hidden}), 0);
     };
     if (ctx.check) {
       dout.fill_byte(0xff);
@@ -149,7 +150,9 @@ void run_permute(Ctx& ctx, const Case& c, bool un) {
       check_exact(ctx, "permute out", dout.to_host<uint8_t>(), ref);
     }
     const Timing t = ctx.time([&](int) { run(); });
-    ctx.report("permute", c, t, double(kept + cap) * hidden * es + 4.0 * cap, 0, 0, "capacity=" + std::to_string(cap));
+    // Each token read once, every row written, the indices read once.
+    ctx.report("permute", c, t, double(T + cap) * hidden * es + 4.0 * (cap + T * k), 0, 0,
+               "capacity=" + std::to_string(cap));
   } else {
     HostTensor y = random_tensor(ctx.rng, dt, cap * hidden);
     HostTensor w = random_tensor(ctx.rng, DType::kFloat32, T * k, 0.f, 1.f);

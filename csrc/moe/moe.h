@@ -69,7 +69,7 @@ void routing_layout(const TensorView& topk_ids, const TensorView& placement,
                     const TensorView& tokens_per_rank, const TensorView& send_index,
                     const TensorView& send_offsets, const TensorView& errors, int align,
                     std::uintptr_t stream);
-void permute(const TensorView& x, const TensorView& src_index, const TensorView& out,
+void permute(const TensorView& x, const TensorView& src_index, const TensorView& dst_index, const TensorView& out,
              std::uintptr_t stream);
 void unpermute(const TensorView& y, const TensorView& dst_index, const TensorView& weights,
                const TensorView& out, std::uintptr_t stream);

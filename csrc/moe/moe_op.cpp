@@ -103,16 +103,24 @@ PermuteParams rows_params(const TensorView& x, const TensorView& out, const char
 
 }  // namespace
 
-void permute(const TensorView& x, const TensorView& src_index, const TensorView& out,
+void permute(const TensorView& x, const TensorView& src_index, const TensorView& dst_index, const TensorView& out,
              std::uintptr_t stream) {
   PermuteParams p = rows_params(x, out, "x");
   src_index.expect_dtype("src_index", DType::kInt32);
   src_index.expect_shape("src_index", {out.size(0)});
   src_index.expect_contiguous("src_index");
+  dst_index.expect_dtype("dst_index", DType::kInt32);
+  dst_index.expect_ndim("dst_index", 2);
+  INFEROPS_CHECK_ARG(dst_index.size(0) == x.size(0), "expected `dst_index` with ", x.size(0),
+                     " rows (one per row of `x`), got ", dst_index.size(0));
+  dst_index.expect_contiguous("dst_index");
   x.expect_cuda("x");
   out.expect_same_device("out", x, "x");
   src_index.expect_same_device("src_index", x, "x");
+  dst_index.expect_same_device("dst_index", x, "x");
   p.src_index = src_index.data_as<const int32_t>();
+  p.dst_index = dst_index.data_as<const int32_t>();
+  p.topk = static_cast<int32_t>(dst_index.size(1));
   p.capacity = static_cast<int32_t>(out.size(0));
   INFEROPS_LAUNCH_CUDA("permute", stream, {
     launch_permute(p, x.dtype(), x.device_id(), stream);

@@ -380,10 +380,11 @@ def _permute_ideal(x):
     lay, xx = x["layout"], x["x"]
     routed = int((lay.dst_index >= 0).any(dim=1).sum())  # tokens with at least one kept assignment
     row = xx.shape[1] * xx.element_size()
-    return routed * row + _nbytes(lay.src_index), lay.capacity * row
+    return routed * row + _nbytes(lay.src_index, lay.dst_index), lay.capacity * row
 
 
-_PERMUTE_DOC = ("reads each routed token's row of x once (not once per top-k copy) and src_index [capacity]; "
+_PERMUTE_DOC = ("reads each routed token's row of x once (not once per top-k copy), src_index [capacity] and "
+                "dst_index [T, k] (the slots a token is written to); "
                 "writes all capacity rows of the expert-major output once (padding rows are zeros, still written)")
 
 

@@ -431,6 +431,37 @@ def test_cuda_permute_unpermute(hidden, dtype, gen, kernel_device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [256, 100])  # 16-byte vectors, and the scalar path
+def test_cuda_permute_any_indices_is_the_gather(hidden, gen, kernel_device):
+    """The kernel reads each token once and writes its dst_index slots, then fills the rows no
+    token wrote; whatever src_index and dst_index hold (out of range, dropped, duplicated, or
+    not pointing back at each other), every row of the poisoned output is x[src_index[row]] or
+    zeros (ref.permute's definition, with out-of-range entries as zeros)."""
+    T, k, cap = 37, 3, 120
+    ids = _ids(gen, T, k, 8).to(kernel_device)
+    lay = routing_layout(ids, 8, align=4)
+    x = torch.randn(T, hidden, generator=gen).to(kernel_device, torch.bfloat16)
+    cases = [(lay.src_index, lay.dst_index)]  # consistent
+    src = torch.randint(-3, T + 3, (cap,), generator=gen, dtype=torch.int32)
+    dst = torch.randint(-3, cap + 3, (T, k), generator=gen, dtype=torch.int32)
+    for r in range(0, cap, 3):  # a third of the rows point back consistently
+        if 0 <= src[r] < T:
+            dst[src[r], r % k] = r
+    dst[5, :] = dst[5, 0]  # duplicated slots
+    cases.append((src.to(kernel_device), dst.to(kernel_device)))
+    ext, stream = kernel_module(kernel_device), stream_handle(kernel_device)
+    for s, d in cases:
+        out = poison_(torch.empty(s.numel(), hidden, dtype=x.dtype, device=kernel_device))
+        ext.permute(to_dlpack(x), to_dlpack(s), to_dlpack(d), to_dlpack(out), stream)
+        synchronize(kernel_device)
+        valid = (s >= 0) & (s < T)  # out-of-range entries give zeros, as negative ones do
+        expect = torch.where(valid[:, None], x[s.clamp(0, T - 1).long()], torch.zeros_like(x[:1]))
+        assert torch.equal(out, expect)
+        if s is lay.src_index:
+            assert torch.equal(out, ref.permute(x, s))
+
+
+@pytest.mark.gpu
 def test_cuda_rejects_fp32_rows_and_compiles(gen, kernel_device):
     """The kernels take fp16/bf16 rows wherever they run (the simt route too: fp32 is only
     for the reference); routing_layout -> permute -> unpermute under torch.compile."""
@@ -457,7 +488,7 @@ def test_opcheck_cpu(gen):
     torch.library.opcheck(torch.ops.inferops.routing_layout.default, (ids, placement, 2, 4, 9 * 2 + 8 * 3))
     lay = routing_layout(ids, 8, align=4)
     x = torch.randn(9, 16, generator=gen).bfloat16()
-    torch.library.opcheck(torch.ops.inferops.permute.default, (x, lay.src_index))
+    torch.library.opcheck(torch.ops.inferops.permute.default, (x, lay.src_index, lay.dst_index))
     y = permute(x, lay)
     torch.library.opcheck(torch.ops.inferops.unpermute.default, (y, lay.dst_index, torch.rand(9, 2, generator=gen)))
 

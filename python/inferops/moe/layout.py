@@ -146,15 +146,18 @@ def routing_layout(topk_ids: torch.Tensor, num_experts: int, *, placement: torch
 # --- permute / unpermute -----------------------------------------------------------------------
 
 
-def _permute_cuda(x, src_index):
+def _permute_cuda(x, src_index, dst_index):
     out = torch.empty((src_index.numel(), x.shape[1]), dtype=x.dtype, device=x.device)
-    ops.ext().permute(ops.dlpack(x), ops.dlpack(src_index), ops.dlpack(out), ops.cuda_stream(x.device))
+    ops.ext().permute(ops.dlpack(x), ops.dlpack(src_index), ops.dlpack(dst_index), ops.dlpack(out),
+                      ops.cuda_stream(x.device))
     return out
 
 
+# dst_index (the layout's [T, k] slots) lets the kernel read each token once and write its k
+# rows; the result is defined by src_index alone (ref.permute), whatever dst_index holds.
 @ops.register_op("permute", family="moe", cuda_impl=_permute_cuda,
-                 fake=lambda x, src: x.new_empty((src.shape[0], x.shape[1])))
-def _permute_op(x: torch.Tensor, src_index: torch.Tensor) -> torch.Tensor:
+                 fake=lambda x, src, dst: x.new_empty((src.shape[0], x.shape[1])))
+def _permute_op(x: torch.Tensor, src_index: torch.Tensor, dst_index: torch.Tensor) -> torch.Tensor:
     return ref.permute(x, src_index)
 
 
@@ -190,7 +193,7 @@ def permute(x: torch.Tensor, layout: RoutingLayout) -> torch.Tensor:
     if x.shape[0] != layout.dst_index.shape[0]:
         raise ValueError(f"expected {layout.dst_index.shape[0]} rows in `x` (the layout's tokens), got {x.shape[0]}")
     check_same_device({"x": x, "layout": layout.src_index})
-    return torch.ops.inferops.permute(x, layout.src_index)
+    return torch.ops.inferops.permute(x, layout.src_index, layout.dst_index)
 
 
 def unpermute(y: torch.Tensor, layout: RoutingLayout, topk_weights: torch.Tensor) -> torch.Tensor:
