@@ -35,6 +35,7 @@
 #include "common/launch.h"
 #include "common/vec.cuh"
 #include "paged_kv.h"
+#include "partial_layout.cuh"
 
 namespace inferops::attention {
 
@@ -243,17 +244,15 @@ __global__ void __launch_bounds__(1024) PagedDecodeKernel(const __grid_constant_
     if (tx == 0) p.lse[int64_t(b) * p.num_q_heads + q_head] = lse;
   } else {
     const int64_t row = (int64_t(split) * p.batch + b) * p.num_q_heads + q_head;
-    // Partial rows are stored in halves: dims tx * 8 + [0, 4) at tx * 4, dims tx * 8 + [4, 8)
-    // at kHeadDim / 2 + tx * 4, so each of the two 16-byte stores of a row's lanes is one
-    // contiguous run (storing the 8 dims together left half of every sector to the other
-    // store: 2x the sectors per request). MergeSplitsKernel reads them back in this order.
-    float* o = p.partial_out + row * kHeadDim + tx * 4;
+    // In halves (partial_layout.cuh): each of the two 16-byte stores of a row's lanes is
+    // one contiguous run.
+    float* o = p.partial_out + row * kHeadDim;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       Vec<float, 4> w;
 #pragma unroll
       for (int i = 0; i < 4; ++i) w.v[i] = acc[4 * h + i] * inv;
-      w.store(o + h * (kHeadDim / 2));
+      w.store(o + partial_position(tx * kVec + 4 * h, kHeadDim));
     }
     if (tx == 0) p.partial_lse[row] = lse;
   }
@@ -287,7 +286,7 @@ __global__ void __launch_bounds__(128) MergeSplitsKernel(const __grid_constant__
   const float inv = W == 0.f ? 0.f : 1.f / W;
   const int64_t b = row / p.num_q_heads, h = row % p.num_q_heads;
   // Partial position lane * 4 holds dims 8 * (lane % (lanes / 2)) + 4 * (lane / (lanes / 2))
-  // + [0, 4) (PagedDecodeKernel's halves); one 8-byte store of the 4 outputs.
+  // + [0, 4) (partial_layout.cuh); one 8-byte store of the 4 outputs.
   const int half = lanes / 2;
   T* o = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + 8 * (lane % half) + 4 * (lane / half);
   Vec<T, 4> out;

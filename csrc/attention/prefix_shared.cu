@@ -33,6 +33,7 @@
 #include "common/launch.h"
 #include "common/vec.cuh"
 #include "paged_kv.h"
+#include "partial_layout.cuh"
 
 namespace inferops::attention {
 
@@ -225,10 +226,12 @@ __global__ void __launch_bounds__(kThreads, 1) SharedPrefixKernel(const __grid_c
   const bool empty = l == 0.f;
   const float inv = empty ? 0.f : 1.f / l;
   const float* orow = o_s + my_row * L::kLdO + half * (kHeadDim / 2);
-  float* dst = p.partial_out + out_row * kHeadDim + half * (kHeadDim / 2);
-  for (int c = 0; c < kHeadDim / 2; c += 4) {
-    *reinterpret_cast<float4*>(dst + c) =
-        make_float4(orow[c] * inv, orow[c + 1] * inv, orow[c + 2] * inv, orow[c + 3] * inv);
+  float* dst = p.partial_out + out_row * kHeadDim;
+  for (int c = 0; c < kHeadDim / 2; c += 4) {  // dims half * kHeadDim / 2 + c .. + 3 (partial_layout.cuh)
+    Vec<float, 4> w;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w.v[i] = orow[c + i] * inv;
+    w.store(dst + partial_position(half * (kHeadDim / 2) + c, kHeadDim));
   }
   if (half == 0) p.partial_lse[out_row] = empty ? -INFINITY : (m + log2f(l)) * kLn2;
 }

@@ -479,9 +479,9 @@ def _w8_make(M, K, N):
     return make
 
 
-def _w8a8_run(x):
+def _w8a8_run(x, path="auto"):
     from inferops.quant import w8a8_matmul
-    return w8a8_matmul(x["x_q"], x["x_scale"], x["w_q"], x["w_scale"], BF16, x["bias"])
+    return w8a8_matmul(x["x_q"], x["x_scale"], x["w_q"], x["w_scale"], BF16, x["bias"], path=path)
 
 
 def _w8a8_ideal(x):
@@ -493,9 +493,12 @@ _W8A8_DOC = ("fp8 e4m3, path auto (mma): reads x_q, x_scale, w_q, w_scale and th
              "bf16 once")
 
 
-def _w8a8_case(M, K, N, headline):
-    return Case("w8a8_matmul", f"fp8 M={M} K={K} N={N} bf16 out", headline, False, _w8_make(M, K, N), _w8a8_run,
-                _w8a8_ideal, _W8A8_DOC)
+def _w8a8_case(M, K, N, headline, path="auto"):
+    # path="wgmma": the opt-in FP8 warpgroup kernel (w8a8_wgmma.cu), whose operand reads go
+    # through shared-memory matrix descriptors (the metrics' wgmma core-matrix model).
+    label = f"fp8 M={M} K={K} N={N} bf16 out" + (", wgmma path" if path == "wgmma" else "")
+    return Case("w8a8_matmul", label, headline, False, _w8_make(M, K, N),
+                lambda x: _w8a8_run(x, path), _w8a8_ideal, _W8A8_DOC)
 
 
 def _qpt_make(M, K):
@@ -594,6 +597,7 @@ def _ci_cases() -> list[Case]:
         _w4a16_case(2, 1024, 64, tiny),  # K=1024: split-K 4 (a cluster), as the report's 8
         _dequant_case(64, 128, tiny),
         _w8a8_case(16, 64, 32, tiny),
+        _w8a8_case(64, 128, 128, tiny, path="wgmma"),
         _qpt_case(2, 256, tiny),
         _had_case(2, 256, tiny),
         _grs_case(1, 16, 32, 16, tiny),
@@ -645,6 +649,9 @@ def _report_cases() -> list[Case]:
         _w8a8_case(512, 4096, 512,
                    "fp8 M=K=N=4096 (demo): each block one 128x128 output tile over the full K=4096, as there; 4x4 "
                    "tiles instead of 32x32, so A and B are re-read (from L2) 4 times instead of 32"),
+        _w8a8_case(512, 4096, 512,
+                   "fp8 M=K=N=4096 (demo): each block one 128x128 output tile over the full K=4096, as there; 4x4 "
+                   "tiles instead of 32x32, so A and B are re-read (from L2) 4 times instead of 32", path="wgmma"),
         # 0.6 s.
         _qpt_case(4096, 4096, "int8 M=4096 K=4096 (demo): run at the full shape"),
         # 1.3 s.
