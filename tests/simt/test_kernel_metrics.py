@@ -65,7 +65,7 @@ CEILING = {
     "quantize_per_token": dict(bytes_ratio=1.04, read_ratio=1.0, load_sectors_ratio=1.0, store_sectors_ratio=1.0,
                                shared_ratio=1.0),
     "hadamard_quantize": dict(bytes_ratio=1.04, read_ratio=1.0, load_sectors_ratio=1.0, store_sectors_ratio=1.0,
-                              shared_ratio=1.33),
+                              shared_ratio=1.0),
     "gemm_reduce_scatter": dict(bytes_ratio=1.18, read_ratio=1.18, load_sectors_ratio=1.0, store_sectors_ratio=1.0,
                                 shared_ratio=1.0),
 }
