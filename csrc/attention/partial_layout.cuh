@@ -8,7 +8,7 @@
 
 namespace inferops::attention {
 
-// Position in a partial row of dim d, for d % 4 == 0 (a group of 4 dims stays contiguous).
+// Position in a partial row of dim d (each aligned group of 4 dims stays contiguous).
 __host__ __device__ constexpr int partial_position(int d, int head_dim) {
   return (d % 8 >= 4 ? head_dim / 2 : 0) + (d / 8) * 4 + d % 4;
 }

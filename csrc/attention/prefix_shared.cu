@@ -174,11 +174,16 @@ __global__ void __launch_bounds__(kThreads, 1) SharedPrefixKernel(const __grid_c
     __syncwarp();
 
     // Online softmax on this lane's 32 columns of its row.
+    // Each lane walks its 32 columns starting at its own offset `skew`: rows are kLdS = 4 mod
+    // 32 words apart, so in-order walks put 4 lanes in each bank (4-way conflicts, executor
+    // metrics); skewed, lane l reads bank l + c at step c.
+    const int skew = (lane - 4 * (lane / 2)) & 31;
     const int valid = min(kKeys, shared_len - (tile_begin + t) * kKeys);
     const float* srow = s_s + my_row * L::kLdS + half * 32;
     float tmax = -INFINITY;
     for (int c = 0; c < 32; ++c) {
-      if (half * 32 + c < valid) tmax = fmaxf(tmax, srow[c] * qk_scale);
+      const int col = (c + skew) & 31;
+      if (half * 32 + col < valid) tmax = fmaxf(tmax, srow[col] * qk_scale);
     }
     tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
     const float m_new = fmaxf(m, tmax);
@@ -186,15 +191,16 @@ __global__ void __launch_bounds__(kThreads, 1) SharedPrefixKernel(const __grid_c
     float psum = 0.f;
     T* prow = p_s + my_row * L::kLdP + half * 32;
     for (int c = 0; c < 32; ++c) {
-      const float pr = half * 32 + c < valid ? exp2f(srow[c] * qk_scale - m_new) : 0.f;
+      const int col = (c + skew) & 31;
+      const float pr = half * 32 + col < valid ? exp2f(srow[col] * qk_scale - m_new) : 0.f;
       psum += pr;
-      prow[c] = from_float<T>(pr);
+      prow[col] = from_float<T>(pr);
     }
     psum += __shfl_xor_sync(0xffffffffu, psum, 1);
     l = l * alpha + psum;
     m = m_new;
     float* orow = o_s + my_row * L::kLdO + half * (kHeadDim / 2);
-    for (int c = 0; c < kHeadDim / 2; ++c) orow[c] *= alpha;
+    for (int c = 0; c < kHeadDim / 2; ++c) orow[(c + skew) % (kHeadDim / 2)] *= alpha;  // kLdO = 4 mod 32 too
     __syncwarp();
 
     // O[16 rows][head_dim] += P V
@@ -217,23 +223,28 @@ __global__ void __launch_bounds__(kThreads, 1) SharedPrefixKernel(const __grid_c
   cp_async_wait<0>();
   __syncwarp();
 
-  // Write this split's partial state for the valid rows.
-  const int row = row0 + my_row;
-  if (row >= rows || num_tiles == 0) return;  // no keys: partial_lse keeps its -inf
-  const int64_t b = first + row / G;
-  const int h = kv_head * G + row % G;
-  const int64_t out_row = (int64_t(split) * p.batch + b) * p.num_q_heads + h;
-  const bool empty = l == 0.f;
-  const float inv = empty ? 0.f : 1.f / l;
-  const float* orow = o_s + my_row * L::kLdO + half * (kHeadDim / 2);
-  float* dst = p.partial_out + out_row * kHeadDim;
-  for (int c = 0; c < kHeadDim / 2; c += 4) {  // dims half * kHeadDim / 2 + c .. + 3 (partial_layout.cuh)
-    Vec<float, 4> w;
+  // Write this split's partial state for the valid rows: the warp's 16 rows one at a time,
+  // each as one contiguous run of stores (a lane per row half storing 16 bytes at a time put
+  // 32 rows in each request: 2x the minimum sectors, executor metrics). Row r's m and l are
+  // those of lanes 2 r and 2 r + 1.
+  if (num_tiles == 0) return;  // no keys: partial_lse keeps its -inf
+  constexpr int kPer = kHeadDim / 32;  // floats per lane and row
+  for (int r = 0; r < 16; ++r) {
+    const float m_r = __shfl_sync(0xffffffffu, m, 2 * r), l_r = __shfl_sync(0xffffffffu, l, 2 * r);
+    const int row = row0 + warp * 16 + r;
+    if (row >= rows) break;  // uniform over the warp
+    const int64_t b = first + row / G;
+    const int h = kv_head * G + row % G;
+    const int64_t out_row = (int64_t(split) * p.batch + b) * p.num_q_heads + h;
+    const bool empty = l_r == 0.f;
+    const float inv = empty ? 0.f : 1.f / l_r;
+    Vec<float, kPer> w;
+    w.load(o_s + (warp * 16 + r) * L::kLdO + kPer * lane);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) w.v[i] = orow[c + i] * inv;
-    w.store(dst + partial_position(half * (kHeadDim / 2) + c, kHeadDim));
+    for (int i = 0; i < kPer; ++i) w.v[i] *= inv;
+    w.store(p.partial_out + out_row * kHeadDim + partial_position(kPer * lane, kHeadDim));
+    if (lane == 0) p.partial_lse[out_row] = empty ? -INFINITY : (m_r + log2f(l_r)) * kLn2;
   }
-  if (half == 0) p.partial_lse[out_row] = empty ? -INFINITY : (m + log2f(l)) * kLn2;
 }
 
 template <typename T, int kHeadDim>
