@@ -2,7 +2,7 @@
 // cluster_group (include/cooperative_groups.h calls these).
 //
 // Model: the blocks of one cluster run together as one pool of fibers (scheduler.h,
-// runtime.cpp run_pool); each keeps its own __syncthreads barrier, warps and dynamic
+// pool.cpp run_pool); each keeps its own __syncthreads barrier, warps and dynamic
 // shared-memory window. Static __shared__ objects exist once per declaration (simt.h), so a
 // cluster of more than one block that reaches one fails (static_shared_in_cluster). cluster.sync() (barrier.cluster
 // arrive + wait) waits for every live thread of the cluster; map_shared_rank(p, r) maps an

@@ -1,5 +1,5 @@
 // The SIMT executor's internal state, shared by runtime.cpp (fibers, barriers, warp
-// collectives, launches) and cluster.cpp (thread-block clusters). Not part of the kernel-side
+// collectives), pool.cpp (pools, launches) and cluster.cpp (thread-block clusters). Not part of the kernel-side
 // API (simt.h).
 //
 // A launch runs as a sequence of *pools*: the blocks of one pool run together, round-robin
@@ -162,7 +162,13 @@ Fiber& cur_fiber(const char* what);
 void wait_here();  // suspends the running fiber until the scheduler resumes it
 Block& block_of(const Fiber& f);
 void release_cluster_barrier(Scheduler& s);
-// runtime.cpp, for concurrent.cpp: the pool machinery.
+// runtime.cpp, for pool.cpp: resuming and preparing fibers, and small helpers.
+void resume_fiber(Scheduler& s, Fiber& f);
+void prepare_fiber(Fiber& f);
+double env_seconds(const char* name, double fallback);
+std::size_t os_page_size();
+std::string mask_str(unsigned m);  // "0x%08x"
+// pool.cpp, for concurrent.cpp and runtime.cpp: the pool machinery.
 void ensure_blocks(Scheduler& s, int n);
 void ensure_fibers(Scheduler& s, int n);
 void start_block(Scheduler& s, Block& b, const uint3& idx, int index, int first);

@@ -59,7 +59,7 @@
 #define __device__
 #define __host__
 #define __constant__ static
-// Blocks run one at a time (runtime.cpp holds a lock for the whole grid), so one static
+// Blocks run one at a time (pool.cpp holds a lock for the whole grid), so one static
 // object per declaration is the running block's shared memory. Not poisoned between
 // blocks and not guarded (AddressSanitizer sees it as an ordinary global). The blocks of a
 // cluster run together and would share that one object, so each declaration is preceded by

@@ -279,18 +279,28 @@ _PAGED_CALL = (
 )
 
 
+def _barrier_line(path: str, nth: int = 1, marker: str = "__syncthreads();") -> str:
+    """"path:LINE" of the nth `__syncthreads();` in `path` (from the repository root) whose line
+    also contains `marker`: found in the source, so edits above it do not break the test."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, path)) as f:
+        hits = [i + 1 for i, line in enumerate(f) if "__syncthreads();" in line and marker in line]
+    return f"{path}:{hits[nth - 1]}"
+
+
 @pytest.mark.parametrize(
     "barrier, call",
     [
-        ("csrc/linear_attention/sla.cu:49", _SLA_CALL),   # tile loaded, then read by every thread
-        ("csrc/linear_attention/sla.cu:64", _SLA_CALL),   # every thread done before the next tile
-        ("csrc/attention/paged_decode.cu:193", _PAGED_CALL),  # a pipeline stage reloaded while read
+        (("csrc/linear_attention/sla.cu", 1), _SLA_CALL),  # tile loaded, then read by every thread
+        (("csrc/linear_attention/sla.cu", 2), _SLA_CALL),  # every thread done before the next tile
+        (("csrc/attention/paged_decode.cu", 1, "is reloaded"), _PAGED_CALL),  # a pipeline stage reloaded while read
     ],
     ids=["sla_load", "sla_reuse", "paged_decode_stage_reuse"],
 )
 def test_removed_barrier_in_a_real_kernel_is_reported(barrier, call):
     if not _racecheck():
         pytest.skip("needs the race-check build of inferops._simt (CI: INFEROPS_SIMT_RACECHECK)")
+    barrier = _barrier_line(*barrier)
     code = (
         "import torch, inferops\n"
         "from inferops.testing import backend\n"
