@@ -60,7 +60,13 @@ def main(argv=None) -> int:
     w = torch.rand(T, k, generator=g).to(dev)
     for hidden in ((256,) if args.quick else (2048, 7168)):
         x = torch.randn(T, hidden, generator=g).to(dev, torch.bfloat16)
-        nbytes = 2 * T * k * hidden * 2  # permute: each assignment read + written once
+        # The bytes each op must move (its ideal, as simt-report defines it): permute reads every
+        # token once and writes every capacity row (padding included); unpermute reads each
+        # kept assignment's row once and writes T rows.
+        cap_rows = lay.src_index.numel()
+        kept = int((lay.dst_index >= 0).sum())
+        op_bytes = {"permute": (T + cap_rows) * hidden * 2, "unpermute": (kept + T) * hidden * 2}
+        nbytes = op_bytes["permute"]
         n_sets = inputs_to_exceed_l2(nbytes, dev)
         xs = [(x if i == 0 else torch.randn(T, hidden, generator=g).to(dev, torch.bfloat16),) for i in range(n_sets)]
         tp = time_fn(lambda xx: permute(xx, lay), xs, iters=iters)
@@ -69,6 +75,7 @@ def main(argv=None) -> int:
         tu = time_fn(lambda yy: unpermute(yy, lay, w), [(y,)], iters=iters)
         tub = time_fn(lambda yy: _torch_unpermute(yy, ids, w), [(_torch_permute(x, ids),)], iters=iters)
         for op, tt, tbb in (("permute", tp, tpb), ("unpermute", tu, tub)):
+            nbytes = op_bytes[op]
             gbps = nbytes / (tt.median_us * 1e-6) / 1e9
             pct = 100 * gbps / copy_gbps if copy_gbps else None
             results.add(family="moe", op=op, backend=kernel_backend(op, dev), sizes=f"T={T} k={k} hidden={hidden}",
