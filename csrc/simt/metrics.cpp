@@ -378,11 +378,7 @@ void access(Fiber& f, const void* p, std::size_t n, Op op, const void* pc) {
   Site& site = w.sites[key];
   const uint32_t k = site.k[f.lane]++;
   if (site.reqs.size() <= k) site.reqs.resize(k + 1);
-  Request& r = site.reqs[k];
-  if (r.mask >> f.lane & 1) {  // the same lane twice in one request (cannot happen: k counts per lane)
-    r.lane[f.lane].n += static_cast<uint32_t>(n);
-    return;
-  }
+  Request& r = site.reqs[k];  // k counts this lane's executions: its slot is still free
   r.mask |= 1u << f.lane;
   r.lane[f.lane] = Lane{reinterpret_cast<uintptr_t>(p), static_cast<uint32_t>(n)};
 }
